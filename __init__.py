@@ -1,0 +1,3 @@
+"""simsearch: find the images that look like this one."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,112 @@
+"""Export an encoder to ONNX once, and cache the file keyed by the weights' sha256.
+
+Imports torch lazily: only the first use of an encoder on a machine pays for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+from simsearch.encoders.spec import EncoderSpec
+from simsearch.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+OPSET = 18
+
+
+def default_models_dir() -> Path:
+    """Per-user cache of exported and trained models (SIMSEARCH_MODELS_DIR overrides)."""
+    env = os.environ.get("SIMSEARCH_MODELS_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "simsearch" / "models"
+
+
+def onnx_path(spec: EncoderSpec, models_dir: Path) -> Path:
+    return Path(models_dir) / f"{spec.name}-{spec.weights_sha256[:16]}.onnx"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
+    """The cached ONNX file of `spec`, exporting it first if needed."""
+    path = onnx_path(spec, models_dir or default_models_dir())
+    if path.is_file():
+        return path
+    weights = spec.weights_path()
+    digest = sha256_file(weights)
+    if digest != spec.weights_sha256:
+        raise ModelError(f"weights of {spec.name!r} at {weights} have sha256 {digest}, expected {spec.weights_sha256}")
+    log.info("exporting %s to ONNX (once per machine) -> %s", spec.name, path)
+    model = build_embedding_model(spec)
+    export_module(model, (1, 3, spec.image_size, spec.image_size), path)
+    return path
+
+
+def build_embedding_model(spec: EncoderSpec):
+    """A fresh eval-mode torch module: (B, 3, S, S) normalised image -> (B, dim) L2-normalised embedding."""
+    import torch
+    import torch.nn.functional as F
+
+    from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
+
+    if not spec.arch.startswith("efficientnet-lite"):
+        raise ModelError(f"no torch builder for architecture {spec.arch!r}")
+    trunk = load_efficientnet_lite(spec.arch, str(spec.weights_path()))
+
+    class Embed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = trunk
+
+        def forward(self, x):
+            return F.normalize(self.trunk.pooled(x), dim=1)  # (B, 3, S, S) -> (B, 1280)
+
+    # A new nn.Module starts in training mode; exporting it so would bake batch statistics into
+    # every BatchNorm (an export that matches torch on noise and retrieves at chance level).
+    return Embed().eval()
+
+
+def export_module(model, input_shape: tuple[int, ...], path: Path) -> None:
+    """Export an eval-mode module with a dynamic batch axis, written atomically to `path`."""
+    import torch
+
+    if model.training:
+        raise ModelError("refusing to export a module in training mode (BatchNorm would use batch statistics)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    example = torch.zeros(input_shape)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # SAME padding reads H and W as Python numbers: constants in the graph is what we want,
+            # since an encoder's input size is fixed (only the batch axis is dynamic).
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(
+                model,
+                (example,),
+                tmp,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

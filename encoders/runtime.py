@@ -1,0 +1,49 @@
+"""Embedding through ONNX Runtime: the only way vectors are made, for built-in and trained encoders alike."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.devices import Device, ort_device_used, ort_providers
+from simsearch.encoders.export import ensure_onnx
+from simsearch.encoders.spec import EncoderSpec
+
+log = logging.getLogger(__name__)
+
+
+def cpu_count() -> int:
+    """Cores this process may use (respects affinity masks and container CPU sets)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class OnnxEncoder:
+    """(B, 3, S, S) float32 -> (B, dim) float32 L2-normalised, on the device chosen by `device`."""
+
+    def __init__(self, spec: EncoderSpec, device: Device = Device.auto, models_dir: Path | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.spec = spec
+        path = ensure_onnx(spec, models_dir)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_count()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # ORT's own warnings are not the user's business
+        providers = ort_providers(device, ort.get_available_providers())
+        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        self.device = ort_device_used(device, self.session.get_providers())
+        self._input = self.session.get_inputs()[0].name
+        log.info("encoder %s on %s (%s)", spec.name, self.device, path.name)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        if batch.ndim != 4 or batch.shape[1:] != (3, self.spec.image_size, self.spec.image_size):
+            raise ValueError(f"expected (B, 3, {self.spec.image_size}, {self.spec.image_size}), got {batch.shape}")
+        (out,) = self.session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+        return out

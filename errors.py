@@ -1,0 +1,29 @@
+"""Typed errors. The library raises these; only the CLI turns them into a one-line message and an exit code."""
+
+
+class SimsearchError(Exception):
+    """Base class for every error a user can cause or fix."""
+
+
+class UnknownNameError(SimsearchError):
+    """An encoder or reranker name that is not registered."""
+
+
+class DbNotFoundError(SimsearchError):
+    """No db at the given location."""
+
+
+class SchemaError(SimsearchError):
+    """The db was written by an incompatible (newer) version of simsearch."""
+
+
+class ImageLoadError(SimsearchError):
+    """A file that cannot be read as an image; the message is the one-line reason."""
+
+
+class ModelError(SimsearchError):
+    """Weights missing or corrupt, or an export that failed."""
+
+
+class DatasetError(SimsearchError):
+    """A benchmark or training dataset that does not have the expected layout."""

@@ -1,0 +1,204 @@
+"""The index run: scan -> read+hash+decode (worker threads, bounded lookahead) -> embed (batched) -> store -> index.
+
+A run commits every batch in its own LMDB transaction, so a run that is killed keeps everything it
+embedded, and the next run only does the rest. Files whose (size, mtime) are unchanged and whose
+vector is stored are not even read; files whose content hash already has a vector (renamed,
+touched, duplicated) are read and hashed but not decoded or embedded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.runtime import OnnxEncoder, cpu_count
+from simsearch.errors import ImageLoadError
+from simsearch.indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
+from simsearch.indexer.scan import FileEntry, scan
+from simsearch.indexer.store import EncoderEntry, Store
+from simsearch.retrieval.faiss_index import IndexConfig, build_index, save_index
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (items done so far, items to do)
+
+
+@dataclass(frozen=True)
+class IndexerConfig:
+    batch_size: int = 32
+    workers: int = 0  # decode threads; 0 = one per core
+    lookahead_batches: int = 4  # decoded batches kept ready ahead of the encoder
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    extensions: frozenset[str] = IMAGE_EXTENSIONS
+    index: IndexConfig = IndexConfig()
+
+
+@dataclass
+class IndexReport:
+    encoder: str
+    root: str
+    scanned: int = 0
+    embedded: int = 0
+    reused: int = 0  # content already embedded (renamed, touched or duplicate file)
+    unchanged: int = 0
+    removed: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
+    index_rebuilt: bool = False
+    total_items: int = 0
+    seconds: dict[str, float] = field(default_factory=lambda: {"scan": 0.0, "read+decode": 0.0, "embed": 0.0, "write": 0.0, "index": 0.0})
+    wall: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.embedded / self.wall if self.wall > 0 else 0.0
+
+
+@dataclass
+class _Prepared:
+    entry: FileEntry
+    sha256: str | None = None
+    array: np.ndarray | None = None  # (3, S, S); None when the vector is already stored
+    error: str | None = None
+    seconds: float = 0.0
+
+
+class Indexer:
+    """Index folders into one db with one encoder."""
+
+    def __init__(self, encoder: OnnxEncoder, store: Store, config: IndexerConfig = IndexerConfig()):
+        self.encoder = encoder
+        self.spec = encoder.spec
+        self.store = store
+        self.config = config
+
+    def run(self, root: str | Path, on_progress: ProgressFn | None = None) -> IndexReport:
+        t0 = time.perf_counter()
+        root = Path(root).absolute()
+        report = IndexReport(encoder=self.spec.name, root=str(root))
+        entries = list(scan(root, self.config.extensions))
+        report.scanned = len(entries)
+        todo = [e for e in entries if not self._unchanged(e)]
+        report.unchanged = len(entries) - len(todo)
+        report.seconds["scan"] = time.perf_counter() - t0
+        log.info("%s: %d images, %d unchanged, %d to read", root, len(entries), report.unchanged, len(todo))
+
+        self._process(todo, report, on_progress)
+
+        if root.is_dir():
+            seen = {e.path for e in entries}
+            gone = [p for p, _ in self.store.iter_items(under=str(root)) if p not in seen]
+            report.removed = self.store.remove_items(gone)
+            if report.removed:
+                self.store.sweep_vectors()
+        self._refresh_index(report)
+        report.wall = time.perf_counter() - t0
+        return report
+
+    def _unchanged(self, e: FileEntry) -> bool:
+        rec = self.store.get_item(e.path)
+        return (
+            rec is not None
+            and rec.size == e.size
+            and rec.mtime_ns == e.mtime_ns
+            and self.store.has_vector(self.spec.key, rec.sha256)
+        )
+
+    def _prepare(self, entry: FileEntry) -> _Prepared:
+        """Runs in a worker thread: read once, hash, and decode only if the content is new."""
+        t = time.perf_counter()
+        out = _Prepared(entry)
+        try:
+            try:
+                with open(entry.path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise ImageLoadError(f"{entry.path}: cannot read ({e.strerror})") from None
+            out.sha256 = hashlib.sha256(data).hexdigest()
+            if not self.store.has_vector(self.spec.key, out.sha256):
+                im = load_rgb(entry.path, resize_side(self.spec), self.config.max_pixels, data=data)
+                out.array = to_input(im, self.spec)
+        except ImageLoadError as e:
+            out.error = str(e)
+        out.seconds = time.perf_counter() - t
+        return out
+
+    def _process(self, todo: list[FileEntry], report: IndexReport, on_progress: ProgressFn | None) -> None:
+        cfg = self.config
+        window = cfg.batch_size * cfg.lookahead_batches
+        pending: list[_Prepared] = []
+        done = 0
+
+        def flush() -> None:
+            nonlocal done
+            arrays = [p for p in pending if p.array is not None]
+            vectors: dict[int, np.ndarray] = {}
+            if arrays:
+                t = time.perf_counter()
+                embedded = self.encoder.embed(np.stack([p.array for p in arrays]))  # (B, 3, S, S) -> (B, dim)
+                report.seconds["embed"] += time.perf_counter() - t
+                vectors = {id(p): v for p, v in zip(arrays, embedded)}
+            t = time.perf_counter()
+            self.store.put_items(
+                self.spec.key,
+                [(p.entry.path, p.sha256, p.entry.size, p.entry.mtime_ns, vectors.get(id(p))) for p in pending],
+            )
+            report.seconds["write"] += time.perf_counter() - t
+            report.embedded += len(arrays)
+            report.reused += len(pending) - len(arrays)
+            done += len(pending)
+            pending.clear()
+            if on_progress:
+                on_progress(done + len(report.skipped), len(todo))
+
+        with ThreadPoolExecutor(max_workers=cfg.workers or cpu_count(), thread_name_prefix="decode") as pool:
+            it = iter(todo)
+            futures = deque(pool.submit(self._prepare, e) for _, e in zip(range(window), it))
+            while futures:
+                prepared = futures.popleft().result()
+                nxt = next(it, None)
+                if nxt is not None:
+                    futures.append(pool.submit(self._prepare, nxt))
+                report.seconds["read+decode"] += prepared.seconds
+                if prepared.error:
+                    log.warning("skipped %s", prepared.error)
+                    report.skipped.append((prepared.entry.path, prepared.error))
+                    if on_progress:
+                        on_progress(done + len(report.skipped), len(todo))
+                    continue
+                pending.append(prepared)
+                if sum(p.array is not None for p in pending) >= cfg.batch_size:
+                    flush()
+            if pending:
+                flush()
+
+    def _refresh_index(self, report: IndexReport) -> None:
+        """Rebuild this encoder's FAISS index if the store changed since it was built."""
+        manifest = self.store.manifest
+        entry = manifest.encoders.get(self.spec.name)
+        if entry is None or entry.key != self.spec.key:
+            entry = EncoderEntry(key=self.spec.key, dim=self.spec.dim)
+        generation = self.store.generation
+        path = self.store.index_path(self.spec.name)
+        report.total_items = self.store.item_count()
+        if entry.index_generation == generation and path.is_file():
+            return
+        t = time.perf_counter()
+        index = build_index(self.store.iter_vector_blocks(self.spec.key, self.spec.dim), self.spec.dim, self.config.index)
+        save_index(index, path)
+        entry.index_type = self.config.index.kind
+        entry.count = index.ntotal
+        entry.index_generation = generation
+        manifest.encoders[self.spec.name] = entry
+        manifest.default_encoder = manifest.default_encoder or self.spec.name
+        self.store.save_manifest()
+        report.index_rebuilt = True
+        report.seconds["index"] = time.perf_counter() - t
