@@ -5,6 +5,7 @@ Imports torch lazily: only the first use of an encoder on a machine pays for it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -56,6 +57,18 @@ def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _quiet_torch_logs():
+    """The exporter logs its progress and torchvision's absence at WARNING; none of it is ours."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def build_embedding_model(spec: EncoderSpec):
     """A fresh eval-mode torch module: (B, 3, S, S) normalised image -> (B, dim) L2-normalised embedding."""
     import torch
@@ -91,19 +104,21 @@ def export_module(model, input_shape: tuple[int, ...], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # SAME padding reads H and W as Python numbers: constants in the graph is what we want,
-            # since an encoder's input size is fixed (only the batch axis is dynamic).
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_logs():
+            warnings.simplefilter("ignore", FutureWarning)
+            # torch.export-based exporter; only the batch axis is dynamic. H and W stay static on
+            # purpose: SAME padding is computed from them, and an encoder's input size is fixed.
             torch.onnx.export(
                 model,
                 (example,),
                 tmp,
                 input_names=["input"],
                 output_names=["output"],
-                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+                dynamic_shapes=({0: torch.export.Dim("batch")},),
                 opset_version=OPSET,
-                dynamo=False,
+                dynamo=True,
+                external_data=False,  # one self-contained file, so the atomic rename moves all of it
+                verbose=False,
             )
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)

@@ -40,7 +40,7 @@ class OnnxEncoder:
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.device = ort_device_used(device, self.session.get_providers())
         self._input = self.session.get_inputs()[0].name
-        log.info("encoder %s on %s (%s)", spec.name, self.device, path.name)
+        log.debug("encoder %s on %s (%s)", spec.name, self.device, path.name)
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4 or batch.shape[1:] != (3, self.spec.image_size, self.spec.image_size):

@@ -1,0 +1,53 @@
+"""Shared fixtures: real images from ../shared/data, a per-session model cache, small real dbs."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SAMPLES = DATA / "imagenet-samples"
+TINY = DATA / "tiny-imagenet-200"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def models_dir(tmp_path_factory) -> Path:
+    """One ONNX export per test session (reusing the user's cache would hide export bugs)."""
+    path = tmp_path_factory.mktemp("models")
+    old = os.environ.get("SIMSEARCH_MODELS_DIR")
+    os.environ["SIMSEARCH_MODELS_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SIMSEARCH_MODELS_DIR", None)
+    else:
+        os.environ["SIMSEARCH_MODELS_DIR"] = old
+
+
+def sample_paths(n: int, start: int = 0) -> list[Path]:
+    """The first n imagenet-samples photos (file name = <wnid>_<class name>.JPEG)."""
+    files = sorted(SAMPLES.glob("*.JPEG"))
+    if len(files) < start + n:
+        pytest.skip(f"shared data missing: {SAMPLES}")
+    return files[start : start + n]
+
+
+def copy_samples(dest: Path, n: int, start: int = 0) -> list[Path]:
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(p, dest / p.name)) for p in sample_paths(n, start)]
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    from simsearch.encoders.spec import get_encoder
+
+    return get_encoder("efficientnet-lite0")
+
+
+@pytest.fixture(scope="session")
+def encoder(lite0, models_dir):
+    from simsearch.encoders.runtime import OnnxEncoder
+
+    return OnnxEncoder(lite0, models_dir=models_dir)

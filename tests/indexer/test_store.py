@@ -1,0 +1,63 @@
+"""The LMDB store: round trips, float32 little-endian vectors, schema refusal, atomic manifest."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simsearch.errors import DbNotFoundError, SchemaError
+from simsearch.indexer.store import MANIFEST, SCHEMA_VERSION, Store
+
+
+def test_round_trip_and_ids(tmp_path):
+    v = np.arange(4, dtype=np.float32)
+    with Store(tmp_path / "db", create=True) as s:
+        s.put_items("enc@1", [("/a.jpg", "sha-a", 10, 1, v), ("/b.jpg", "sha-b", 20, 2, v + 1)])
+        assert s.get_item("/a.jpg").id == 0 and s.get_item("/b.jpg").id == 1
+        s.put_items("enc@1", [("/a.jpg", "sha-a2", 11, 3, v * 2)])  # changed file keeps its id
+        assert s.get_item("/a.jpg").id == 0 and s.get_item("/a.jpg").sha256 == "sha-a2"
+        np.testing.assert_array_equal(s.get_vector("enc@1", "sha-a2"), v * 2)
+        assert s.has_vector("enc@1", "sha-b") and not s.has_vector("other@1", "sha-b")
+        assert s.paths_of([1, 0, 7]) == ["/b.jpg", "/a.jpg", None]
+        blocks = list(s.iter_vector_blocks("enc@1", 4, block=1))
+        assert [b[0].tolist() for b in blocks] == [[0], [1]]
+        assert s.sweep_vectors() == 1  # "sha-a" is referenced by no item any more
+        gen = s.generation
+        assert s.remove_items(["/b.jpg", "/nope.jpg"]) == 1 and s.generation == gen + 1
+        assert s.paths_of([1]) == [None] and s.item_count() == 1
+
+
+def test_vectors_are_float32_little_endian(tmp_path):
+    with Store(tmp_path, create=True) as s:
+        s.put_items("e", [("/x", "h", 1, 1, np.array([1.5, -2.0], dtype=">f8"))])
+        with s.env.begin(db=s._vectors) as txn:
+            raw = txn.get(b"e\0h")
+    assert raw == np.array([1.5, -2.0], dtype="<f4").tobytes()
+
+
+def test_items_under_a_folder_only(tmp_path):
+    with Store(tmp_path, create=True) as s:
+        s.put_items("e", [(p, p, 1, 1, None) for p in ["/a/1.jpg", "/a/b/2.jpg", "/ab/3.jpg", "/b/4.jpg"]])
+        assert [p for p, _ in s.iter_items(under="/a")] == ["/a/1.jpg", "/a/b/2.jpg"]
+
+
+def test_missing_db_and_newer_schema_are_refused(tmp_path):
+    with pytest.raises(DbNotFoundError, match="simsearch index"):
+        Store(tmp_path / "none", readonly=True)
+    Store(tmp_path / "db", create=True).close()
+    manifest = tmp_path / "db" / MANIFEST
+    data = json.loads(manifest.read_text())
+    data["schema_version"] = SCHEMA_VERSION + 1
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(SchemaError, match="newer simsearch"):
+        Store(tmp_path / "db")
+
+
+def test_manifest_written_atomically(tmp_path):
+    with Store(tmp_path, create=True) as s:
+        s.manifest.default_encoder = "x"
+        s.save_manifest()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "manifest.json", "store.lmdb"]
+    assert json.loads((tmp_path / MANIFEST).read_text())["default_encoder"] == "x"

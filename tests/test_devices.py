@@ -1,0 +1,38 @@
+"""CPU fallback of every GPU path: CUDA asked for on a machine without it warns and runs on the CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from simsearch.devices import CPU_EP, CUDA_EP, Device, faiss_use_gpu, ort_device_used, ort_providers
+from simsearch.encoders.runtime import OnnxEncoder
+from simsearch.retrieval.faiss_index import LoadedIndex, build_index
+
+
+def test_provider_choice():
+    assert ort_providers(Device.cpu, [CUDA_EP, CPU_EP]) == [CPU_EP]
+    assert ort_providers(Device.auto, [CUDA_EP, CPU_EP]) == [CUDA_EP, CPU_EP]
+    assert ort_providers(Device.auto, [CPU_EP]) == [CPU_EP]
+
+
+def test_cuda_request_without_cuda_warns_and_uses_cpu(caplog):
+    with caplog.at_level(logging.WARNING):
+        assert ort_providers(Device.cuda, [CPU_EP]) == [CPU_EP]
+        # onnxruntime-gpu lists CUDA even without a GPU: the session's providers tell the truth.
+        assert ort_device_used(Device.cuda, [CPU_EP]) == "cpu"
+        assert faiss_use_gpu(Device.cuda, num_gpus=0) is False
+    assert sum("using the CPU" in r.message or "on the CPU" in r.message for r in caplog.records) == 3
+
+
+def test_encoder_and_index_fall_back_to_cpu(lite0, models_dir, caplog):
+    with caplog.at_level(logging.WARNING):
+        enc = OnnxEncoder(lite0, Device.cuda, models_dir)
+        vecs = np.eye(4, 8, dtype=np.float32)
+        index = LoadedIndex(build_index([(np.arange(4), vecs)], 8), Device.cuda)
+    assert enc.device == "cpu" and enc.session.get_providers()[0] == CPU_EP
+    assert index.device == "cpu"
+    scores, ids = index.search(vecs[:1], 2)
+    assert ids[0, 0] == 0 and scores[0, 0] == 1.0
+    assert any("cuda" in r.message for r in caplog.records)
