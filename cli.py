@@ -118,6 +118,8 @@ def index(
     encoder: Annotated[str, typer.Option(help="encoder name (see `simsearch encoders`).")] = "efficientnet-lite0",
     batch_size: Annotated[int, typer.Option(min=1, help="images per encoder batch.")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="decode threads (0 = one per core).")] = 0,
+    index_kind: Annotated[str, typer.Option(
+        "--index", help="FAISS index: auto (exact up to 10,000 vectors, IVF above), flat, ivf.")] = "auto",
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and time per stage.")] = False,
@@ -128,13 +130,16 @@ def index(
     from simsearch.encoders.spec import get_encoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
+    from simsearch.retrieval.faiss_index import IndexConfig
 
     if not folder.exists():
         raise SimsearchError(f"{folder}: no such file or folder")
+    config = IndexerConfig(batch_size=batch_size, workers=workers, index=IndexConfig(kind=index_kind))
+    config.index.resolve(0)  # an unknown kind fails before any work
     spec = get_encoder(encoder)
     enc = OnnxEncoder(spec, device, models_dir)
     with Store(db, create=True) as store, _ProgressReporter(f"indexing with {spec.name}") as progress:
-        report = Indexer(enc, store, IndexerConfig(batch_size=batch_size, workers=workers)).run(folder, progress)
+        report = Indexer(enc, store, config).run(folder, progress)
     _print_index_report(report, verbose)
 
 

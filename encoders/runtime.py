@@ -36,6 +36,9 @@ class OnnxEncoder:
         opts.intra_op_num_threads = threads or cpu_count()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3  # ORT's own warnings are not the user's business
+        # Idle ORT threads otherwise busy-wait between runs and starve the indexer's decode threads;
+        # no measurable cost to encoder throughput here (benchmarks/speed.py).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ort_providers(device, ort.get_available_providers())
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.device = ort_device_used(device, self.session.get_providers())

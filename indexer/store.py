@@ -146,6 +146,12 @@ class Store:
         with self.env.begin() as txn:
             return txn.stat(self._items)["entries"]
 
+    def vector_count(self, encoder_key: str) -> int:
+        """Items that have a vector from this encoder (what its index will hold)."""
+        with self.env.begin() as txn:
+            return sum(txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors) is not None
+                       for _, raw in txn.cursor(db=self._items))
+
     def get_item(self, path: str) -> ItemRecord | None:
         with self.env.begin(db=self._items) as txn:
             raw = txn.get(path.encode())

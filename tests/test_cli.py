@@ -72,6 +72,7 @@ def test_info_and_encoders(db):
         (["query", "{img}", "--db", "{db}", "--encoder", "efficientnet-lite2"], "no index for encoder"),
         (["index", "{tmp}/nofolder", "--db", "{db}"], "no such file or folder"),
         (["index", "{tmp}", "--db", "{db}", "--encoder", "nope"], "unknown encoder"),
+        (["index", "{tmp}", "--db", "{db}", "--index", "hnsw"], "unknown index kind 'hnsw'"),
         (["info", "--db", "{tmp}/nodb"], "no simsearch db"),
     ],
 )
@@ -88,6 +89,18 @@ def test_query_with_a_corrupt_image_is_a_clear_error(db, tmp_path):
     bad.write_text("nope")
     result = runner.invoke(app, ["query", str(bad), "--db", str(db / "db")])
     assert result.exit_code == 1 and "not an image" in result.output and str(bad) in result.output
+
+
+def test_changing_the_index_kind_rebuilds_without_embedding(tmp_path, db):
+    copy = tmp_path / "db"
+    subprocess.run(["cp", "-r", str(db / "db"), str(copy)], check=True)
+    result = runner.invoke(app, ["index", str(db / "imgs"), "--db", str(copy), "--index", "ivf"])
+    assert result.exit_code == 0 and "nothing to embed" in result.output
+    info = json.loads(runner.invoke(app, ["info", "--db", str(copy), "--json"]).stdout)
+    assert info["encoders"]["efficientnet-lite0"]["index_type"] == "ivf1,nprobe1"  # 40 vectors: one list
+    goldfish = db / "imgs" / "n01443537_goldfish.JPEG"
+    doc = json.loads(runner.invoke(app, ["query", str(goldfish), "-k", "3", "--db", str(copy), "--json"]).stdout)
+    assert doc["results"][0]["hits"][0]["path"] == str(goldfish)
 
 
 def test_newer_schema_is_refused(tmp_path, db):

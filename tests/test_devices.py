@@ -30,7 +30,7 @@ def test_encoder_and_index_fall_back_to_cpu(lite0, models_dir, caplog):
     with caplog.at_level(logging.WARNING):
         enc = OnnxEncoder(lite0, Device.cuda, models_dir)
         vecs = np.eye(4, 8, dtype=np.float32)
-        index = LoadedIndex(build_index([(np.arange(4), vecs)], 8), Device.cuda)
+        index = LoadedIndex(build_index(lambda: [(np.arange(4), vecs)], 8, 4), Device.cuda)
     assert enc.device == "cpu" and enc.session.get_providers()[0] == CPU_EP
     assert index.device == "cpu"
     scores, ids = index.search(vecs[:1], 2)
