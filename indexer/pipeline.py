@@ -121,6 +121,26 @@ class Indexer:
         report.wall = time.perf_counter() - t0
         return report
 
+    def embed_files(self, paths: list[str | Path], on_progress: ProgressFn | None = None) -> IndexReport:
+        """Make sure these files have vectors in the store; nothing is removed and no index is built.
+
+        For callers that work on a chosen list of files (benchmarks, training data), with the same
+        content-hash cache as `run`, so a second call on the same files embeds nothing.
+        """
+        t0 = time.perf_counter()
+        report = IndexReport(encoder=self.spec.name, root="")
+        entries = []
+        for p in paths:
+            st = os.stat(p)
+            entries.append(FileEntry(str(Path(p).absolute()), st.st_size, st.st_mtime_ns))
+        report.scanned = len(entries)
+        todo = [e for e in entries if not self._unchanged(e)]
+        report.unchanged = len(entries) - len(todo)
+        report.seconds["scan"] = time.perf_counter() - t0
+        self._process(todo, report, on_progress)
+        report.wall = time.perf_counter() - t0
+        return report
+
     def _unchanged(self, e: FileEntry) -> bool:
         rec = self.store.get_item(e.path)
         return (

@@ -23,7 +23,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from simsearch.errors import DbNotFoundError, SchemaError
+from simsearch.errors import DbNotFoundError, SchemaError, SimsearchError
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -177,6 +177,18 @@ class Store:
         with self.env.begin(db=self._vectors) as txn:
             raw = txn.get(_vector_key(encoder_key, sha256))
         return None if raw is None else np.frombuffer(raw, dtype="<f4").copy()
+
+    def vectors_of(self, encoder_key: str, paths: list[str], dim: int) -> np.ndarray:
+        """(len(paths), dim) float32 vectors of these items, in order; SimsearchError names a missing one."""
+        out = np.empty((len(paths), dim), dtype=np.float32)
+        with self.env.begin() as txn:
+            for row, path in enumerate(paths):
+                raw = txn.get(path.encode(), db=self._items)
+                vec = raw and txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors)
+                if not vec:
+                    raise SimsearchError(f"{path}: no vector for {encoder_key} in {self.root} (skipped when indexed?)")
+                out[row] = np.frombuffer(vec, dtype="<f4")
+        return out
 
     def paths_of(self, ids: Iterable[int]) -> list[str | None]:
         """Item paths for ids (None for an id that is gone, e.g. from a stale index)."""

@@ -115,3 +115,19 @@ def test_killed_run_resumes_without_re_embedding(tmp_path, encoder):
 def test_single_file_root(tmp_path, encoder):
     (photo,) = copy_samples(tmp_path, 1)
     assert _run(encoder, tmp_path / "db", photo).embedded == 1
+
+
+def test_embed_files_caches_by_content_and_returns_vectors_in_order(tmp_path, encoder):
+    photos = copy_samples(tmp_path / "imgs", 6)
+    spec = encoder.spec
+    with Store(tmp_path / "db", create=True) as store:
+        indexer = Indexer(encoder, store, IndexerConfig(batch_size=4))
+        first = indexer.embed_files(photos[:4])
+        second = indexer.embed_files(photos[::-1])
+        assert (first.embedded, second.embedded, second.unchanged) == (4, 2, 4)
+        got = store.vectors_of(spec.key, [str(p) for p in photos[::-1]], spec.dim)
+        assert not store.index_path(spec.name).exists()  # no index is built for a file list
+        with pytest.raises(Exception, match="no vector"):
+            store.vectors_of(spec.key, [str(tmp_path / "other.jpg")], spec.dim)
+    ref = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos[::-1]]))
+    np.testing.assert_allclose(got, ref, atol=1e-5)
