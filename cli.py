@@ -88,7 +88,7 @@ class _ProgressReporter:
         if err.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                                 console=err, transient=True)
 
     def __enter__(self):
@@ -108,6 +108,12 @@ class _ProgressReporter:
         elif time.monotonic() - self.last >= self.every or done == total:
             self.last = time.monotonic()
             log.info("%s: %d/%d", self.label, done, total)
+
+    def stage(self, label: str, done: int, total: int) -> None:
+        """Progress of a multi-stage job: a new label starts a new bar (or log prefix)."""
+        if label != self.label:
+            self.label, self.task = label, None
+        self(done, total)
 
 
 @app.command()
@@ -237,6 +243,60 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
         table.add_row(name + default, str(e["dim"]), e["metric"], e["index_type"], str(e["vectors_in_index"]),
                       "yes" if e["index_up_to_date"] else "no: re-run index")
     out.print(table)
+
+
+@app.command()
+@user_errors
+def bench(
+    data: Annotated[Path, typer.Option(help="class dataset (Tiny ImageNet or <class>/<image>) or pair folder (left/, right/).")]
+    = Path("../shared/data/tiny-imagenet-200"),
+    split: Annotated[str, typer.Option(help="split to measure: val or train.")] = "val",
+    encoder: Annotated[str, typer.Option(help="encoder name(s), comma-separated.")] = "efficientnet-lite0",
+    task: Annotated[Optional[str], typer.Option(
+        help="pairs (find the pair, hit@k), classes (same/different accuracy); default: both, or pairs for a pair folder.")]
+    = None,
+    ks: Annotated[str, typer.Option(help="k values for hit@k.")] = "1,5,10,15,25,50,100",
+    seed: Annotated[int, typer.Option(help="seed of splits, pair sets and sampled pairs.")] = 0,
+    val_fraction: Annotated[float, typer.Option(help="pair folders: share of pairs in val.")] = 325 / 1225,
+    balanced_pairs: Annotated[int, typer.Option(min=2, help="size of the balanced same/different set.")] = 50_000,
+    all_pairs_per_class: Annotated[int, typer.Option(min=2, help="images per class in the all-pairs subset.")] = 25,
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for bench.json and the PNG plots.")] = Path("results/bench"),
+    cache_db: Annotated[Optional[Path], typer.Option(help="embedding cache db (default: beside the models dir).")] = None,
+    device: DeviceOption = Device.auto,
+    models_dir: ModelsDirOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs.")] = False,
+):
+    """Measure encoders: hit@k on "find the pair" sets and same/different pair accuracy; JSON + PNG plots."""
+    _verbose(verbose)
+    from simsearch.benchmarks import harness, report
+    from simsearch.benchmarks.datasets import detect_layout
+
+    if not data.is_dir():
+        raise SimsearchError(f"{data}: no such folder")
+    try:
+        k_values = tuple(sorted({int(k) for k in ks.split(",")}))
+    except ValueError:
+        raise SimsearchError(f"--ks must be comma-separated integers (got {ks!r})") from None
+    if not k_values or k_values[0] < 1:
+        raise SimsearchError(f"--ks must be positive (got {ks!r})")
+    tasks = tuple(task.split(",")) if task else (("pairs",) if detect_layout(data) == "pairs" else harness.TASKS)
+    config = harness.BenchConfig(data=data, split=split, tasks=tasks, ks=k_values, seed=seed, val_fraction=val_fraction,
+                                 balanced_pairs=balanced_pairs, all_pairs_per_class=all_pairs_per_class,
+                                 device=device, models_dir=models_dir, cache_db=cache_db)
+    with _ProgressReporter("bench") as progress:
+        result = harness.run(config, [e.strip() for e in encoder.split(",") if e.strip()], progress.stage)
+    for table in (report.hits_table(result), report.pairs_table(result)):
+        if table is not None:
+            out.print(table)
+    json_path = report.write_json(result, out_dir)
+    plots = report.write_plots(result, out_dir)
+    for e in result["encoders"]:
+        ap = (e["pairs"] or {}).get("all_pairs")
+        if ap:
+            err.print(f"{e['encoder']}: all {ap['pairs']:,} pairs in {ap['seconds']:.1f}s, "
+                      f"peak {ap['peak_memory_bytes'] / 2**20:.0f} MiB", highlight=False)
+    err.print(f"wrote {json_path} and {len(plots)} plots in {result['wall_seconds']:.1f}s "
+              f"(embedded {sum(e['embedded'] for e in result['encoders'])} images)", highlight=False)
 
 
 @app.command()

@@ -84,13 +84,15 @@ _BUILTIN = (
 DEFAULT_ENCODER = "efficientnet-lite0"
 
 
-def list_encoders() -> list[EncoderSpec]:
+def list_encoders(models_dir: Path | None = None) -> list[EncoderSpec]:
     return list(_BUILTIN)
 
 
-def get_encoder(name: str) -> EncoderSpec:
-    for spec in list_encoders():
+def get_encoder(name: str, models_dir: Path | None = None) -> EncoderSpec:
+    """models_dir: where trained encoders are looked up (None: the default models dir)."""
+    specs = list_encoders(models_dir)
+    for spec in specs:
         if spec.name == name:
             return spec
-    valid = ", ".join(s.name for s in list_encoders())
+    valid = ", ".join(s.name for s in specs)
     raise UnknownNameError(f"unknown encoder {name!r}; registered encoders: {valid}")

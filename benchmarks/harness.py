@@ -1,0 +1,244 @@
+"""`simsearch bench`: "find the pair" hit@k and same/different pair accuracy, for any registered encoder.
+
+Embeddings come through the indexer (`Indexer.embed_files`) into an LMDB cache db keyed by content
+hash and encoder weights, so a second run of the same benchmark embeds nothing. Every figure is
+computed here from vectors with the plain-numpy metrics of `benchmarks/metrics.py`; reporting
+(tables, JSON, plots) lives in `benchmarks/report.py`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.benchmarks import datasets, metrics
+from simsearch.devices import Device
+from simsearch.encoders.runtime import OnnxEncoder
+from simsearch.encoders.spec import EncoderSpec, get_encoder
+from simsearch.errors import DatasetError
+from simsearch.indexer.pipeline import Indexer, IndexerConfig
+from simsearch.indexer.store import Store
+
+log = logging.getLogger(__name__)
+
+TASKS = ("pairs", "classes")
+DEFAULT_KS = (1, 5, 10, 15, 25, 50, 100)
+
+# The research's figures (../shared/DESIGN.md), shown beside ours. Different data: labelled so.
+REFERENCE_HITS = {
+    "label": "research: Barlow Twins R50 + triplet, Totally-Looks-Like val (325 pairs, gallery 325) - different dataset",
+    "gallery": 325,
+    "hit_rate": {1: 0.157, 5: 0.323, 10: 0.403, 15: 0.468, 25: 0.566, 50: 0.683, 100: 0.825},
+}
+REFERENCE_PAIRS = [
+    {"label": "research: MatchNet, Tiny ImageNet 64px", "balanced_accuracy": 0.6087, "all_pairs_accuracy": 0.9428,
+     "all_pairs": 12_115_503},
+    {"label": "research: BEiT pair classifier, Tiny ImageNet", "balanced_accuracy": 0.89, "all_pairs_accuracy": 0.8914,
+     "all_pairs": 12_115_503, "confusion": {"tn": 10_759_967, "fp": 1_297_362, "fn": 18_257, "tp": 39_917}},
+]
+
+ProgressFn = Callable[[str, int, int], None]  # (stage label, done, total)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data: Path
+    split: str = "val"
+    tasks: tuple[str, ...] = TASKS
+    ks: tuple[int, ...] = DEFAULT_KS
+    seed: int = 0
+    val_fraction: float = 325 / 1225  # pair folders: the research's 325 val / 900 train pairs
+    balanced_pairs: int = 50_000
+    all_pairs_per_class: int = 25  # Tiny ImageNet val: 25 x 200 = 5,000 images, 12,497,500 pairs
+    threshold_pairs: int = 50_000  # balanced pairs of the train split the cosine threshold is chosen on
+    threshold_per_class: int = 20  # train images per class those pairs are drawn from
+    all_pairs_block: int = 1024
+    n_boot: int = 1000
+    batch_size: int = 32
+    device: Device = Device.auto
+    models_dir: Path | None = None
+    cache_db: Path | None = None  # None: <models_dir>/../bench-cache
+
+
+@dataclass
+class EncoderResult:
+    encoder: str
+    key: str  # name@weights-sha: the exact weights measured
+    dim: int
+    seconds: dict[str, float] = field(default_factory=dict)
+    embedded: int = 0  # images embedded in this run (0 when everything came from the cache)
+    hits: dict | None = None
+    pairs: dict | None = None
+
+
+class Embedder:
+    """Vectors of image files for one encoder, through the indexer's content-hash cache."""
+
+    def __init__(self, spec: EncoderSpec, store: Store, config: BenchConfig, progress: ProgressFn | None):
+        self.spec = spec
+        self.store = store
+        self.indexer = Indexer(OnnxEncoder(spec, config.device, config.models_dir), store,
+                               IndexerConfig(batch_size=config.batch_size))
+        self.progress = progress
+        self.embedded = 0
+
+    def __call__(self, paths: list[Path], label: str) -> np.ndarray:
+        """(len(paths), dim) L2-normalised vectors."""
+        on_progress = (lambda done, total: self.progress(f"{self.spec.name}: {label}", done, total)) if self.progress else None
+        report = self.indexer.embed_files(paths, on_progress)
+        if report.skipped:
+            path, reason = report.skipped[0]
+            raise DatasetError(f"{len(report.skipped)} unreadable images in the benchmark data, e.g. {reason}")
+        self.embedded += report.embedded
+        return self.store.vectors_of(self.spec.key, [str(Path(p).absolute()) for p in paths], self.spec.dim)
+
+
+def hit_at_k(ranks: np.ndarray, gallery: int, config: BenchConfig) -> dict:
+    rows = metrics.hit_rates_with_ci(ranks, config.ks, n_boot=config.n_boot, seed=config.seed)
+    return {
+        "queries": int(len(ranks)),
+        "gallery": gallery,
+        "mean_rank": float(ranks.mean() + 1),
+        "rows": [{**asdict(r), "chance": min(1.0, r.k / gallery)} for r in rows],
+    }
+
+
+def pair_set_ranks(vectors: np.ndarray, sets: list[datasets.PairSet]) -> np.ndarray:
+    """0-based rank of each left image's partner among the rights of its own set: (sets * C,)."""
+    return np.concatenate([
+        metrics.hit_ranks(vectors[s.left_idx], vectors[s.right_idx], np.arange(len(s.right_idx))) for s in sets
+    ])
+
+
+def cosine_threshold(embed: Embedder, config: BenchConfig) -> dict:
+    """The decision threshold for "same class", chosen on the train split (best balanced accuracy), then frozen."""
+    train = datasets.load_class_dataset(config.data, "train")
+    subset = datasets.class_balanced_subset(train.labels, config.threshold_per_class, config.seed)
+    vecs = embed([train.paths[i] for i in subset], "train subset (threshold)")
+    i, j, same = datasets.balanced_pairs(train.labels[subset], config.threshold_pairs, config.seed)
+    scores = np.einsum("nd,nd->n", vecs[i], vecs[j])
+    threshold = metrics.best_threshold(scores, same)
+    train_cm = metrics.confusion(scores, same, threshold)
+    return {"threshold": float(threshold), "chosen_on": f"train: {len(subset)} images, {len(i)} balanced pairs",
+            "train_balanced_accuracy": train_cm.balanced_accuracy}
+
+
+def pair_accuracy(vectors: np.ndarray, labels: np.ndarray, threshold: float, config: BenchConfig) -> dict:
+    """Balanced-set and all-pairs same/different figures at a frozen threshold."""
+    i, j, same = datasets.balanced_pairs(labels, config.balanced_pairs, config.seed)
+    scores = np.einsum("nd,nd->n", vectors[i], vectors[j])  # cosine of each pair
+    fpr, tpr, _ = metrics.roc_curve(scores, same)
+    balanced = {"pairs": int(len(i)), **metrics.confusion(scores, same, threshold).to_dict(),
+                "roc_auc": metrics.roc_auc(scores, same), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
+
+    subset = datasets.class_balanced_subset(labels, config.all_pairs_per_class, config.seed)
+    t = time.perf_counter()
+    tracemalloc.start()
+    hist = metrics.all_pairs(vectors[subset], labels[subset], threshold, block=config.all_pairs_block)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    fpr, tpr, _ = hist.roc_curve()
+    n = len(subset)
+    everything = {"images": n, "per_class": config.all_pairs_per_class, "pairs": n * (n - 1) // 2,
+                  **hist.confusion.to_dict(), "roc_auc": hist.auc(), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+                  "seconds": time.perf_counter() - t, "peak_memory_bytes": int(peak), "block": config.all_pairs_block}
+    return {"balanced": balanced, "all_pairs": everything}
+
+
+def run_encoder(name: str, config: BenchConfig, store: Store, progress: ProgressFn | None = None) -> EncoderResult:
+    spec = get_encoder(name, config.models_dir)
+    embed = Embedder(spec, store, config, progress)
+    result = EncoderResult(encoder=spec.name, key=spec.key, dim=spec.dim)
+    layout = datasets.detect_layout(config.data)
+    t = time.perf_counter()
+    if layout == "pairs":
+        if "classes" in config.tasks:
+            raise DatasetError(f"{config.data}: a pair folder has no classes; use --task pairs")
+        pairs = datasets.load_pair_folder(config.data, config.split, config.val_fraction, config.seed)
+        left, right = embed(pairs.left, f"{config.split} left"), embed(pairs.right, f"{config.split} right")
+        result.seconds["embed"] = time.perf_counter() - t
+        t = time.perf_counter()
+        ranks = metrics.hit_ranks(left, right, np.arange(len(pairs.right)))
+        result.hits = {**hit_at_k(ranks, len(pairs.right), config), "sets": 1}
+        result.seconds["hits"] = time.perf_counter() - t
+    else:
+        ds = datasets.load_class_dataset(config.data, config.split)
+        vectors = embed(ds.paths, config.split)
+        threshold = cosine_threshold(embed, config) if "classes" in config.tasks else None
+        result.seconds["embed"] = time.perf_counter() - t
+        if "pairs" in config.tasks:
+            t = time.perf_counter()
+            sets = datasets.make_pair_sets(ds.labels, config.seed)
+            if not sets:
+                raise DatasetError(f"{config.data} ({config.split}): every class needs 2 images to make pair sets")
+            result.hits = {**hit_at_k(pair_set_ranks(vectors, sets), len(sets[0].right_idx), config), "sets": len(sets)}
+            result.seconds["hits"] = time.perf_counter() - t
+        if threshold is not None:
+            t = time.perf_counter()
+            result.pairs = {**threshold, **pair_accuracy(vectors, ds.labels, threshold["threshold"], config)}
+            result.seconds["pairs"] = time.perf_counter() - t
+    result.embedded = embed.embedded
+    return result
+
+
+def default_cache_db(models_dir: Path | None) -> Path:
+    from simsearch.encoders.export import default_models_dir
+
+    return (models_dir or default_models_dir()).parent / "bench-cache"
+
+
+def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = None) -> dict:
+    """Every figure for every encoder, with the exact protocol, as one JSON-ready dict."""
+    unknown = [t for t in config.tasks if t not in TASKS]
+    if unknown:
+        raise DatasetError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
+    for name in encoders:  # fail on a typo before any work
+        get_encoder(name, config.models_dir)
+    t0 = time.perf_counter()
+    with Store(config.cache_db or default_cache_db(config.models_dir), create=True) as store:
+        results = [run_encoder(name, config, store, progress) for name in encoders]
+    return {
+        "protocol": protocol(config),
+        "encoders": [asdict(r) for r in results],
+        "reference": {"hits": REFERENCE_HITS, "pairs": REFERENCE_PAIRS},
+        "wall_seconds": time.perf_counter() - t0,
+    }
+
+
+def protocol(config: BenchConfig) -> dict:
+    from simsearch import __version__
+
+    layout = datasets.detect_layout(config.data)
+    out = {
+        "dataset": str(Path(config.data).absolute()), "layout": layout, "split": config.split,
+        "tasks": list(config.tasks), "seed": config.seed, "ks": list(config.ks), "bootstrap": config.n_boot,
+        "simsearch": __version__, "git_commit": _git_commit(),
+    }
+    if layout == "pairs":
+        out["pair_sets"] = "each left image ranked against all right images of the split"
+        out["split_manifest"] = datasets.load_pair_folder(config.data, config.split, config.val_fraction,
+                                                          config.seed).split_manifest()
+    else:
+        out["pair_sets"] = ("per class, the split's images shuffled with the seed; set s pairs image 2s (left) "
+                            "with 2s+1 (right) of every class; each left ranked against its set's rights")
+        out["balanced_pairs"] = config.balanced_pairs
+        out["all_pairs_per_class"] = config.all_pairs_per_class
+        out["threshold"] = (f"cosine threshold with best balanced accuracy on {config.threshold_pairs} balanced pairs "
+                            f"of {config.threshold_per_class} train images per class, then frozen")
+    return out
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
