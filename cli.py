@@ -285,9 +285,10 @@ def bench(
                                  device=device, models_dir=models_dir, cache_db=cache_db)
     with _ProgressReporter("bench") as progress:
         result = harness.run(config, [e.strip() for e in encoder.split(",") if e.strip()], progress.stage)
+    wide = out if out.is_terminal else Console(width=170)  # a pipe or a CI log is not 80 columns of screen
     for table in (report.hits_table(result), report.pairs_table(result)):
         if table is not None:
-            out.print(table)
+            wide.print(table)
     json_path = report.write_json(result, out_dir)
     plots = report.write_plots(result, out_dir)
     for e in result["encoders"]:
