@@ -23,6 +23,7 @@ from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import EncoderSpec, get_encoder
 from simsearch.errors import DatasetError
 from simsearch.indexer.pipeline import Indexer, IndexerConfig
+from simsearch.indexer.scan import item_path
 from simsearch.indexer.store import Store
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ class Embedder:
             path, reason = report.skipped[0]
             raise DatasetError(f"{len(report.skipped)} unreadable images in the benchmark data, e.g. {reason}")
         self.embedded += report.embedded
-        return self.store.vectors_of(self.spec.key, [str(Path(p).absolute()) for p in paths], self.spec.dim)
+        return self.store.vectors_of(self.spec.key, [item_path(p) for p in paths], self.spec.dim)
 
 
 def hit_at_k(ranks: np.ndarray, gallery: int, config: BenchConfig) -> dict:
@@ -216,7 +217,7 @@ def protocol(config: BenchConfig) -> dict:
 
     layout = datasets.detect_layout(config.data)
     out = {
-        "dataset": str(Path(config.data).absolute()), "layout": layout, "split": config.split,
+        "dataset": item_path(config.data), "layout": layout, "split": config.split,
         "tasks": list(config.tasks), "seed": config.seed, "ks": list(config.ks), "bootstrap": config.n_boot,
         "simsearch": __version__, "git_commit": _git_commit(),
     }

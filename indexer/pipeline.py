@@ -26,7 +26,7 @@ from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.encoders.runtime import OnnxEncoder, cpu_count
 from simsearch.errors import ImageLoadError
 from simsearch.indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
-from simsearch.indexer.scan import FileEntry, scan
+from simsearch.indexer.scan import FileEntry, item_path, scan
 from simsearch.indexer.store import EncoderEntry, Store
 from simsearch.retrieval.faiss_index import IndexConfig, build_index, index_kind, save_index
 
@@ -100,7 +100,7 @@ class Indexer:
 
     def run(self, root: str | Path, on_progress: ProgressFn | None = None) -> IndexReport:
         t0 = time.perf_counter()
-        root = Path(root).absolute()
+        root = Path(item_path(root))
         report = IndexReport(encoder=self.spec.name, root=str(root))
         entries = list(scan(root, self.config.extensions))
         report.scanned = len(entries)
@@ -132,7 +132,7 @@ class Indexer:
         entries = []
         for p in paths:
             st = os.stat(p)
-            entries.append(FileEntry(str(Path(p).absolute()), st.st_size, st.st_mtime_ns))
+            entries.append(FileEntry(item_path(p), st.st_size, st.st_mtime_ns))
         report.scanned = len(entries)
         todo = [e for e in entries if not self._unchanged(e)]
         report.unchanged = len(entries) - len(todo)

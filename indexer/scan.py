@@ -21,12 +21,17 @@ class FileEntry:
     mtime_ns: int
 
 
+def item_path(path: str | os.PathLike) -> str:
+    """The path an item is stored under: absolute, `..` folded, symlinks kept as the user named them."""
+    return os.path.abspath(path)
+
+
 def scan(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS) -> Iterator[FileEntry]:
     """Image files under `root` (recursive, sorted, symlinked folders not followed).
 
     A single file may be given as root. Extensions are matched case-insensitively.
     """
-    root = Path(root).absolute()
+    root = Path(item_path(root))
     if root.is_file():
         st = root.stat()
         yield FileEntry(str(root), st.st_size, st.st_mtime_ns)
