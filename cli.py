@@ -142,7 +142,7 @@ def index(
         raise SimsearchError(f"{folder}: no such file or folder")
     config = IndexerConfig(batch_size=batch_size, workers=workers, index=IndexConfig(kind=index_kind))
     config.index.resolve(0)  # an unknown kind fails before any work
-    spec = get_encoder(encoder)
+    spec = get_encoder(encoder, models_dir)
     enc = OnnxEncoder(spec, device, models_dir)
     with Store(db, create=True) as store, _ProgressReporter(f"indexing with {spec.name}") as progress:
         report = Indexer(enc, store, config).run(folder, progress)
@@ -308,11 +308,54 @@ def encoders(models_dir: ModelsDirOption = None):
 
     table = Table("dim", "input", "weights sha256", "source", "ONNX cached")
     table.columns.insert(0, Column("name", no_wrap=True))
-    for spec in list_encoders():
-        cached = onnx_path(spec, models_dir or default_models_dir()).is_file()
-        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px", spec.weights_sha256[:12], spec.source,
+    for spec in list_encoders(models_dir):
+        cached = bool(spec.onnx_file) or onnx_path(spec, models_dir or default_models_dir()).is_file()
+        source = spec.source
+        if spec.card:  # trained: the card's summary
+            best = json.loads(Path(spec.card).read_text())["validation"]["best"]
+            source += f"; held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f}"
+        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px", spec.weights_sha256[:12], source,
                       "yes" if cached else "on first use")
     out.print(table)
+
+
+train_app = typer.Typer(help="Train encoders on your own images (torch; the result is served by ONNX Runtime).",
+                        no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("triplet")
+@user_errors
+def train_triplet(
+    name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
+    data: Annotated[Path, typer.Option(help="class dataset or pair folder (left/ <-> right/).")]
+    = Path("../shared/data/tiny-imagenet-200"),
+    split: Annotated[str, typer.Option(help="split to train on.")] = "train",
+    base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = "efficientnet-lite0",
+    dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = 256,
+    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    margin: Annotated[float, typer.Option(min=0.0)] = 0.2,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    max_minutes: Annotated[float, typer.Option(min=0.1, help="time budget; the best epoch so far is kept.")] = 20.0,
+    seed: int = 0,
+    device: DeviceOption = Device.auto,
+    models_dir: ModelsDirOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+):
+    """Fine-tune an encoder with triplet loss on matched pairs or same-class images."""
+    _verbose(verbose)
+    from simsearch.encoders.training.triplet import TripletConfig, train_triplet as train
+
+    if not data.is_dir():
+        raise SimsearchError(f"{data}: no such folder")
+    cfg = TripletConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, margin=margin, lr=lr,
+                        max_minutes=max_minutes, seed=seed, device=device)
+    with _ProgressReporter("triplet") as progress:
+        card = train(cfg, models_dir, progress.stage)
+    best = card.validation["best"]
+    err.print(f"[green]trained[/green] {card.name} ({card.dim}-d, from {card.base}) in {card.train_seconds:.0f}s: "
+              f"held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f} (epoch {best['epoch']}; "
+              f"{card.validation['stopped']})", highlight=False)
 
 
 def main() -> None:

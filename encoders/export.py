@@ -44,6 +44,10 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     """The cached ONNX file of `spec`, exporting it first if needed."""
+    if spec.onnx_file:  # a trained encoder: its model was exported when it was trained
+        if not Path(spec.onnx_file).is_file():
+            raise ModelError(f"the ONNX model of {spec.name!r} is missing: {spec.onnx_file}")
+        return Path(spec.onnx_file)
     path = onnx_path(spec, models_dir or default_models_dir())
     if path.is_file():
         return path

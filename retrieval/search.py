@@ -48,7 +48,7 @@ class Searcher:
              models_dir: Path | None = None) -> Searcher:
         store = Store(db, readonly=True)
         name = encoder or store.manifest.default_encoder
-        spec = get_encoder(name) if name else None
+        spec = get_encoder(name, models_dir) if name else None
         entry = store.manifest.encoders.get(name) if name else None
         if spec is None or entry is None or not store.index_path(name).is_file():
             have = ", ".join(store.manifest.encoders) or "none"

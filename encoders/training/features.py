@@ -1,0 +1,81 @@
+"""Training data as base-encoder features, through the indexer's content-hash cache.
+
+Training a head on frozen base features is what makes training feasible on a laptop CPU: the base
+encoder runs once per image (and never again: the features are cached in the same LMDB cache as
+`simsearch bench`), and an epoch over 20,000 images then takes about a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.benchmarks import datasets
+from simsearch.benchmarks.harness import default_cache_db
+from simsearch.devices import Device
+from simsearch.encoders.runtime import OnnxEncoder
+from simsearch.encoders.spec import EncoderSpec
+from simsearch.errors import DatasetError
+from simsearch.indexer.pipeline import Indexer, IndexerConfig
+from simsearch.indexer.scan import item_path
+from simsearch.indexer.store import Store
+
+
+@dataclass
+class FeatureSet:
+    """Features with group labels: a class, or a matched pair (both images of pair i get label i)."""
+
+    x: np.ndarray  # (N, d) float32, L2-normalised base embeddings
+    y: np.ndarray  # (N,) int
+    kind: str  # "classes" | "pairs"
+
+
+def base_features(spec: EncoderSpec, paths: list[Path], models_dir: Path | None, device: Device,
+                  on_progress=None) -> np.ndarray:
+    """(len(paths), spec.dim) embeddings of the base encoder, embedding only what the cache lacks."""
+    with Store(default_cache_db(models_dir), create=True) as store:
+        report = Indexer(OnnxEncoder(spec, device, models_dir), store, IndexerConfig()).embed_files(paths, on_progress)
+        if report.skipped:
+            raise DatasetError(f"{len(report.skipped)} unreadable training images, e.g. {report.skipped[0][1]}")
+        return store.vectors_of(spec.key, [item_path(p) for p in paths], spec.dim)
+
+
+def load_training_set(spec: EncoderSpec, data: Path, split: str, models_dir: Path | None, device: Device,
+                      on_progress=None, val_fraction: float = 325 / 1225, seed: int = 0) -> FeatureSet:
+    if datasets.detect_layout(data) == "pairs":
+        pairs = datasets.load_pair_folder(data, split, val_fraction, seed)
+        x = base_features(spec, pairs.left + pairs.right, models_dir, device, on_progress)
+        n = len(pairs.left)
+        return FeatureSet(x, np.r_[np.arange(n), np.arange(n)], "pairs")
+    ds = datasets.load_class_dataset(data, split)
+    return FeatureSet(base_features(spec, ds.paths, models_dir, device, on_progress), ds.labels, "classes")
+
+
+def holdout(fs: FeatureSet, per_group: int, seed: int) -> tuple[FeatureSet, FeatureSet]:
+    """Split off a validation part: per_group images of every class, or a seeded 10% of the pairs."""
+    rng = np.random.default_rng(seed)
+    if fs.kind == "pairs":
+        groups = np.unique(fs.y)
+        held = rng.permutation(groups)[: max(2, len(groups) // 10)]
+        mask = np.isin(fs.y, held)
+    else:
+        mask = np.zeros(len(fs.y), bool)
+        mask[datasets.class_balanced_subset(fs.y, per_group, seed)] = True
+    if mask.all() or not mask.any():
+        raise DatasetError("too little training data to hold out a validation part")
+    return (FeatureSet(fs.x[~mask], fs.y[~mask], fs.kind), FeatureSet(fs.x[mask], fs.y[mask], fs.kind))
+
+
+def validation_ranks(embed, fs: FeatureSet, seed: int) -> np.ndarray:
+    """0-based partner ranks on pair sets of a held-out FeatureSet (as `simsearch bench` ranks val)."""
+    from simsearch.benchmarks import metrics
+
+    e = embed(fs.x)  # (N, out)
+    if fs.kind == "pairs":
+        order = np.argsort(fs.y, kind="stable")  # each label appears twice: left then right
+        left, right = order[0::2], order[1::2]
+        return metrics.hit_ranks(e[left], e[right], np.arange(len(left)))
+    sets = datasets.make_pair_sets(fs.y, seed)
+    return np.concatenate([metrics.hit_ranks(e[s.left_idx], e[s.right_idx], np.arange(len(s.left_idx))) for s in sets])

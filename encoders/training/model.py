@@ -1,0 +1,57 @@
+"""Torch modules of trained encoders: a base encoder followed by a trained head, L2-normalised."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simsearch.encoders.spec import EncoderSpec, get_encoder
+from simsearch.encoders.trained import HEAD, ModelCard
+
+
+def build_head(arch: dict) -> nn.Module:
+    """{"in": 1280, "hidden": 1024, "out": 256}: (B, in) -> (B, out); hidden 0 = a single linear map."""
+    if arch["hidden"]:
+        return nn.Sequential(nn.Linear(arch["in"], arch["hidden"]), nn.BatchNorm1d(arch["hidden"]), nn.ReLU(),
+                             nn.Linear(arch["hidden"], arch["out"]))
+    return nn.Linear(arch["in"], arch["out"])
+
+
+class HeadOnFeatures(nn.Module):
+    """What training optimises: base features (B, in) -> head -> (B, out) L2-normalised."""
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(x), dim=1)
+
+
+class StackedEncoder(nn.Module):
+    """Image (B, 3, S, S) -> base encoder (B, in) -> head -> (B, out) L2-normalised: what is exported."""
+
+    def __init__(self, base: nn.Module, head: nn.Module):
+        super().__init__()
+        self.base = base
+        self.on_features = HeadOnFeatures(head)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.on_features(self.base(x))
+
+
+def torch_encoder(spec: EncoderSpec, models_dir: Path | None = None) -> nn.Module:
+    """A fresh eval-mode torch module for any registered encoder (trained ones recursively from their base)."""
+    from simsearch.encoders.export import build_embedding_model
+
+    if not spec.card:
+        return build_embedding_model(spec)
+    card = ModelCard.load(Path(spec.card))
+    head = build_head(card.head)
+    head.load_state_dict(torch.load(Path(spec.card).parent / HEAD, map_location="cpu", weights_only=True))
+    base = torch_encoder(get_encoder(card.base, models_dir), models_dir)
+    # A new module starts in training mode: eval() so BatchNorm uses its running statistics.
+    return StackedEncoder(base, head).eval()

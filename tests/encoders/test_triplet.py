@@ -1,0 +1,100 @@
+"""Triplet fine-tuning end to end on real Tiny ImageNet photos: train, export, register, index, query."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from simsearch.cli import app
+from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.runtime import OnnxEncoder
+from simsearch.encoders.spec import get_encoder, list_encoders
+from simsearch.encoders.training.triplet import TrainingStopped, TripletConfig, _check_guards, train_triplet
+from simsearch.errors import SimsearchError
+from simsearch.indexer.images import load_rgb
+
+from ..conftest import TINY
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def classes(tmp_path_factory):
+    """<class>/<image>: 8 real Tiny ImageNet classes, 12 photos each."""
+    if not (TINY / "wnids.txt").is_file():
+        pytest.skip(f"shared data missing: {TINY}")
+    root = tmp_path_factory.mktemp("classes")
+    for w in (TINY / "wnids.txt").read_text().split()[:8]:
+        (root / w).mkdir()
+        for i in range(12):
+            shutil.copy2(TINY / "train" / w / "images" / f"{w}_{i}.JPEG", root / w)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(classes, models_dir):
+    cfg = TripletConfig(name="tiny-triplet", data=classes, split="train", dim=16, hidden=64, batch_size=32,
+                        epochs=6, patience=6, holdout_per_class=2, lr=3e-3)
+    return train_triplet(cfg, models_dir)
+
+
+def test_training_lowers_the_loss_and_writes_a_card(trained):
+    history = trained.validation["history"]
+    assert len(history) >= 3
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert trained.base == "efficientnet-lite0" and trained.dim == 16 and len(trained.onnx_sha256) == 64
+    assert trained.validation["best"]["hit10"] > 0
+    assert trained.hyper_parameters["margin"] == 0.2
+
+
+def test_trained_encoder_is_registered_and_matches_torch_on_real_images(trained, models_dir, classes):
+    import torch
+
+    from simsearch.encoders.training.model import torch_encoder
+
+    spec = get_encoder("tiny-triplet", models_dir)
+    assert spec.dim == 16 and spec.image_size == 224 and spec.onnx_file
+    assert "tiny-triplet" in [s.name for s in list_encoders(models_dir)]
+    photos = sorted(classes.rglob("*.JPEG"))[::12][:6]
+    batch = np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos])
+    got = OnnxEncoder(spec, models_dir=models_dir).embed(batch)
+    model = torch_encoder(spec, models_dir)
+    assert not model.training
+    with torch.no_grad():
+        want = model(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-4)
+
+
+def test_trained_encoder_indexes_and_queries_through_the_cli(trained, classes, tmp_path):
+    db = str(tmp_path / "db")
+    result = runner.invoke(app, ["index", str(classes), "--db", db, "--encoder", "tiny-triplet"])
+    assert result.exit_code == 0, result.output
+    query = sorted(classes.rglob("*.JPEG"))[0]
+    result = runner.invoke(app, ["query", str(query), "--db", db, "--encoder", "tiny-triplet", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"path": "%s"' % query in result.stdout  # an indexed photo finds itself
+    listing = runner.invoke(app, ["encoders"])
+    assert "tiny-triplet" in listing.output and "trained:" in listing.output  # name and card summary
+
+
+def test_guards_stop_collapse_stuck_and_empty_training():
+    cfg = TripletConfig(name="x", margin=0.2)
+    with pytest.raises(TrainingStopped, match="collapsing"):
+        _check_guards([0.1], 100, 0.95, 0.3, cfg)
+    with pytest.raises(TrainingStopped, match="collapsing"):
+        _check_guards([0.1], 100, 0.99, 0.92, cfg)  # started narrow, got narrower
+    _check_guards([0.1], 100, 0.95, 0.93, cfg)  # started narrow and stayed there: not a collapse
+    with pytest.raises(TrainingStopped, match="no semi-hard triplets"):
+        _check_guards([0.0], 0, 0.1, 0.1, cfg)
+    with pytest.raises(TrainingStopped, match="stuck at the margin"):
+        _check_guards([0.2, 0.2001, 0.1999], 100, 0.1, 0.1, cfg)
+    _check_guards([0.2, 0.15, 0.1], 100, 0.1, 0.1, cfg)  # healthy: no exception
+
+
+def test_a_built_in_name_is_refused(classes, models_dir):
+    with pytest.raises(SimsearchError, match="built-in encoder"):
+        train_triplet(TripletConfig(name="efficientnet-lite0", data=classes), models_dir)
