@@ -13,11 +13,18 @@ from simsearch.encoders.trained import HEAD, ModelCard
 
 
 def build_head(arch: dict) -> nn.Module:
-    """{"in": 1280, "hidden": 1024, "out": 256}: (B, in) -> (B, out); hidden 0 = a single linear map."""
-    if arch["hidden"]:
-        return nn.Sequential(nn.Linear(arch["in"], arch["hidden"]), nn.BatchNorm1d(arch["hidden"]), nn.ReLU(),
-                             nn.Linear(arch["hidden"], arch["out"]))
-    return nn.Linear(arch["in"], arch["out"])
+    """{"in": 1280, "hidden": [2048, 2048], "out": 256}: (B, in) -> (B, out).
+
+    (Linear-BN-ReLU) per hidden width, then a Linear: the Barlow Twins projector's shape, and with one
+    hidden layer the triplet projection head; no hidden layer is a linear map.
+    """
+    layers: list[nn.Module] = []
+    width = arch["in"]
+    for hidden in arch["hidden"]:
+        layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, arch["out"]))
+    return nn.Sequential(*layers)
 
 
 class HeadOnFeatures(nn.Module):

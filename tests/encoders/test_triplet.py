@@ -12,7 +12,8 @@ from simsearch.cli import app
 from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import get_encoder, list_encoders
-from simsearch.encoders.training.triplet import TrainingStopped, TripletConfig, _check_guards, train_triplet
+from simsearch.encoders.training.loop import TrainingStopped, check_collapse
+from simsearch.encoders.training.triplet import TripletConfig, check_triplet_loss, train_triplet
 from simsearch.errors import SimsearchError
 from simsearch.indexer.images import load_rgb
 
@@ -82,17 +83,16 @@ def test_trained_encoder_indexes_and_queries_through_the_cli(trained, classes, t
 
 
 def test_guards_stop_collapse_stuck_and_empty_training():
-    cfg = TripletConfig(name="x", margin=0.2)
     with pytest.raises(TrainingStopped, match="collapsing"):
-        _check_guards([0.1], 100, 0.95, 0.3, cfg)
+        check_collapse(0.95, 0.3, 0.9)
     with pytest.raises(TrainingStopped, match="collapsing"):
-        _check_guards([0.1], 100, 0.99, 0.92, cfg)  # started narrow, got narrower
-    _check_guards([0.1], 100, 0.95, 0.93, cfg)  # started narrow and stayed there: not a collapse
+        check_collapse(0.99, 0.92, 0.9)  # started narrow, got narrower
+    check_collapse(0.95, 0.93, 0.9)  # started narrow and stayed there: not a collapse
     with pytest.raises(TrainingStopped, match="no semi-hard triplets"):
-        _check_guards([0.0], 0, 0.1, 0.1, cfg)
+        check_triplet_loss([{"loss": 0.0, "triplets": 0}], 0.2)
     with pytest.raises(TrainingStopped, match="stuck at the margin"):
-        _check_guards([0.2, 0.2001, 0.1999], 100, 0.1, 0.1, cfg)
-    _check_guards([0.2, 0.15, 0.1], 100, 0.1, 0.1, cfg)  # healthy: no exception
+        check_triplet_loss([{"loss": v, "triplets": 9} for v in (0.2, 0.2001, 0.1999)], 0.2)
+    check_triplet_loss([{"loss": v, "triplets": 9} for v in (0.2, 0.15, 0.1)], 0.2)  # healthy
 
 
 def test_a_built_in_name_is_refused(classes, models_dir):
