@@ -324,6 +324,36 @@ train_app = typer.Typer(help="Train encoders on your own images (torch; the resu
 app.add_typer(train_app, name="train")
 
 
+@train_app.command("barlow")
+@user_errors
+def train_barlow(
+    name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
+    data: Annotated[Path, typer.Option(help="folder of images: class dataset or pair folder (labels unused).")]
+    = Path("../shared/data/tiny-imagenet-200"),
+    split: Annotated[str, typer.Option(help="split to train on.")] = "train",
+    base: Annotated[str, typer.Option("--from", help="encoder to start from.")] = "efficientnet-lite0",
+    dim: Annotated[int, typer.Option(min=2, help="projector output width = embedding width.")] = 256,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
+    max_images: Annotated[int, typer.Option(min=0, help="train on at most this many images (0 = all).")] = 0,
+    max_minutes: Annotated[float, typer.Option(min=0.1, help="time budget; the best epoch so far is kept.")] = 20.0,
+    seed: int = 0,
+    device: DeviceOption = Device.auto,
+    models_dir: ModelsDirOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+):
+    """Self-supervised Barlow Twins (projector on a frozen encoder) on your images."""
+    _verbose(verbose)
+    from simsearch.encoders.training.barlow import BarlowConfig, train_barlow as train
+
+    if not data.is_dir():
+        raise SimsearchError(f"{data}: no such folder")
+    cfg = BarlowConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, max_images=max_images,
+                       max_minutes=max_minutes, seed=seed, device=device)
+    with _ProgressReporter("barlow") as progress:
+        card = train(cfg, models_dir, progress.stage)
+    _print_card(card)
+
+
 @train_app.command("triplet")
 @user_errors
 def train_triplet(
@@ -352,10 +382,14 @@ def train_triplet(
                         max_minutes=max_minutes, seed=seed, device=device)
     with _ProgressReporter("triplet") as progress:
         card = train(cfg, models_dir, progress.stage)
+    _print_card(card)
+
+
+def _print_card(card) -> None:
     best = card.validation["best"]
-    err.print(f"[green]trained[/green] {card.name} ({card.dim}-d, from {card.base}) in {card.train_seconds:.0f}s: "
-              f"held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f} (epoch {best['epoch']}; "
-              f"{card.validation['stopped']})", highlight=False)
+    err.print(f"[green]trained[/green] {card.name} ({card.dim}-d, {card.method} from {card.base}) in "
+              f"{card.train_seconds:.0f}s: held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f} "
+              f"(epoch {best['epoch']}; {card.validation['stopped']})", highlight=False)
 
 
 def main() -> None:

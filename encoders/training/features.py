@@ -53,19 +53,23 @@ def load_training_set(spec: EncoderSpec, data: Path, split: str, models_dir: Pat
     return FeatureSet(base_features(spec, ds.paths, models_dir, device, on_progress), ds.labels, "classes")
 
 
-def holdout(fs: FeatureSet, per_group: int, seed: int) -> tuple[FeatureSet, FeatureSet]:
-    """Split off a validation part: per_group images of every class, or a seeded 10% of the pairs."""
+def holdout_mask(fs: FeatureSet, per_group: int, seed: int) -> np.ndarray:
+    """(N,) bool, True for the validation part: per_group images of every class, or a seeded 10% of the pairs."""
     rng = np.random.default_rng(seed)
     if fs.kind == "pairs":
         groups = np.unique(fs.y)
-        held = rng.permutation(groups)[: max(2, len(groups) // 10)]
-        mask = np.isin(fs.y, held)
+        mask = np.isin(fs.y, rng.permutation(groups)[: max(2, len(groups) // 10)])
     else:
         mask = np.zeros(len(fs.y), bool)
         mask[datasets.class_balanced_subset(fs.y, per_group, seed)] = True
     if mask.all() or not mask.any():
         raise DatasetError("too little training data to hold out a validation part")
-    return (FeatureSet(fs.x[~mask], fs.y[~mask], fs.kind), FeatureSet(fs.x[mask], fs.y[mask], fs.kind))
+    return mask
+
+
+def holdout(fs: FeatureSet, per_group: int, seed: int) -> tuple[FeatureSet, FeatureSet]:
+    mask = holdout_mask(fs, per_group, seed)
+    return FeatureSet(fs.x[~mask], fs.y[~mask], fs.kind), FeatureSet(fs.x[mask], fs.y[mask], fs.kind)
 
 
 def validation_ranks(embed, fs: FeatureSet, seed: int) -> np.ndarray:

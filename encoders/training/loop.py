@@ -77,7 +77,10 @@ def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet
     result = LoopResult(best={"score": -1.0})
     best_state = None
     for epoch in range(cfg.epochs):
-        torch.manual_seed(cfg.seed + epoch)  # samplers and augmentations draw from torch's global generator
+        # Reproducible epochs: torch's generator (shuffles, dropout) and numpy's legacy global one, which
+        # pytorch-metric-learning's MPerClassSampler draws from.
+        torch.manual_seed(cfg.seed + epoch)
+        np.random.seed(cfg.seed + epoch)
         model.train()
         row = {"epoch": epoch + 1, **run_epoch(epoch)}
         ranks = validation_ranks(embed, val, cfg.seed)
