@@ -172,6 +172,8 @@ def query(
     db: DbOption = DEFAULT_DB,
     encoder: Annotated[Optional[str], typer.Option(help="encoder (default: the db's first).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout.")] = False,
+    rerank: Annotated[Optional[str], typer.Option(help="reorder the top candidates with this reranker.")] = None,
+    rerank_depth: Annotated[int, typer.Option(min=1, help="candidates the reranker sees.")] = 100,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and time per stage.")] = False,
@@ -185,14 +187,22 @@ def query(
     for p in images:
         if not p.is_file():
             raise SimsearchError(f"{p}: no such file")
+    reranker = None
+    if rerank:
+        from simsearch.retrieval.rerank import Reranker, get_reranker
+
+        reranker = Reranker(get_reranker(rerank, models_dir), device)
     searcher = Searcher.open(db, encoder, device, models_dir)
-    results = searcher.query(images, k)
+    results = searcher.query(images, k, reranker, rerank_depth)
     if as_json:
         doc = {
             "encoder": searcher.encoder.spec.name,
+            "reranker": rerank,
+            "rerank_depth": rerank_depth if rerank else None,
             "k": k,
             "results": [
-                {"query": r.query, "hits": [{"rank": h.rank, "score": h.score, "path": h.path} for h in r.hits],
+                {"query": r.query, "hits": [{"rank": h.rank, "score": h.score, "path": h.path,
+                                             **({"rerank_score": h.rerank_score} if rerank else {})} for h in r.hits],
                  "seconds": r.seconds}
                 for r in results
             ],
@@ -200,14 +210,17 @@ def query(
         print(json.dumps(doc, indent=2))
         return
     for r in results:
-        table = Table(title=f"{r.query}  ({searcher.encoder.spec.name})", title_justify="left")
+        by = f", reranked by {rerank} from the top {rerank_depth}" if rerank else ""
+        table = Table(title=f"{r.query}  ({searcher.encoder.spec.name}{by})", title_justify="left")
         table.add_column("rank", justify="right")
+        if rerank:
+            table.add_column("P(same)", justify="right")
         table.add_column("score", justify="right")
         table.add_column("path", overflow="fold")
         for h in r.hits:
-            table.add_row(str(h.rank), f"{h.score:.4f}", h.path)
+            table.add_row(str(h.rank), *([f"{h.rerank_score:.4f}"] if rerank else []), f"{h.score:.4f}", h.path)
         out.print(table)
-        if verbose:
+        if verbose or rerank:
             err.print(", ".join(f"{s} {v * 1000:.1f} ms" for s, v in r.seconds.items()), highlight=False)
 
 
@@ -363,7 +376,7 @@ def train_triplet(
     split: Annotated[str, typer.Option(help="split to train on.")] = "train",
     base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = "efficientnet-lite0",
     dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = 256,
-    epochs: Annotated[int, typer.Option(min=1)] = 20,
+    epochs: Annotated[int, typer.Option(min=1)] = 30,
     margin: Annotated[float, typer.Option(min=0.0)] = 0.2,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     max_minutes: Annotated[float, typer.Option(min=0.1, help="time budget; the best epoch so far is kept.")] = 20.0,
@@ -390,6 +403,50 @@ def _print_card(card) -> None:
     err.print(f"[green]trained[/green] {card.name} ({card.dim}-d, {card.method} from {card.base}) in "
               f"{card.train_seconds:.0f}s: held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f} "
               f"(epoch {best['epoch']}; {card.validation['stopped']})", highlight=False)
+
+
+@train_app.command("matchnet")
+@user_errors
+def train_matchnet(
+    name: Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")],
+    data: Annotated[Path, typer.Option(help="class dataset.")] = Path("../shared/data/tiny-imagenet-200"),
+    split: Annotated[str, typer.Option(help="split to train on.")] = "train",
+    tower: Annotated[str, typer.Option(help="pretrained (encoder embeddings) or scratch (64x64 conv net).")] = "pretrained",
+    encoder: Annotated[str, typer.Option(help="tower pretrained: the encoder whose embeddings it reads.")] = "efficientnet-lite0",
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    max_minutes: Annotated[float, typer.Option(min=0.1, help="time budget; the best epoch so far is kept.")] = 20.0,
+    seed: int = 0,
+    device: DeviceOption = Device.auto,
+    models_dir: ModelsDirOption = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+):
+    """Train a MatchNet same/different pair classifier, used as a reranker."""
+    _verbose(verbose)
+    from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet as train
+
+    if not data.is_dir():
+        raise SimsearchError(f"{data}: no such folder")
+    cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=data, split=split, epochs=epochs, lr=lr,
+                         max_minutes=max_minutes, seed=seed, device=device)
+    with _ProgressReporter("matchnet") as progress:
+        card = train(cfg, models_dir, progress.stage)
+    v = card["validation"]
+    err.print(f"[green]trained[/green] reranker {name} ({cfg.tower} tower) in {card['train_seconds']:.0f}s: held-out "
+              f"balanced accuracy {v['balanced_accuracy']:.4f}, ROC AUC {v['roc_auc']:.4f} (epoch {v['epoch']}; "
+              f"{v['stopped']})", highlight=False)
+
+
+@app.command()
+def rerankers(models_dir: ModelsDirOption = None):
+    """The trained rerankers (pair classifiers for `query --rerank`)."""
+    from simsearch.retrieval.rerank import list_rerankers
+
+    table = Table("summary")
+    table.columns.insert(0, Column("name", no_wrap=True))
+    for spec in list_rerankers(models_dir):
+        table.add_row(spec.name, spec.summary)
+    out.print(table)
 
 
 def main() -> None:

@@ -97,28 +97,34 @@ def build_embedding_model(spec: EncoderSpec):
     return Embed().eval()
 
 
-def export_module(model, input_shape: tuple[int, ...], path: Path) -> None:
-    """Export an eval-mode module with a dynamic batch axis, written atomically to `path`."""
+def export_module(model, input_shape: tuple[int, ...], path: Path, n_inputs: int = 1) -> None:
+    """Export an eval-mode module with a dynamic batch axis, written atomically to `path`.
+
+    n_inputs > 1: the module takes that many tensors of the same shape (named a, b, ...), sharing the batch axis.
+    """
     import torch
 
     if model.training:
         raise ModelError("refusing to export a module in training mode (BatchNorm would use batch statistics)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(input_shape)
+    examples = tuple(torch.zeros(input_shape) for _ in range(n_inputs))
+    names = ["input"] if n_inputs == 1 else [chr(ord("a") + i) for i in range(n_inputs)]
+    batch = torch.export.Dim("batch")
     fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
     os.close(fd)
     try:
         with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore", FutureWarning)
+            warnings.filterwarnings("ignore", message="# The axis name")  # inputs sharing the batch axis: intended
             # torch.export-based exporter; only the batch axis is dynamic. H and W stay static on
             # purpose: SAME padding is computed from them, and an encoder's input size is fixed.
             torch.onnx.export(
                 model,
-                (example,),
+                examples,
                 tmp,
-                input_names=["input"],
+                input_names=names,
                 output_names=["output"],
-                dynamic_shapes=({0: torch.export.Dim("batch")},),
+                dynamic_shapes=tuple({0: batch} for _ in examples),
                 opset_version=OPSET,
                 dynamo=True,
                 external_data=False,  # one self-contained file, so the atomic rename moves all of it

@@ -104,10 +104,14 @@ def install(models_dir: Path | None, card: ModelCard, onnx_file: Path, head_file
     shutil.move(str(onnx_file), staging / MODEL)
     shutil.move(str(head_file), staging / HEAD)
     (staging / CARD).write_text(card.to_json())
-    final = root / card.name
+    return replace_dir(staging, root / card.name)
+
+
+def replace_dir(staging: Path, final: Path) -> Path:
+    """Put a finished folder in place of `final`: a reader sees the old folder or the new one, never half."""
     if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{card.name}-", dir=root))
-        os.replace(final, old / card.name)
+        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+        os.replace(final, old / final.name)
         os.replace(staging, final)
         shutil.rmtree(old)
     else:

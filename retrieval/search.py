@@ -17,6 +17,7 @@ from simsearch.errors import SimsearchError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import LoadedIndex
+from simsearch.retrieval.rerank import Reranker, pixels, rerank_order
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,7 @@ class Hit:
     rank: int  # 1-based
     path: str
     score: float  # cosine similarity
+    rerank_score: float | None = None  # P(same) from the reranker, when the hits were reranked
 
 
 @dataclass
@@ -78,13 +80,48 @@ class Searcher:
             out.append([Hit(r, p, s) for r, (p, s) in enumerate(hits, 1)])
         return out
 
-    def query(self, paths: list[str | Path], k: int = 10) -> list[QueryResult]:
+    def query(self, paths: list[str | Path], k: int = 10, reranker: Reranker | None = None,
+              depth: int = 100) -> list[QueryResult]:
+        """Top k per query image; with a reranker, the top `depth` of the vector search reordered by it."""
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
+        if reranker is not None:
+            self._check_reranker(reranker)
+            if depth < k:
+                raise SimsearchError(f"--rerank-depth ({depth}) must be at least k ({k})")
         t0 = time.perf_counter()
         vectors = self.embed_images(paths)
         t1 = time.perf_counter()
-        hits = self.search_vectors(vectors, k)
+        hits = self.search_vectors(vectors, depth if reranker is not None else k)
         t2 = time.perf_counter()
         per = {"load+embed": (t1 - t0) / len(paths), "search": (t2 - t1) / len(paths)}
-        return [QueryResult(str(p), h, dict(per)) for p, h in zip(paths, hits)]
+        results = [QueryResult(str(p), h, dict(per)) for p, h in zip(paths, hits)]
+        for result, vector in zip(results, vectors):
+            if reranker is not None:
+                t = time.perf_counter()
+                result.hits = self.rerank(reranker, result.query, vector, result.hits, k)
+                result.seconds["rerank"] = time.perf_counter() - t
+        return results
+
+    def _check_reranker(self, reranker: Reranker) -> None:
+        spec = reranker.spec
+        if spec.input == "encoder" and spec.encoder != self.encoder.spec.name:
+            raise SimsearchError(f"reranker {spec.name!r} reads {spec.encoder} embeddings; query with --encoder {spec.encoder}")
+
+    def rerank(self, reranker: Reranker, query: str, vector: np.ndarray, hits: list[Hit], k: int) -> list[Hit]:
+        """Reorder candidates by the reranker's P(same) (ties: vector score), keep k.
+
+        An "encoder" reranker reads the candidates' embeddings stored in the db: no image is decoded again.
+        """
+        if not hits:
+            return hits
+        paths = [h.path for h in hits]
+        if reranker.spec.input == "encoder":
+            spec = self.encoder.spec
+            q, cands = vector[None], self.store.vectors_of(spec.key, paths, spec.dim)  # (1, d), (D, d)
+        else:
+            q, cands = pixels([query], reranker.spec.image_size), pixels(paths, reranker.spec.image_size)
+        bq, bc = reranker.bottleneck(q), reranker.bottleneck(cands)  # (1, 256), (D, 256)
+        probs = reranker.score(np.repeat(bq, len(bc), axis=0), bc)  # (D,)
+        order = rerank_order(probs, np.array([h.score for h in hits]))
+        return [Hit(r, hits[i].path, hits[i].score, float(probs[i])) for r, i in enumerate(order[:k], 1)]

@@ -51,3 +51,16 @@ def encoder(lite0, models_dir):
     from simsearch.encoders.runtime import OnnxEncoder
 
     return OnnxEncoder(lite0, models_dir=models_dir)
+
+
+@pytest.fixture(scope="session")
+def classes(tmp_path_factory) -> Path:
+    """<class>/<image>: 8 real Tiny ImageNet classes, 12 photos each (for tiny training runs)."""
+    if not (TINY / "wnids.txt").is_file():
+        pytest.skip(f"shared data missing: {TINY}")
+    root = tmp_path_factory.mktemp("classes")
+    for w in (TINY / "wnids.txt").read_text().split()[:8]:
+        (root / w).mkdir()
+        for i in range(12):
+            shutil.copy2(TINY / "train" / w / "images" / f"{w}_{i}.JPEG", root / w)
+    return root

@@ -13,7 +13,6 @@ from simsearch.encoders.training.barlow import BarlowConfig, barlow_loss, train_
 from simsearch.encoders.trained import trained_root
 from simsearch.indexer.images import load_rgb
 
-from .test_triplet import classes  # noqa: F401  (the shared fixture: 8 real classes x 12 photos)
 
 
 def test_barlow_loss_is_zero_for_identical_decorrelated_views_and_penalises_redundancy():
@@ -25,7 +24,7 @@ def test_barlow_loss_is_zero_for_identical_decorrelated_views_and_penalises_redu
     assert barlow_loss(z, torch.randn(4096, 8), 5e-3).item() == pytest.approx(8.0, rel=0.1)  # unrelated views
 
 
-def test_tiny_barlow_run_lowers_the_loss_exports_and_resumes(classes, models_dir):  # noqa: F811
+def test_tiny_barlow_run_lowers_the_loss_exports_and_resumes(classes, models_dir):
     cfg = BarlowConfig(name="tiny-bt", data=classes, dim=16, hidden=64, batch_size=32, epochs=5, patience=5,
                        holdout_per_class=2, lr=3e-3)
     card = train_barlow(cfg, models_dir)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -17,22 +15,8 @@ from simsearch.encoders.training.triplet import TripletConfig, check_triplet_los
 from simsearch.errors import SimsearchError
 from simsearch.indexer.images import load_rgb
 
-from ..conftest import TINY
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def classes(tmp_path_factory):
-    """<class>/<image>: 8 real Tiny ImageNet classes, 12 photos each."""
-    if not (TINY / "wnids.txt").is_file():
-        pytest.skip(f"shared data missing: {TINY}")
-    root = tmp_path_factory.mktemp("classes")
-    for w in (TINY / "wnids.txt").read_text().split()[:8]:
-        (root / w).mkdir()
-        for i in range(12):
-            shutil.copy2(TINY / "train" / w / "images" / f"{w}_{i}.JPEG", root / w)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,75 @@
+"""Build pair folders (left/NAME.jpg <-> right/NAME.jpg) for two checks of trained encoders:
+
+    python -m simsearch.benchmarks.pair_folders low-data OUT    # 1,225 same-class pairs from Tiny ImageNet train
+    python -m simsearch.benchmarks.pair_folders ood OUT         # imagenet-samples photos <-> augmented copies
+
+low-data: the research's regime — a triplet fine-tune on 900 matched pairs (the pair folder's default
+train split; the other 325 are its val). Train on it with `simsearch train triplet --data OUT`, then
+measure on the class benchmark's val pair sets as usual.
+
+ood: does a fine-tuned encoder still know unrelated photos? Each of the 1,000 full-size ImageNet
+photos is paired with a seeded random crop + flip + colour change of itself; `simsearch bench
+--data OUT --val-fraction 1` ranks every copy against all 1,000 originals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from simsearch.benchmarks import datasets
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def low_data(out: Path, root: Path = SHARED / "tiny-imagenet-200", n_pairs: int = 1225, seed: int = 0) -> None:
+    """n_pairs same-class pairs of distinct train images, classes taken in turn; symlinks, no copies."""
+    ds = datasets.load_class_dataset(root, "train")
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(ds.labels == c))) for c in range(len(ds.classes))]
+    for side in ("left", "right"):
+        (out / side).mkdir(parents=True, exist_ok=True)
+    for k in range(n_pairs):
+        pool = pools[k % len(pools)]
+        a, b = pool.pop(), pool.pop()
+        os.symlink(os.path.abspath(ds.paths[a]), out / "left" / f"{k:05d}{ds.paths[a].suffix}")
+        os.symlink(os.path.abspath(ds.paths[b]), out / "right" / f"{k:05d}{ds.paths[b].suffix}")
+
+
+def augmented_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A crop of 60-90% of each side, a coin-flip mirror, brightness/contrast/colour within +-30%."""
+    w, h = im.size
+    cw, ch = int(w * rng.uniform(0.6, 0.9)), int(h * rng.uniform(0.6, 0.9))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    im = im.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        im = ImageOps.mirror(im)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        im = enhance(im).enhance(rng.uniform(0.7, 1.3))
+    return im
+
+
+def ood(out: Path, root: Path = SHARED / "imagenet-samples", seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    for side in ("left", "right"):
+        (out / side).mkdir(parents=True, exist_ok=True)
+    for p in sorted(root.glob("*.JPEG")):
+        os.symlink(os.path.abspath(p), out / "right" / p.name)
+        augmented_copy(Image.open(p).convert("RGB"), rng).save(out / "left" / f"{p.stem}.jpg", quality=90)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("kind", choices=("low-data", "ood"))
+    p.add_argument("out", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    (low_data if a.kind == "low-data" else ood)(a.out, seed=a.seed)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""Rerankers: learned pair classifiers that reorder the top candidates of a vector search. No torch here.
+
+A reranker is a folder <models_dir>/rerankers/<name>/ with
+    tower.onnx    one image's input -> (B, 256) bottleneck   (run once per image)
+    metric.onnx   two bottlenecks (B, 256), (B, 256) -> (B,) P(same)   (run once per pair)
+    card.json     what it was trained from and how well it did
+Its input is either an encoder's stored embedding ("encoder": the db already holds it for every
+item, so reranking a candidate costs one small matrix product and the metric network), or the image
+itself at the tower's size ("pixels": the research's MatchNet trained from scratch at 64x64; every
+candidate image is read and decoded again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from simsearch.devices import Device, ort_device_used, ort_providers
+from simsearch.errors import ModelError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+TOWER, METRIC, CARD = "tower.onnx", "metric.onnx", "card.json"
+
+
+@dataclass(frozen=True)
+class RerankerSpec:
+    name: str
+    folder: Path
+    input: str  # "encoder" | "pixels"
+    encoder: str  # input "encoder": whose embeddings it reads
+    image_size: int  # input "pixels": side of the square RGB input, pixels scaled to [0, 1]
+    card: dict
+
+    @property
+    def summary(self) -> str:
+        ev = self.card.get("validation", {})
+        src = f"on {self.encoder} embeddings" if self.input == "encoder" else f"on {self.image_size}px pixels"
+        return (f"{self.card.get('arch', 'matchnet')} {src}, trained on {Path(self.card.get('data', '?')).name}; "
+                f"held-out balanced accuracy {ev.get('balanced_accuracy', float('nan')):.3f}")
+
+
+def rerankers_root(models_dir: Path | None) -> Path:
+    from simsearch.encoders.export import default_models_dir
+
+    return Path(models_dir or default_models_dir()) / "rerankers"
+
+
+def list_rerankers(models_dir: Path | None = None) -> list[RerankerSpec]:
+    root = rerankers_root(models_dir)
+    specs = []
+    for folder in sorted(root.iterdir()) if root.is_dir() else []:
+        if folder.name.startswith(".") or not (folder / CARD).is_file():
+            continue
+        try:
+            card = json.loads((folder / CARD).read_text())
+            specs.append(RerankerSpec(folder.name, folder, card["input"], card.get("encoder", ""),
+                                      int(card.get("image_size", 0)), card))
+        except (OSError, ValueError, KeyError) as e:
+            log.warning("ignoring reranker %s: %s", folder, e)
+    return specs
+
+
+def get_reranker(name: str, models_dir: Path | None = None) -> RerankerSpec:
+    specs = list_rerankers(models_dir)
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise UnknownNameError(f"unknown reranker {name!r}; trained rerankers: {', '.join(s.name for s in specs) or 'none'} "
+                           f"(train one with `simsearch train matchnet`)")
+
+
+def pixels(paths: list[str | Path], size: int) -> np.ndarray:
+    """(N, 3, size, size) float32 in [0, 1]: the whole image squashed to size x size, as Tiny ImageNet is."""
+    from PIL import Image
+
+    from simsearch.indexer.images import load_rgb
+
+    return np.stack([np.asarray(load_rgb(p, size).resize((size, size), Image.BICUBIC), dtype=np.float32)
+                     .transpose(2, 0, 1) / 255.0 for p in paths])
+
+
+class Reranker:
+    """P(same) for pairs, through ONNX Runtime: bottlenecks once per item, the metric network per pair."""
+
+    def __init__(self, spec: RerankerSpec, device: Device = Device.auto, threads: int | None = None):
+        import onnxruntime as ort
+
+        from simsearch.encoders.runtime import cpu_count
+
+        self.spec = spec
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or cpu_count()
+        opts.log_severity_level = 3
+        providers = ort_providers(device, ort.get_available_providers())
+        try:
+            self.tower = ort.InferenceSession(str(spec.folder / TOWER), opts, providers=providers)
+            self.metric = ort.InferenceSession(str(spec.folder / METRIC), opts, providers=providers)
+        except Exception as e:  # onnxruntime raises its own types for missing/corrupt files
+            raise ModelError(f"reranker {spec.name!r}: cannot load its ONNX models from {spec.folder} ({e})") from None
+        self.device = ort_device_used(device, self.tower.get_providers())
+
+    def bottleneck(self, inputs: np.ndarray, block: int = 4096) -> np.ndarray:
+        """(N, ...) tower inputs (embeddings or pixels) -> (N, 256)."""
+        name = self.tower.get_inputs()[0].name
+        return np.concatenate([self.tower.run(None, {name: np.ascontiguousarray(inputs[i:i + block], np.float32)})[0]
+                               for i in range(0, max(len(inputs), 1), block)])[: len(inputs)]
+
+    def score(self, a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
+        """(N, 256), (N, 256) bottlenecks -> (N,) P(same)."""
+        na, nb = (i.name for i in self.metric.get_inputs())
+        out = [self.metric.run(None, {na: np.ascontiguousarray(a[i:i + block]), nb: np.ascontiguousarray(b[i:i + block])})[0]
+               for i in range(0, len(a), block)]
+        return np.concatenate(out).reshape(-1) if out else np.empty(0, np.float32)
+
+    def score_block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """All (row, col) pairs of bottlenecks: (R, 256), (C, 256) -> (R, C) P(same)."""
+        r, c = len(rows), len(cols)
+        return self.score(np.repeat(rows, c, axis=0), np.tile(cols, (r, 1))).reshape(r, c)
+
+
+def rerank_order(probs: np.ndarray, vector_scores: np.ndarray) -> np.ndarray:
+    """Indices sorting candidates by P(same) descending, ties broken by vector score descending."""
+    return np.lexsort((-vector_scores, -probs))

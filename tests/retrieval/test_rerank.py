@@ -1,0 +1,137 @@
+"""MatchNet rerankers on real photos: training, ONNX parity, reranked queries through the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from simsearch.cli import app
+from simsearch.errors import UnknownNameError
+from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet
+from simsearch.retrieval.rerank import Reranker, get_reranker, pixels, rerank_order
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def matchnet(classes, models_dir):
+    cfg = MatchNetConfig(name="tiny-matchnet", data=classes, pairs_per_epoch=3200, epochs=4, patience=4, lr=1e-3,
+                         holdout_per_class=2)
+    return train_matchnet(cfg, models_dir)
+
+
+@pytest.fixture(scope="module")
+def db(classes, tmp_path_factory, models_dir):
+    path = tmp_path_factory.mktemp("rerank") / "db"
+    assert runner.invoke(app, ["index", str(classes), "--db", str(path)]).exit_code == 0
+    return path
+
+
+def test_training_lowers_the_loss_and_registers(matchnet, models_dir):
+    history = matchnet["validation"]["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert matchnet["validation"]["balanced_accuracy"] > 0.5
+    spec = get_reranker("tiny-matchnet", models_dir)
+    assert spec.input == "encoder" and spec.encoder == "efficientnet-lite0"
+    with pytest.raises(UnknownNameError, match="tiny-matchnet"):
+        get_reranker("nope", models_dir)
+
+
+def test_onnx_matches_torch_on_real_pairs(matchnet, classes, models_dir, encoder):
+    from simsearch.encoders.preprocess import resize_side, to_input
+    from simsearch.indexer.images import load_rgb
+    from simsearch.retrieval.matchnet import Metric, feature_tower
+
+    spec = get_reranker("tiny-matchnet", models_dir)
+    photos = sorted(classes.rglob("*.JPEG"))[::7][:8]
+    emb = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(encoder.spec)), encoder.spec) for p in photos]))
+    rr = Reranker(spec)
+    got = rr.score_block(rr.bottleneck(emb), rr.bottleneck(emb))  # (8, 8) P(same), ONNX Runtime
+    weights = torch.load(spec.folder / "weights.pt", weights_only=True)
+    tower, metric = feature_tower(1280, 256), Metric(256, 256, 0.3)
+    tower.load_state_dict(weights["tower"])
+    metric.load_state_dict(weights["metric"])
+    tower.eval(), metric.eval()  # fresh modules start in training mode (dropout on)
+    with torch.no_grad():
+        b = tower(torch.from_numpy(emb))
+        want = metric(b.repeat_interleave(8, 0), b.repeat(8, 1)).numpy().reshape(8, 8)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert ((got >= 0) & (got <= 1)).all()
+
+
+def test_rerank_order_is_a_sort_by_probability_then_vector_score():
+    rng = np.random.default_rng(0)
+    probs = rng.integers(0, 4, 50) / 4.0  # many ties
+    vec = rng.random(50)
+    order = rerank_order(probs, vec)
+    brute = sorted(range(50), key=lambda i: (-probs[i], -vec[i]))
+    assert order.tolist() == brute
+
+
+def test_query_rerank_through_the_cli(matchnet, db, classes, models_dir):
+    query = sorted(classes.rglob("*.JPEG"))[0]
+    result = runner.invoke(app, ["query", str(query), "--db", str(db), "-k", "5", "--rerank", "tiny-matchnet",
+                                 "--rerank-depth", "40", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    hits = doc["results"][0]["hits"]
+    assert len(hits) == 5 and doc["reranker"] == "tiny-matchnet"
+    probs = [h["rerank_score"] for h in hits]
+    assert probs == sorted(probs, reverse=True)
+    assert doc["results"][0]["seconds"]["rerank"] > 0
+    # brute force: the reranker's P(same) for the query against every candidate of the top 40
+    plain = json.loads(runner.invoke(app, ["query", str(query), "--db", str(db), "-k", "40", "--json"]).stdout)
+    paths = [h["path"] for h in plain["results"][0]["hits"]]
+    from simsearch.indexer.store import Store
+
+    with Store(db, readonly=True) as store:
+        from simsearch.encoders.spec import get_encoder
+
+        spec = get_encoder("efficientnet-lite0")
+        cands = store.vectors_of(spec.key, paths, spec.dim)
+        q = store.vectors_of(spec.key, [str(query)], spec.dim)
+    rr = Reranker(get_reranker("tiny-matchnet", models_dir))
+    p = rr.score(np.repeat(rr.bottleneck(q), 40, axis=0), rr.bottleneck(cands))
+    best = [paths[i] for i in rerank_order(p, np.array([h["score"] for h in plain["results"][0]["hits"]]))[:5]]
+    assert [h["path"] for h in hits] == best
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rerank", "nope"], "unknown reranker 'nope'"),
+    (["--rerank", "tiny-matchnet", "--rerank-depth", "3"], "must be at least k"),
+])
+def test_rerank_mistakes(matchnet, db, classes, args, message):
+    query = sorted(classes.rglob("*.JPEG"))[0]
+    result = runner.invoke(app, ["query", str(query), "--db", str(db), "-k", "5", *args])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_reranked_query_does_not_import_torch(matchnet, db, classes, models_dir):
+    query = sorted(classes.rglob("*.JPEG"))[0]
+    code = (
+        "import sys\nfrom simsearch.cli import main\n"
+        f"sys.argv = ['simsearch', 'query', {str(query)!r}, '--db', {str(db)!r}, '--rerank', 'tiny-matchnet',"
+        f" '--models-dir', {str(models_dir)!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] == 'torch']\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_scratch_tower_on_pixels(classes, models_dir):
+    cfg = MatchNetConfig(name="tiny-scratch", tower="scratch", data=classes, pairs_per_epoch=640, epochs=1,
+                         holdout_per_class=2, lr=1e-3)
+    card = train_matchnet(cfg, models_dir)
+    assert card["input"] == "pixels" and card["image_size"] == 64
+    rr = Reranker(get_reranker("tiny-scratch", models_dir))
+    photos = sorted(classes.rglob("*.JPEG"))[:4]
+    x = pixels(photos, 64)
+    assert x.shape == (4, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
+    p = rr.score_block(rr.bottleneck(x), rr.bottleneck(x))
+    assert p.shape == (4, 4) and np.isfinite(p).all()
