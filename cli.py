@@ -265,6 +265,9 @@ def bench(
     = Path("../shared/data/tiny-imagenet-200"),
     split: Annotated[str, typer.Option(help="split to measure: val or train.")] = "val",
     encoder: Annotated[str, typer.Option(help="encoder name(s), comma-separated.")] = "efficientnet-lite0",
+    reranker: Annotated[Optional[str], typer.Option(
+        help="reranker name(s), comma-separated: each reorders the first encoder's top --rerank-depth.")] = None,
+    rerank_depth: Annotated[int, typer.Option(min=1)] = 100,
     task: Annotated[Optional[str], typer.Option(
         help="pairs (find the pair, hit@k), classes (same/different accuracy); default: both, or pairs for a pair folder.")]
     = None,
@@ -295,7 +298,9 @@ def bench(
     tasks = tuple(task.split(",")) if task else (("pairs",) if detect_layout(data) == "pairs" else harness.TASKS)
     config = harness.BenchConfig(data=data, split=split, tasks=tasks, ks=k_values, seed=seed, val_fraction=val_fraction,
                                  balanced_pairs=balanced_pairs, all_pairs_per_class=all_pairs_per_class,
-                                 device=device, models_dir=models_dir, cache_db=cache_db)
+                                 device=device, models_dir=models_dir, cache_db=cache_db,
+                                 rerankers=tuple(r.strip() for r in (reranker or "").split(",") if r.strip()),
+                                 rerank_depth=rerank_depth)
     with _ProgressReporter("bench") as progress:
         result = harness.run(config, [e.strip() for e in encoder.split(",") if e.strip()], progress.stage)
     wide = out if out.is_terminal else Console(width=170)  # a pipe or a CI log is not 80 columns of screen
@@ -307,8 +312,11 @@ def bench(
     for e in result["encoders"]:
         ap = (e["pairs"] or {}).get("all_pairs")
         if ap:
-            err.print(f"{e['encoder']}: all {ap['pairs']:,} pairs in {ap['seconds']:.1f}s, "
-                      f"peak {ap['peak_memory_bytes'] / 2**20:.0f} MiB", highlight=False)
+            err.print(f"{e['encoder']}: all {ap['pairs']:,} pairs ({ap['per_class']} images per class) in "
+                      f"{ap['seconds']:.1f}s, peak {ap['peak_memory_bytes'] / 2**20:.0f} MiB", highlight=False)
+        if e.get("latency_per_query_ms"):
+            err.print(f"{e['encoder']}: reranking adds {e['latency_per_query_ms']:.2f} ms per query "
+                      f"(depth {rerank_depth})", highlight=False)
     err.print(f"wrote {json_path} and {len(plots)} plots in {result['wall_seconds']:.1f}s "
               f"(embedded {sum(e['embedded'] for e in result['encoders'])} images)", highlight=False)
 

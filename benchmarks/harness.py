@@ -25,6 +25,7 @@ from simsearch.errors import DatasetError
 from simsearch.indexer.pipeline import Indexer, IndexerConfig
 from simsearch.indexer.scan import item_path
 from simsearch.indexer.store import Store
+from simsearch.retrieval.rerank import Reranker, get_reranker, pixels, rerank_order
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,9 @@ class BenchConfig:
     device: Device = Device.auto
     models_dir: Path | None = None
     cache_db: Path | None = None  # None: <models_dir>/../bench-cache
+    rerankers: tuple[str, ...] = ()
+    rerank_depth: int = 100  # candidates of the vector search each reranker reorders
+    reranker_all_pairs_minutes: float = 20.0  # a slower reranker gets the largest class-balanced subset that fits
 
 
 @dataclass
@@ -188,6 +192,94 @@ def run_encoder(name: str, config: BenchConfig, store: Store, progress: Progress
     return result
 
 
+def rerank_ranks(vectors: np.ndarray, bottlenecks: np.ndarray, sets: list[datasets.PairSet], reranker,
+                 depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """Partner ranks before and after reranking the top `depth` of each query's vector ranking: (Q,), (Q,).
+
+    A partner outside the top `depth` keeps its vector rank (the reranker never sees it).
+    """
+    before, after = [], []
+    for s in sets:
+        left, right = s.left_idx, s.right_idx
+        scores = vectors[left] @ vectors[right].T  # (C, C) cosine; partner of query q is column q
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]  # (C, depth)
+        bl, br = bottlenecks[left], bottlenecks[right]
+        probs = reranker.score(np.repeat(bl, top.shape[1], axis=0), br[top.ravel()]).reshape(top.shape)
+        for q in range(len(left)):
+            rank = int((scores[q] > scores[q, q]).sum())
+            before.append(rank)
+            hit = np.flatnonzero(top[q] == q)
+            if hit.size:
+                order = rerank_order(probs[q], scores[q, top[q]])
+                rank = int(np.flatnonzero(order == hit[0])[0])
+            after.append(rank)
+    return np.asarray(before), np.asarray(after)
+
+
+def reranker_bottlenecks(reranker, paths: list[Path], embed_for) -> np.ndarray:
+    """(N, 256) bottlenecks of every image: from the encoder's cached embeddings, or from pixels in chunks."""
+    spec = reranker.spec
+    if spec.input == "encoder":
+        return reranker.bottleneck(embed_for(spec.encoder)(paths, "reranker input"))
+    return np.concatenate([reranker.bottleneck(pixels(paths[i:i + 512], spec.image_size))
+                           for i in range(0, len(paths), 512)])
+
+
+def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
+                 progress: ProgressFn | None = None) -> dict:
+    """One reranker: pair accuracy (P(same) >= 0.5) and hit@k after reranking the encoder's top `rerank_depth`."""
+    reranker = Reranker(get_reranker(name, config.models_dir), config.device)
+    if datasets.detect_layout(config.data) == "pairs":
+        raise DatasetError(f"{config.data}: rerankers are benchmarked on a class dataset")
+    ds = datasets.load_class_dataset(config.data, config.split)
+    t = time.perf_counter()
+    b = reranker_bottlenecks(reranker, ds.paths, embed_for)
+    vectors = embed_for(search_encoder)(ds.paths, config.split)
+    entry = {"encoder": f"{search_encoder} + {name}@{config.rerank_depth}", "kind": "reranker", "reranker": name,
+             "key": name, "card": reranker.spec.card.get("onnx_sha256"), "embedded": 0,
+             "seconds": {"inputs": time.perf_counter() - t}, "hits": None, "pairs": None}
+    if "pairs" in config.tasks:
+        t = time.perf_counter()
+        sets = datasets.make_pair_sets(ds.labels, config.seed)
+        before, after = rerank_ranks(vectors, b, sets, reranker, config.rerank_depth)
+        gallery = len(sets[0].right_idx)
+        entry["hits"] = {**hit_at_k(after, gallery, config), "sets": len(sets),
+                         "before": hit_at_k(before, gallery, config)}
+        entry["seconds"]["hits"] = time.perf_counter() - t
+        entry["latency_per_query_ms"] = 1e3 * entry["seconds"]["hits"] / len(after)
+    if "classes" in config.tasks:
+        t = time.perf_counter()
+        i, j, same = datasets.balanced_pairs(ds.labels, config.balanced_pairs, config.seed)
+        probs = reranker.score(b[i], b[j])
+        per_second = len(i) / (time.perf_counter() - t)
+        fpr, tpr, _ = metrics.roc_curve(probs, same)
+        balanced = {"pairs": int(len(i)), **metrics.confusion(probs, same, 0.5).to_dict(),
+                    "roc_auc": metrics.roc_auc(probs, same), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+                    "pairs_per_second": per_second}
+        per_class = config.all_pairs_per_class
+        n_classes = len(np.unique(ds.labels))
+        budget = per_second * 60 * config.reranker_all_pairs_minutes
+        while per_class > 2 and (per_class * n_classes) ** 2 / 2 > budget:
+            per_class -= 1
+        subset = datasets.class_balanced_subset(ds.labels, per_class, config.seed)
+        t = time.perf_counter()
+        tracemalloc.start()
+        hist = metrics.all_pairs_scored(len(subset), ds.labels[subset],
+                                        lambda r, c: reranker.score_block(b[subset][r], b[subset][c]), 0.5,
+                                        block=16, bins_range=(0.0, 1.0))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        fpr, tpr, _ = hist.roc_curve()
+        n = len(subset)
+        entry["pairs"] = {"threshold": 0.5, "chosen_on": "fixed: P(same) >= 0.5", "balanced": balanced,
+                          "all_pairs": {"images": n, "per_class": per_class, "pairs": n * (n - 1) // 2,
+                                        **hist.confusion.to_dict(), "roc_auc": hist.auc(),
+                                        "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+                                        "seconds": time.perf_counter() - t, "peak_memory_bytes": int(peak),
+                                        "block": 16, "reduced_from_per_class": config.all_pairs_per_class}}
+    return entry
+
+
 def default_cache_db(models_dir: Path | None) -> Path:
     from simsearch.encoders.export import default_models_dir
 
@@ -201,12 +293,22 @@ def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = 
         raise DatasetError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
     for name in encoders:  # fail on a typo before any work
         get_encoder(name, config.models_dir)
+    for name in config.rerankers:
+        get_reranker(name, config.models_dir)
     t0 = time.perf_counter()
     with Store(config.cache_db or default_cache_db(config.models_dir), create=True) as store:
-        results = [run_encoder(name, config, store, progress) for name in encoders]
+        results = [asdict(run_encoder(name, config, store, progress)) for name in encoders]
+        embedders: dict[str, Embedder] = {}
+
+        def embed_for(name: str) -> Embedder:
+            if name not in embedders:
+                embedders[name] = Embedder(get_encoder(name, config.models_dir), store, config, progress)
+            return embedders[name]
+
+        results += [run_reranker(name, encoders[0], config, embed_for, progress) for name in config.rerankers]
     return {
         "protocol": protocol(config),
-        "encoders": [asdict(r) for r in results],
+        "encoders": results,
         "reference": {"hits": REFERENCE_HITS, "pairs": REFERENCE_PAIRS},
         "wall_seconds": time.perf_counter() - t0,
     }

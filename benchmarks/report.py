@@ -6,6 +6,7 @@ Nothing here prints: tables are returned for the CLI to show, files are written 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from rich.table import Table
@@ -112,7 +113,7 @@ def write_plots(result: dict, out: Path) -> list[Path]:
                 ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["different", "same"], yticklabels=["different", "same"],
                        xlabel="predicted", ylabel="true", title=f"{kind.replace('_', ' ')}: acc {_pct(m['accuracy'])}%")
             fig.suptitle(e["encoder"])
-            written.append(_save(fig, out / f"confusion-{e['encoder']}.png"))
+            written.append(_save(fig, out / f"confusion-{re.sub(r'[^A-Za-z0-9_.-]+', '-', e['encoder'])}.png"))
     return written
 
 

@@ -135,3 +135,23 @@ def test_scratch_tower_on_pixels(classes, models_dir):
     assert x.shape == (4, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
     p = rr.score_block(rr.bottleneck(x), rr.bottleneck(x))
     assert p.shape == (4, 4) and np.isfinite(p).all()
+
+
+def test_bench_with_a_reranker(matchnet, classes, models_dir, tmp_path):
+    from simsearch.benchmarks import harness
+
+    cfg = harness.BenchConfig(data=classes, ks=(1, 3), balanced_pairs=200, all_pairs_per_class=2, n_boot=100,
+                              threshold_per_class=4, threshold_pairs=100, rerankers=("tiny-matchnet",),
+                              rerank_depth=4, cache_db=tmp_path / "cache", models_dir=models_dir)
+    result = harness.run(cfg, ["efficientnet-lite0"])
+    base, rr = result["encoders"]
+    assert rr["encoder"] == "efficientnet-lite0 + tiny-matchnet@4" and rr["kind"] == "reranker"
+    # before reranking = the encoder alone; reranking only permutes the top 4, so hit@k for k >= 4 is unchanged
+    assert rr["hits"]["before"]["rows"] == base["hits"]["rows"]
+    assert rr["hits"]["rows"][-1]["k"] == 3 and rr["hits"]["queries"] == base["hits"]["queries"]
+    bal, allp = rr["pairs"]["balanced"], rr["pairs"]["all_pairs"]
+    assert bal["tn"] + bal["fp"] + bal["fn"] + bal["tp"] == 200 and 0 <= bal["roc_auc"] <= 1
+    assert allp["pairs"] == 16 * 15 // 2 == allp["tn"] + allp["fp"] + allp["fn"] + allp["tp"]
+    from simsearch.benchmarks import report
+
+    assert report.pairs_table(result) is not None and len(report.write_plots(result, tmp_path / "out")) == 4
