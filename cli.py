@@ -38,6 +38,12 @@ ModelsDirOption = Annotated[
     Optional[Path], typer.Option("--models-dir", envvar="SIMSEARCH_MODELS_DIR", help="cache of ONNX models.")
 ]
 DEFAULT_DB = Path(".simsearch")
+VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and time per stage.")]
+# Benchmark and training commands
+DataOption = Annotated[Path, typer.Option("--data", help="class dataset or pair folder (left/ <-> right/).")]
+TrainSplitOption = Annotated[str, typer.Option("--split", help="split to train on.")]
+MaxMinutesOption = Annotated[float, typer.Option("--max-minutes", min=0.1, help="time budget; the best epoch so far is kept.")]
+DEFAULT_DATA = Path("../shared/data/tiny-imagenet-200")
 
 
 def _setup_logging() -> None:
@@ -128,7 +134,7 @@ def index(
         "--index", help="FAISS index: auto (exact up to 10,000 vectors, IVF above), flat, ivf.")] = "auto",
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and time per stage.")] = False,
+    verbose: VerboseOption = False,
 ):
     """Index (or update) a folder: embed only new or changed images, drop deleted ones."""
     _verbose(verbose)
@@ -176,7 +182,7 @@ def query(
     rerank_depth: Annotated[int, typer.Option(min=1, help="candidates the reranker sees.")] = 100,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and time per stage.")] = False,
+    verbose: VerboseOption = False,
 ):
     """Find the k images in the db most similar to each query image."""
     _verbose(verbose)
@@ -261,8 +267,7 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
 @app.command()
 @user_errors
 def bench(
-    data: Annotated[Path, typer.Option(help="class dataset (Tiny ImageNet or <class>/<image>) or pair folder (left/, right/).")]
-    = Path("../shared/data/tiny-imagenet-200"),
+    data: DataOption = DEFAULT_DATA,
     split: Annotated[str, typer.Option(help="split to measure: val or train.")] = "val",
     encoder: Annotated[str, typer.Option(help="encoder name(s), comma-separated.")] = "efficientnet-lite0",
     reranker: Annotated[Optional[str], typer.Option(
@@ -349,61 +354,59 @@ app.add_typer(train_app, name="train")
 @user_errors
 def train_barlow(
     name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
-    data: Annotated[Path, typer.Option(help="folder of images: class dataset or pair folder (labels unused).")]
-    = Path("../shared/data/tiny-imagenet-200"),
-    split: Annotated[str, typer.Option(help="split to train on.")] = "train",
+    data: DataOption = DEFAULT_DATA,
+    split: TrainSplitOption = "train",
     base: Annotated[str, typer.Option("--from", help="encoder to start from.")] = "efficientnet-lite0",
     dim: Annotated[int, typer.Option(min=2, help="projector output width = embedding width.")] = 256,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     max_images: Annotated[int, typer.Option(min=0, help="train on at most this many images (0 = all).")] = 0,
-    max_minutes: Annotated[float, typer.Option(min=0.1, help="time budget; the best epoch so far is kept.")] = 20.0,
+    max_minutes: MaxMinutesOption = 20.0,
     seed: int = 0,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ):
     """Self-supervised Barlow Twins (projector on a frozen encoder) on your images."""
     _verbose(verbose)
     from simsearch.encoders.training.barlow import BarlowConfig, train_barlow as train
 
-    if not data.is_dir():
-        raise SimsearchError(f"{data}: no such folder")
     cfg = BarlowConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, max_images=max_images,
                        max_minutes=max_minutes, seed=seed, device=device)
-    with _ProgressReporter("barlow") as progress:
-        card = train(cfg, models_dir, progress.stage)
-    _print_card(card)
+    _print_card(_train("barlow", train, cfg, models_dir))
 
 
 @train_app.command("triplet")
 @user_errors
 def train_triplet(
     name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
-    data: Annotated[Path, typer.Option(help="class dataset or pair folder (left/ <-> right/).")]
-    = Path("../shared/data/tiny-imagenet-200"),
-    split: Annotated[str, typer.Option(help="split to train on.")] = "train",
+    data: DataOption = DEFAULT_DATA,
+    split: TrainSplitOption = "train",
     base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = "efficientnet-lite0",
     dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = 256,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     margin: Annotated[float, typer.Option(min=0.0)] = 0.2,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    max_minutes: Annotated[float, typer.Option(min=0.1, help="time budget; the best epoch so far is kept.")] = 20.0,
+    max_minutes: MaxMinutesOption = 20.0,
     seed: int = 0,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ):
     """Fine-tune an encoder with triplet loss on matched pairs or same-class images."""
     _verbose(verbose)
     from simsearch.encoders.training.triplet import TripletConfig, train_triplet as train
 
-    if not data.is_dir():
-        raise SimsearchError(f"{data}: no such folder")
     cfg = TripletConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, margin=margin, lr=lr,
                         max_minutes=max_minutes, seed=seed, device=device)
-    with _ProgressReporter("triplet") as progress:
-        card = train(cfg, models_dir, progress.stage)
-    _print_card(card)
+    _print_card(_train("triplet", train, cfg, models_dir))
+
+
+def _train(label: str, train, cfg, models_dir):
+    """Run a trainer with a progress display; its data folder is checked first."""
+    if not cfg.data.is_dir():
+        raise SimsearchError(f"{cfg.data}: no such folder")
+    with _ProgressReporter(label) as progress:
+        return train(cfg, models_dir, progress.stage)
 
 
 def _print_card(card) -> None:
@@ -417,28 +420,25 @@ def _print_card(card) -> None:
 @user_errors
 def train_matchnet(
     name: Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")],
-    data: Annotated[Path, typer.Option(help="class dataset.")] = Path("../shared/data/tiny-imagenet-200"),
-    split: Annotated[str, typer.Option(help="split to train on.")] = "train",
+    data: DataOption = DEFAULT_DATA,
+    split: TrainSplitOption = "train",
     tower: Annotated[str, typer.Option(help="pretrained (encoder embeddings) or scratch (64x64 conv net).")] = "pretrained",
     encoder: Annotated[str, typer.Option(help="tower pretrained: the encoder whose embeddings it reads.")] = "efficientnet-lite0",
     epochs: Annotated[int, typer.Option(min=1)] = 40,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
-    max_minutes: Annotated[float, typer.Option(min=0.1, help="time budget; the best epoch so far is kept.")] = 20.0,
+    max_minutes: MaxMinutesOption = 20.0,
     seed: int = 0,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    verbose: VerboseOption = False,
 ):
     """Train a MatchNet same/different pair classifier, used as a reranker."""
     _verbose(verbose)
     from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet as train
 
-    if not data.is_dir():
-        raise SimsearchError(f"{data}: no such folder")
     cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=data, split=split, epochs=epochs, lr=lr,
                          max_minutes=max_minutes, seed=seed, device=device)
-    with _ProgressReporter("matchnet") as progress:
-        card = train(cfg, models_dir, progress.stage)
+    card = _train("matchnet", train, cfg, models_dir)
     v = card["validation"]
     err.print(f"[green]trained[/green] reranker {name} ({cfg.tower} tower) in {card['train_seconds']:.0f}s: held-out "
               f"balanced accuracy {v['balanced_accuracy']:.4f}, ROC AUC {v['roc_auc']:.4f} (epoch {v['epoch']}; "
