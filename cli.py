@@ -425,6 +425,7 @@ def train_matchnet(
     tower: Annotated[str, typer.Option(help="pretrained (encoder embeddings) or scratch (64x64 conv net).")] = "pretrained",
     encoder: Annotated[str, typer.Option(help="tower pretrained: the encoder whose embeddings it reads.")] = "efficientnet-lite0",
     epochs: Annotated[int, typer.Option(min=1)] = 40,
+    pairs_per_epoch: Annotated[int, typer.Option(min=32, help="balanced training pairs drawn per epoch.")] = 64_000,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
     max_minutes: MaxMinutesOption = 20.0,
     seed: int = 0,
@@ -436,7 +437,8 @@ def train_matchnet(
     _verbose(verbose)
     from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet as train
 
-    cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=data, split=split, epochs=epochs, lr=lr,
+    cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=data, split=split, epochs=epochs,
+                         pairs_per_epoch=pairs_per_epoch, lr=lr,
                          max_minutes=max_minutes, seed=seed, device=device)
     card = _train("matchnet", train, cfg, models_dir)
     v = card["validation"]
