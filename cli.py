@@ -345,7 +345,7 @@ def encoders(models_dir: ModelsDirOption = None):
     out.print(table)
 
 
-train_app = typer.Typer(help="Train encoders on your own images (torch; the result is served by ONNX Runtime).",
+train_app = typer.Typer(help="Train encoders and rerankers on your own images (torch; served by ONNX Runtime).",
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
