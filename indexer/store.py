@@ -103,16 +103,21 @@ class Store:
         elif create and not readonly:
             self.root.mkdir(parents=True, exist_ok=True)
             self.manifest = Manifest()
-            self.save_manifest()
         else:
             raise DbNotFoundError(f"no simsearch db at {self.root} (run `simsearch index FOLDER` first, or pass --db)")
         if not readonly:
             (self.root / "index").mkdir(exist_ok=True)
-        self.env = lmdb.open(str(self.root / "store.lmdb"), map_size=MAP_SIZE, max_dbs=4, readonly=readonly)
-        self._items = self.env.open_db(b"items", create=not readonly)
-        self._ids = self.env.open_db(b"ids", create=not readonly)
-        self._vectors = self.env.open_db(b"vectors", create=not readonly)
-        self._meta = self.env.open_db(b"meta", create=not readonly)
+        try:
+            self.env = lmdb.open(str(self.root / "store.lmdb"), map_size=MAP_SIZE, max_dbs=4, readonly=readonly)
+            self._items = self.env.open_db(b"items", create=not readonly)
+            self._ids = self.env.open_db(b"ids", create=not readonly)
+            self._vectors = self.env.open_db(b"vectors", create=not readonly)
+            self._meta = self.env.open_db(b"meta", create=not readonly)
+        except lmdb.Error as e:  # read-only: the manifest is there but the LMDB env is missing or incomplete
+            raise DbNotFoundError(f"the db at {self.root} is incomplete ({e}); re-run `simsearch index`") from None
+        if not manifest_path.is_file():
+            # Written last: a reader that sees the manifest also finds the LMDB env with all its tables.
+            self.save_manifest()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:

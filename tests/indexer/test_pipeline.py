@@ -93,7 +93,7 @@ def test_killed_run_resumes_without_re_embedding(tmp_path, encoder):
     stored = 0
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if (db / "store.lmdb").exists():
+        if (db / "manifest.json").exists():  # written last: the db is complete
             with Store(db, readonly=True) as s:
                 stored = s.item_count()
             if stored >= 10:
