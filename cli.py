@@ -440,9 +440,46 @@ def train_matchnet(
     cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=data, split=split, epochs=epochs,
                          pairs_per_epoch=pairs_per_epoch, lr=lr,
                          max_minutes=max_minutes, seed=seed, device=device)
-    card = _train("matchnet", train, cfg, models_dir)
+    _print_reranker_card(_train("matchnet", train, cfg, models_dir), f"{cfg.tower} tower")
+
+
+@train_app.command("beit")
+@user_errors
+def train_beit(
+    name: Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")],
+    data: DataOption = DEFAULT_DATA,
+    split: TrainSplitOption = "train",
+    weights: Annotated[Optional[Path], typer.Option(
+        help="your own BEiT checkpoint (transformers folder with config.json) to fine-tune on pixel patches; "
+             "default: a small BEiT on the frozen EfficientNet-Lite trunk's tokens.")] = None,
+    encoder: Annotated[str, typer.Option(help="without --weights: the encoder whose trunk makes the tokens.")]
+    = "efficientnet-lite0",
+    image_size: Annotated[int, typer.Option(min=32, help="without --weights: trunk input side (S/32 tokens a side).")]
+    = 160,
+    epochs: Annotated[int, typer.Option(min=1)] = 40,
+    pairs_per_epoch: Annotated[int, typer.Option(min=64, help="balanced training pairs drawn per epoch.")] = 32_000,
+    lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
+    max_minutes: MaxMinutesOption = 20.0,
+    seed: int = 0,
+    device: DeviceOption = Device.auto,
+    models_dir: ModelsDirOption = None,
+    verbose: VerboseOption = False,
+):
+    """Train a BEiT pair classifier (sees both images, outputs P(same)), used as a reranker."""
+    _verbose(verbose)
+    if weights is not None and not weights.exists():
+        raise SimsearchError(f"{weights}: no such file or folder")
+    from simsearch.retrieval.beit_pair import BeitPairConfig, train_beit as train
+
+    cfg = BeitPairConfig(name=name, encoder=encoder, weights=weights, data=data, split=split, image_size=image_size,
+                         epochs=epochs, pairs_per_epoch=pairs_per_epoch, lr=lr, max_minutes=max_minutes, seed=seed,
+                         device=device)
+    _print_reranker_card(_train("beit", train, cfg, models_dir), "BEiT pair classifier")
+
+
+def _print_reranker_card(card: dict, what: str) -> None:
     v = card["validation"]
-    err.print(f"[green]trained[/green] reranker {name} ({cfg.tower} tower) in {card['train_seconds']:.0f}s: held-out "
+    err.print(f"[green]trained[/green] reranker {card['name']} ({what}) in {card['train_seconds']:.0f}s: held-out "
               f"balanced accuracy {v['balanced_accuracy']:.4f}, ROC AUC {v['roc_auc']:.4f} (epoch {v['epoch']}; "
               f"{v['stopped']})", highlight=False)
 

@@ -1,13 +1,14 @@
 """Rerankers: learned pair classifiers that reorder the top candidates of a vector search. No torch here.
 
 A reranker is a folder <models_dir>/rerankers/<name>/ with
-    tower.onnx    one image's input -> (B, 256) bottleneck   (run once per image)
-    metric.onnx   two bottlenecks (B, 256), (B, 256) -> (B,) P(same)   (run once per pair)
+    tower.onnx    one image's input -> its representation (run once per image): MatchNet's (B, 256)
+                  bottleneck, or the BEiT pair classifier's (B, C, h, w) token grid
+    metric.onnx   two representations -> (B,) P(same)   (run once per pair)
     card.json     what it was trained from and how well it did
 Its input is either an encoder's stored embedding ("encoder": the db already holds it for every
 item, so reranking a candidate costs one small matrix product and the metric network), or the image
-itself at the tower's size ("pixels": the research's MatchNet trained from scratch at 64x64; every
-candidate image is read and decoded again).
+itself at the tower's size ("pixels": MatchNet trained from scratch at 64x64, and the BEiT pair
+classifier; every candidate image is read and decoded again).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def get_reranker(name: str, models_dir: Path | None = None) -> RerankerSpec:
         if spec.name == name:
             return spec
     raise UnknownNameError(f"unknown reranker {name!r}; trained rerankers: {', '.join(s.name for s in specs) or 'none'} "
-                           f"(train one with `simsearch train matchnet`)")
+                           f"(train one with `simsearch train matchnet` or `simsearch train beit`)")
 
 
 def pixels(paths: list[str | Path], size: int) -> np.ndarray:
@@ -104,23 +105,35 @@ class Reranker:
             raise ModelError(f"reranker {spec.name!r}: cannot load its ONNX models from {spec.folder} ({e})") from None
         self.device = ort_device_used(device, self.tower.get_providers())
 
-    def bottleneck(self, inputs: np.ndarray, block: int = 4096) -> np.ndarray:
-        """(N, ...) tower inputs (embeddings or pixels) -> (N, 256)."""
+    def bottleneck(self, inputs: np.ndarray, block: int = 256) -> np.ndarray:
+        """(N, ...) tower inputs (embeddings or pixels) -> (N, ...) tower outputs (MatchNet: 256-d bottlenecks)."""
         name = self.tower.get_inputs()[0].name
         return np.concatenate([self.tower.run(None, {name: np.ascontiguousarray(inputs[i:i + block], np.float32)})[0]
                                for i in range(0, max(len(inputs), 1), block)])[: len(inputs)]
 
-    def score(self, a: np.ndarray, b: np.ndarray, block: int = 65536) -> np.ndarray:
-        """(N, 256), (N, 256) bottlenecks -> (N,) P(same)."""
+    def score(self, a: np.ndarray, b: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
+        """(N, ...) , (N, ...) tower outputs (MatchNet: (N, 256); BEiT: (N, C, h, w) token grids) -> (N,) P(same).
+
+        Pairs go through the metric network in blocks of about block_bytes of input.
+        """
         na, nb = (i.name for i in self.metric.get_inputs())
-        out = [self.metric.run(None, {na: np.ascontiguousarray(a[i:i + block]), nb: np.ascontiguousarray(b[i:i + block])})[0]
+        block = max(1, block_bytes // max(1, 2 * a[:1].nbytes))
+        out = [self.metric.run(None, {na: np.ascontiguousarray(a[i:i + block], np.float32),
+                                      nb: np.ascontiguousarray(b[i:i + block], np.float32)})[0]
                for i in range(0, len(a), block)]
         return np.concatenate(out).reshape(-1) if out else np.empty(0, np.float32)
 
-    def score_block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """All (row, col) pairs of bottlenecks: (R, 256), (C, 256) -> (R, C) P(same)."""
+    def score_block(self, rows: np.ndarray, cols: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
+        """All (row, col) pairs of tower outputs: (R, ...), (C, ...) -> (R, C) P(same), in column chunks
+        so the repeated inputs stay near block_bytes (a BEiT token grid is 12 KiB, a MatchNet bottleneck 1 KiB)."""
         r, c = len(rows), len(cols)
-        return self.score(np.repeat(rows, c, axis=0), np.tile(cols, (r, 1))).reshape(r, c)
+        out = np.empty((r, c), np.float32)
+        step = max(1, block_bytes // max(1, 2 * rows[:1].nbytes * r))
+        for c0 in range(0, c, step):
+            part = cols[c0:c0 + step]
+            tiled = np.tile(part, (r,) + (1,) * (cols.ndim - 1))  # (r * len(part), ...): row-major pairs
+            out[:, c0:c0 + len(part)] = self.score(np.repeat(rows, len(part), axis=0), tiled).reshape(r, len(part))
+        return out
 
 
 def rerank_order(probs: np.ndarray, vector_scores: np.ndarray) -> np.ndarray:

@@ -54,14 +54,17 @@ def load_training_set(spec: EncoderSpec, data: Path, split: str, models_dir: Pat
 
 
 def holdout_mask(fs: FeatureSet, per_group: int, seed: int) -> np.ndarray:
-    """(N,) bool, True for the validation part: per_group images of every class, or a seeded 10% of the pairs."""
+    """(N,) bool, True for the validation part: per_group images of every class (at most a fifth of the
+    smallest class), or a seeded 10% of the pairs."""
     rng = np.random.default_rng(seed)
     if fs.kind == "pairs":
         groups = np.unique(fs.y)
         mask = np.isin(fs.y, rng.permutation(groups)[: max(2, len(groups) // 10)])
     else:
+        # Never more than a fifth of the smallest class, so small user datasets keep images to train on.
+        smallest = int(np.unique(fs.y, return_counts=True)[1].min())
         mask = np.zeros(len(fs.y), bool)
-        mask[datasets.class_balanced_subset(fs.y, per_group, seed)] = True
+        mask[datasets.class_balanced_subset(fs.y, min(per_group, max(1, smallest // 5)), seed)] = True
     if mask.all() or not mask.any():
         raise DatasetError("too little training data to hold out a validation part")
     return mask

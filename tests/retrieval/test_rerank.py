@@ -155,3 +155,94 @@ def test_bench_with_a_reranker(matchnet, classes, models_dir, tmp_path):
     from simsearch.benchmarks import report
 
     assert report.pairs_table(result) is not None and len(report.write_plots(result, tmp_path / "out")) == 4
+
+
+# -- BEiT pair classifier -------------------------------------------------------------------------
+
+TINY_BEIT = dict(pairs_per_epoch=1280, epochs=3, patience=3, holdout_per_class=2, hidden=32, layers=2, heads=2,
+                 mlp=64, token_dim=32, image_size=96, lr=1e-3)
+
+
+@pytest.fixture(scope="module")
+def beit(classes, models_dir):
+    from simsearch.retrieval.beit_pair import BeitPairConfig, train_beit
+
+    return train_beit(BeitPairConfig(name="tiny-beit", data=classes, **TINY_BEIT), models_dir)
+
+
+def _torch_pair_scores(metric, tower, x: torch.Tensor) -> np.ndarray:
+    """All (i, j) pairs of a batch of images through torch: (n, 3, S, S) -> (n, n) P(same)."""
+    n = len(x)
+    with torch.no_grad():
+        t = tower(x)
+        return torch.sigmoid(metric.logits(t.repeat_interleave(n, 0), t.repeat(n, 1, 1, 1))).numpy().reshape(n, n)
+
+
+def test_beit_on_trunk_tokens_learns_and_matches_onnx(beit, classes, models_dir, lite0):
+    from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
+    from simsearch.retrieval.beit_pair import BeitPairConfig, PairBeit, TrunkTokens, small_beit
+
+    history = beit["validation"]["history"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert beit["input"] == "pixels" and beit["representation"] == [32, 3, 3]  # 96 px / 32 = a 3x3 grid
+    # torch reference rebuilt from weights.pt: frozen trunk + trained 1x1 conv, BEiT over both grids
+    spec = get_reranker("tiny-beit", models_dir)
+    weights = torch.load(spec.folder / "weights.pt", weights_only=True)
+    conv = torch.nn.Conv2d(1280, 32, 1)
+    conv.load_state_dict(weights["tower"])
+    metric = PairBeit(small_beit(BeitPairConfig(name="x", **TINY_BEIT), 3), interpolate=False)
+    metric.load_state_dict(weights["metric"])
+    tower = torch.nn.Sequential(TrunkTokens(load_efficientnet_lite(lite0.arch, str(lite0.weights_path())),
+                                            lite0.mean, lite0.std), conv).eval()
+    metric.eval()
+    x = pixels(sorted(classes.rglob("*.JPEG"))[::9][:6], 96)  # real photos, (6, 3, 96, 96) in [0, 1]
+    rr = Reranker(spec)
+    got = rr.score_block(rr.bottleneck(x), rr.bottleneck(x), block_bytes=4096)  # forces several column chunks
+    np.testing.assert_allclose(got, _torch_pair_scores(metric, tower, torch.from_numpy(x)), atol=1e-4)
+    assert got.std() > 1e-4  # not a constant: the pairs are told apart
+
+
+def test_beit_from_a_user_checkpoint(classes, models_dir, tmp_path):
+    from transformers import BeitConfig, BeitModel
+
+    from simsearch.retrieval.beit_pair import Normalize, PairBeit
+
+    config = BeitConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64, use_relative_position_bias=True,
+                        layer_scale_init_value=0.1, use_mean_pooling=False)
+    torch.manual_seed(0)
+    BeitModel(config).save_pretrained(tmp_path / "my-beit")  # a randomly initialised stand-in for a real checkpoint
+    result = runner.invoke(app, ["train", "beit", "--name", "user-beit", "--data", str(classes), "--weights",
+                                 str(tmp_path / "my-beit"), "--epochs", "2", "--pairs-per-epoch", "640"])
+    assert result.exit_code == 0, result.output
+    spec = get_reranker("user-beit", models_dir)
+    assert spec.image_size == 32 and spec.card["representation"] == [3, 32, 32]
+    assert "my-beit" in spec.card["source"]
+    # the fine-tuned weights in ONNX Runtime match torch, with the bias tables interpolated to the 4x8 canvas
+    weights = torch.load(spec.folder / "weights.pt", weights_only=True)
+    metric = PairBeit(BeitModel(config, add_pooling_layer=False), interpolate=True)
+    metric.load_state_dict(weights["metric"])
+    metric.eval()
+    x = pixels(sorted(classes.rglob("*.JPEG"))[:5], 32)
+    rr = Reranker(spec)
+    got = rr.score_block(rr.bottleneck(x), rr.bottleneck(x))
+    np.testing.assert_allclose(got, _torch_pair_scores(metric, Normalize((0.5,) * 3, (0.5,) * 3),
+                                                       torch.from_numpy(x)), atol=1e-4)
+
+
+@pytest.mark.parametrize("weights, message", [("missing", "no such file"), ("empty", "not a BEiT checkpoint")])
+def test_beit_bad_checkpoint_is_a_clear_error(classes, tmp_path, weights, message):
+    (tmp_path / "empty").mkdir()
+    result = runner.invoke(app, ["train", "beit", "--name", "b", "--data", str(classes), "--weights",
+                                 str(tmp_path / weights)])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_query_rerank_with_beit_through_the_cli(beit, db, classes):
+    query = sorted(classes.rglob("*.JPEG"))[3]
+    result = runner.invoke(app, ["query", str(query), "--db", str(db), "-k", "3", "--rerank", "tiny-beit",
+                                 "--rerank-depth", "12", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)["results"][0]["hits"]
+    probs = [h["rerank_score"] for h in hits]
+    assert len(hits) == 3 and probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
