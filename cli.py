@@ -386,6 +386,8 @@ def train_triplet(
     epochs: Annotated[int, typer.Option(min=1)] = 30,
     margin: Annotated[float, typer.Option(min=0.0)] = 0.2,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
+    views: Annotated[bool, typer.Option(
+        help="add two augmented views of every training image (cached, shared with `train barlow`).")] = True,
     max_minutes: MaxMinutesOption = 20.0,
     seed: int = 0,
     device: DeviceOption = Device.auto,
@@ -396,7 +398,7 @@ def train_triplet(
     _verbose(verbose)
     from simsearch.encoders.training.triplet import TripletConfig, train_triplet as train
 
-    cfg = TripletConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, margin=margin, lr=lr,
+    cfg = TripletConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, margin=margin, lr=lr, views=views,
                         max_minutes=max_minutes, seed=seed, device=device)
     _print_card(_train("triplet", train, cfg, models_dir))
 

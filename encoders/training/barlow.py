@@ -11,7 +11,6 @@ The price: one fixed pair of views per image instead of fresh views every epoch,
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.devices import Device
-from simsearch.encoders.spec import EncoderSpec, get_encoder
-from simsearch.encoders.trained import ModelCard, trained_root
+from simsearch.encoders.spec import get_encoder
+from simsearch.encoders.trained import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -48,26 +47,6 @@ class BarlowConfig:
     device: Device = Device.auto
 
 
-def augmentations(size: int):
-    """The Barlow Twins views (paper, appendix): two pipelines differing in blur and solarisation rates.
-
-    (B, 3, S, S) in [0, 1] -> (B, 3, S, S) in [0, 1].
-    """
-    import kornia.augmentation as K
-
-    def view(blur_p: float, solarize_p: float):
-        return K.AugmentationSequential(
-            K.RandomResizedCrop((size, size), scale=(0.2, 1.0)),  # 0.08 in the paper; these images are 64 px
-            K.RandomHorizontalFlip(),
-            K.ColorJitter(0.4, 0.4, 0.2, 0.1, p=0.8),
-            K.RandomGrayscale(p=0.2),
-            K.RandomGaussianBlur((23, 23), (0.1, 2.0), p=blur_p),
-            K.RandomSolarize(thresholds=0.0, additions=0.0, p=solarize_p),
-        )
-
-    return view(1.0, 0.0), view(0.1, 0.2)
-
-
 def barlow_loss(z1, z2, lambda_offdiag: float):
     """Cross-correlation of batch-standardised embeddings pushed to the identity: (B, D), (B, D) -> scalar."""
     import torch
@@ -81,72 +60,25 @@ def barlow_loss(z1, z2, lambda_offdiag: float):
     return on + lambda_offdiag * off
 
 
-def view_features(spec: EncoderSpec, paths: list[Path], cache: Path, cfg: BarlowConfig, models_dir: Path | None,
-                  on_progress=None, chunk: int = 1024) -> np.ndarray:
-    """(2, N, dim) base features of two augmented views per image, cached per chunk of images."""
-    import torch
-
-    from simsearch.encoders.preprocess import resize_side, to_input
-    from simsearch.encoders.runtime import OnnxEncoder
-    from simsearch.indexer.images import load_rgb
-
-    encoder = OnnxEncoder(spec, cfg.device, models_dir)
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    aug1, aug2 = augmentations(spec.image_size)
-    cache.mkdir(parents=True, exist_ok=True)
-    parts = []
-    for c0 in range(0, len(paths), chunk):
-        part = cache / f"views-{c0:07d}.npy"
-        if not part.is_file():
-            torch.manual_seed(cfg.seed + c0)  # the same views whether or not the run was interrupted
-            out = np.empty((2, min(chunk, len(paths) - c0), spec.dim), dtype=np.float32)
-            for b0 in range(0, out.shape[1], 64):
-                batch = paths[c0 + b0:c0 + b0 + 64]
-                x = torch.from_numpy(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in batch]))
-                pixels = (x * std + mean) / 255.0  # (B, 3, S, S) back to [0, 1] for kornia
-                for v, aug in enumerate((aug1, aug2)):
-                    with torch.no_grad():
-                        seen = (aug(pixels).clamp(0, 1) * 255.0 - mean) / std
-                    out[v, b0:b0 + len(batch)] = encoder.embed(seen.numpy())
-                if on_progress:
-                    on_progress("embedding augmented views", c0 + b0 + len(batch), len(paths))
-            np.save(part.with_suffix(".tmp.npy"), out)
-            part.with_suffix(".tmp.npy").replace(part)  # a killed run never leaves half a chunk
-        parts.append(np.load(part))
-    return np.concatenate(parts, axis=1)
-
-
 def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=None) -> ModelCard:
     import torch
 
-    from simsearch.benchmarks import datasets
-    from simsearch.encoders.training.features import FeatureSet, base_features, holdout_mask
+    from simsearch.encoders.training.features import holdout, load_training_set
+    from simsearch.encoders.training.views import view_features
     from simsearch.encoders.training.loop import LoopConfig, check_name, export_and_install, fit, make_card
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
 
     check_name(cfg.name)
     t0 = time.perf_counter()
     base = get_encoder(cfg.base, models_dir)
-    if datasets.detect_layout(cfg.data) == "pairs":
-        p = datasets.load_pair_folder(cfg.data, cfg.split, seed=cfg.seed)
-        paths, labels = p.left + p.right, np.r_[np.arange(len(p.left)), np.arange(len(p.left))]
-        kind = "pairs"
-    else:
-        ds = datasets.load_class_dataset(cfg.data, cfg.split)
-        paths, labels, kind = ds.paths, ds.labels, "classes"
     # Labels are used only to hold out validation pair sets; training itself never sees them.
-    clean = FeatureSet(base_features(base, paths, models_dir, cfg.device,
-                                     on_progress and (lambda d, t: on_progress("embedding images", d, t))),
-                       labels, kind)
-    held = holdout_mask(clean, cfg.holdout_per_class, cfg.seed)
-    val = FeatureSet(clean.x[held], clean.y[held], kind)
-    train_paths = [p for p, h in zip(paths, held) if not h]
+    data = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,
+                             on_progress and (lambda d, t: on_progress("embedding images", d, t)), seed=cfg.seed)
+    train, val = holdout(data, cfg.holdout_per_class, cfg.seed)
+    train_paths = train.paths
     if cfg.max_images:
         train_paths = [train_paths[i] for i in np.random.default_rng(cfg.seed).permutation(len(train_paths))[:cfg.max_images]]
-    key = hashlib.sha256(f"{base.key}|{cfg.seed}|{'|'.join(map(str, train_paths))}".encode()).hexdigest()[:16]
-    views = view_features(base, train_paths, trained_root(models_dir) / ".cache" / f"views-{key}", cfg, models_dir,
-                          on_progress)  # (2, N, dim)
+    views = view_features(base, train_paths, models_dir, cfg.device, cfg.seed, on_progress)  # (2, N, dim)
     log.info("barlow: %d images x 2 views, %d held out, base %s", views.shape[1], len(val.y), base.name)
 
     torch.manual_seed(cfg.seed)
@@ -175,6 +107,6 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
     loop = LoopConfig(cfg.epochs, cfg.patience, cfg.max_minutes, cfg.collapse_cosine, cfg.seed)
     result = fit(model, run_epoch, val, loop)
     card = make_card("barlow", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
-                     f"{len(val.y)} images of the {cfg.split} split ({kind}); trained on {views.shape[1]} others",
+                     f"{len(val.y)} images of the {cfg.split} split ({data.kind}); trained on {views.shape[1]} others",
                      time.perf_counter() - t0)
     return export_and_install(card, model.head, models_dir)

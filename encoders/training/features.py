@@ -7,7 +7,7 @@ encoder runs once per image (and never again: the features are cached in the sam
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +30,10 @@ class FeatureSet:
     x: np.ndarray  # (N, d) float32, L2-normalised base embeddings
     y: np.ndarray  # (N,) int
     kind: str  # "classes" | "pairs"
+    paths: list[Path] = field(default_factory=list)  # the image of each row
+
+    def subset(self, mask: np.ndarray) -> FeatureSet:
+        return FeatureSet(self.x[mask], self.y[mask], self.kind, [p for p, m in zip(self.paths, mask) if m])
 
 
 def base_features(spec: EncoderSpec, paths: list[Path], models_dir: Path | None, device: Device,
@@ -48,9 +52,9 @@ def load_training_set(spec: EncoderSpec, data: Path, split: str, models_dir: Pat
         pairs = datasets.load_pair_folder(data, split, val_fraction, seed)
         x = base_features(spec, pairs.left + pairs.right, models_dir, device, on_progress)
         n = len(pairs.left)
-        return FeatureSet(x, np.r_[np.arange(n), np.arange(n)], "pairs")
+        return FeatureSet(x, np.r_[np.arange(n), np.arange(n)], "pairs", pairs.left + pairs.right)
     ds = datasets.load_class_dataset(data, split)
-    return FeatureSet(base_features(spec, ds.paths, models_dir, device, on_progress), ds.labels, "classes")
+    return FeatureSet(base_features(spec, ds.paths, models_dir, device, on_progress), ds.labels, "classes", ds.paths)
 
 
 def holdout_mask(fs: FeatureSet, per_group: int, seed: int) -> np.ndarray:
@@ -72,7 +76,7 @@ def holdout_mask(fs: FeatureSet, per_group: int, seed: int) -> np.ndarray:
 
 def holdout(fs: FeatureSet, per_group: int, seed: int) -> tuple[FeatureSet, FeatureSet]:
     mask = holdout_mask(fs, per_group, seed)
-    return FeatureSet(fs.x[~mask], fs.y[~mask], fs.kind), FeatureSet(fs.x[mask], fs.y[mask], fs.kind)
+    return fs.subset(~mask), fs.subset(mask)
 
 
 def validation_ranks(embed, fs: FeatureSet, seed: int) -> np.ndarray:

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from simsearch.devices import Device
 from simsearch.encoders.spec import get_encoder
 from simsearch.encoders.trained import ModelCard
@@ -44,6 +46,9 @@ class TripletConfig:
     holdout_per_class: int = 10
     max_minutes: float = 20.0
     collapse_cosine: float = 0.9
+    # Two augmented views of every training image (the Barlow Twins augmentations, cached and shared with
+    # `train barlow`) join the training set as extra samples of their class or pair.
+    views: bool = True
     seed: int = 0
     device: Device = Device.auto
 
@@ -73,6 +78,12 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
                              seed=cfg.seed)
     train, val = holdout(data, cfg.holdout_per_class, cfg.seed)
     log.info("triplet: %d training images, %d held out, base %s (%d-d)", len(train.y), len(val.y), base.name, base.dim)
+    x_train, y_train = train.x, train.y
+    if cfg.views:
+        from simsearch.encoders.training.views import view_features
+
+        views = view_features(base, train.paths, models_dir, cfg.device, cfg.seed, on_progress)  # (2, N, dim)
+        x_train, y_train = np.concatenate([train.x, *views]), np.tile(train.y, 3)
 
     torch.manual_seed(cfg.seed)
     head_arch = {"in": base.dim, "hidden": [cfg.hidden] if cfg.hidden else [], "out": cfg.dim}
@@ -81,9 +92,9 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     loss_fn = losses.TripletMarginLoss(margin=cfg.margin)
     miner = miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     m = 2 if train.kind == "pairs" else cfg.m_per_class  # a pair has exactly two images
-    batch = min(cfg.batch_size, len(train.y)) // m * m
-    sampler = samplers.MPerClassSampler(train.y, m=m, batch_size=batch, length_before_new_iter=len(train.y))
-    x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
+    batch = min(cfg.batch_size, len(y_train)) // m * m
+    sampler = samplers.MPerClassSampler(y_train, m=m, batch_size=batch, length_before_new_iter=len(y_train))
+    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
 
     def run_epoch(epoch: int) -> dict:
         order = torch.tensor(list(sampler))
