@@ -65,7 +65,8 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
 
     from simsearch.encoders.training.features import holdout, load_training_set
     from simsearch.encoders.training.views import view_features
-    from simsearch.encoders.training.loop import LoopConfig, check_name, export_and_install, fit, make_card
+    from simsearch.encoders.training.loop import (LoopConfig, check_name, checkpoint_path, export_and_install, fit,
+                                                  make_card)
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
 
     check_name(cfg.name)
@@ -105,8 +106,9 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
         return {"loss": total / max(steps, 1)}
 
     loop = LoopConfig(cfg.epochs, cfg.patience, cfg.max_minutes, cfg.collapse_cosine, cfg.seed)
-    result = fit(model, run_epoch, val, loop)
+    ckpt = checkpoint_path(models_dir, cfg)
+    result = fit(model, run_epoch, val, loop, optimizer=opt, checkpoint=ckpt)
     card = make_card("barlow", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
                      f"{len(val.y)} images of the {cfg.split} split ({data.kind}); trained on {views.shape[1]} others",
                      time.perf_counter() - t0)
-    return export_and_install(card, model.head, models_dir)
+    return export_and_install(card, model.head, models_dir, ckpt)

@@ -7,7 +7,9 @@ held-out hit@1 + hit@10, and stops on a guard, on patience, or on the time budge
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -59,9 +61,30 @@ def check_collapse(spread: float, initial_spread: float, limit: float) -> None:
         raise TrainingStopped(f"embeddings collapsing (mean pairwise cosine {spread:.3f} > {limit:.3f})")
 
 
+def checkpoint_path(models_dir: Path | None, config) -> Path:
+    """Where a run's per-epoch checkpoint lives: keyed by the whole config, so only the same run resumes it."""
+    # epochs and max_minutes are left out: a run may be resumed with a longer budget.
+    fields = {k: v for k, v in asdict(config).items() if k not in ("epochs", "max_minutes")}
+    key = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
+    return trained_root(models_dir) / ".cache" / f"checkpoint-{config.name}-{key}.pt"
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a run killed while saving keeps the previous epoch's checkpoint
+
+
 def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet, cfg: LoopConfig,
-        guard: Callable[[list[dict]], None] = lambda history: None) -> LoopResult:
-    """Train epoch by epoch; leaves `model` holding the best epoch's head."""
+        guard: Callable[[list[dict]], None] = lambda history: None, optimizer: torch.optim.Optimizer | None = None,
+        checkpoint: Path | None = None) -> LoopResult:
+    """Train epoch by epoch; leaves `model` holding the best epoch's head.
+
+    checkpoint: saved after every epoch (head, optimizer, history, best so far); a run that finds one
+    resumes after its last epoch. Epochs are seeded by their number, so a resumed run trains as an
+    uninterrupted one would.
+    """
     t0 = time.perf_counter()
 
     def embed(feats: np.ndarray) -> np.ndarray:
@@ -76,7 +99,16 @@ def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet
     initial_spread = mean_cosine()
     result = LoopResult(best={"score": -1.0})
     best_state = None
-    for epoch in range(cfg.epochs):
+    start = 0
+    if checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.head.load_state_dict(state["head"])
+        if optimizer is not None:
+            optimizer.load_state_dict(state["optimizer"])
+        result.history, result.best, best_state = state["history"], state["best"], state["best_state"]
+        initial_spread, start = state["initial_spread"], len(state["history"])
+        log.info("resuming from %s after epoch %d", checkpoint, start)
+    for epoch in range(start, cfg.epochs):
         # Reproducible epochs: torch's generator (shuffles, dropout) and numpy's legacy global one, which
         # pytorch-metric-learning's MPerClassSampler draws from.
         torch.manual_seed(cfg.seed + epoch)
@@ -95,6 +127,10 @@ def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet
         if row["score"] > result.best["score"]:
             result.best = row
             best_state = {k: v.clone() for k, v in model.head.state_dict().items()}
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, {"head": model.head.state_dict(), "history": result.history, "best": result.best,
+                                         "best_state": best_state, "initial_spread": initial_spread,
+                                         "optimizer": optimizer.state_dict() if optimizer is not None else {}})
         try:
             check_collapse(row["mean_cosine"], initial_spread, cfg.collapse_cosine)
             guard(result.history)
@@ -127,8 +163,8 @@ def make_card(method: str, name: str, base: EncoderSpec, head_arch: dict, data: 
     )
 
 
-def export_and_install(card: ModelCard, head, models_dir: Path | None) -> ModelCard:
-    """Export base + head as one ONNX model (eval mode), then register it under card.name."""
+def export_and_install(card: ModelCard, head, models_dir: Path | None, checkpoint: Path | None = None) -> ModelCard:
+    """Export base + head as one ONNX model (eval mode), register it under card.name, drop the run's checkpoint."""
     import tempfile
 
     from simsearch import __version__
@@ -145,5 +181,7 @@ def export_and_install(card: ModelCard, head, models_dir: Path | None) -> ModelC
     torch.save(head.state_dict(), work / "head.pt")
     install(models_dir, card, work / "model.onnx", work / "head.pt")
     work.rmdir()
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)
     log.info("trained encoder %s registered (best held-out hit@10 %.3f)", card.name, card.validation["best"]["hit10"])
     return card

@@ -67,7 +67,8 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     from pytorch_metric_learning import losses, miners, samplers
 
     from simsearch.encoders.training.features import holdout, load_training_set
-    from simsearch.encoders.training.loop import LoopConfig, check_name, export_and_install, fit, make_card
+    from simsearch.encoders.training.loop import (LoopConfig, check_name, checkpoint_path, export_and_install, fit,
+                                                  make_card)
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
 
     check_name(cfg.name)
@@ -93,10 +94,12 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     miner = miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     m = 2 if train.kind == "pairs" else cfg.m_per_class  # a pair has exactly two images
     batch = min(cfg.batch_size, len(y_train)) // m * m
-    sampler = samplers.MPerClassSampler(y_train, m=m, batch_size=batch, length_before_new_iter=len(y_train))
     x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
 
     def run_epoch(epoch: int) -> dict:
+        # A fresh sampler per epoch: it shuffles its own label list in place, so a long-lived one would
+        # make epoch e depend on every earlier epoch, and a resumed run would train differently.
+        sampler = samplers.MPerClassSampler(y_train, m=m, batch_size=batch, length_before_new_iter=len(y_train))
         order = torch.tensor(list(sampler))
         steps = len(order) // batch
         total, mined = 0.0, 0
@@ -115,7 +118,9 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
         return {"loss": total / max(steps, 1), "triplets": mined}
 
     loop = LoopConfig(cfg.epochs, cfg.patience, cfg.max_minutes, cfg.collapse_cosine, cfg.seed)
-    result = fit(model, run_epoch, val, loop, lambda history: check_triplet_loss(history, cfg.margin))
+    ckpt = checkpoint_path(models_dir, cfg)
+    result = fit(model, run_epoch, val, loop, lambda history: check_triplet_loss(history, cfg.margin),
+                 optimizer=opt, checkpoint=ckpt)
     card = make_card("triplet", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
                      f"{len(val.y)} images of the {cfg.split} split ({data.kind})", time.perf_counter() - t0)
-    return export_and_install(card, model.head, models_dir)
+    return export_and_install(card, model.head, models_dir, ckpt)

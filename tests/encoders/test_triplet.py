@@ -82,3 +82,27 @@ def test_guards_stop_collapse_stuck_and_empty_training():
 def test_a_built_in_name_is_refused(classes, models_dir):
     with pytest.raises(SimsearchError, match="built-in encoder"):
         train_triplet(TripletConfig(name="efficientnet-lite0", data=classes), models_dir)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint(classes, models_dir, monkeypatch):
+    from simsearch.encoders.training import loop
+
+    common = dict(data=classes, dim=16, hidden=64, batch_size=32, patience=9, holdout_per_class=2, lr=3e-3)
+    straight = train_triplet(TripletConfig(name="straight", epochs=4, **common), models_dir)
+
+    class Killed(Exception):
+        pass
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(loop, "export_and_install", killed)  # the run dies after epoch 2, before export
+    with pytest.raises(Killed):
+        train_triplet(TripletConfig(name="resumed", epochs=2, **common), models_dir)
+    ckpt = loop.checkpoint_path(models_dir, TripletConfig(name="resumed", epochs=4, **common))
+    assert ckpt.is_file()
+    monkeypatch.undo()
+    resumed = train_triplet(TripletConfig(name="resumed", epochs=4, **common), models_dir)
+    losses = [[h["loss"] for h in c.validation["history"]] for c in (straight, resumed)]
+    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)  # epochs 3-4 continue exactly where 2 stopped
+    assert not ckpt.exists()  # a finished run leaves no checkpoint
