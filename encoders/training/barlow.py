@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.devices import Device
-from simsearch.encoders.spec import get_encoder
 from simsearch.encoders.trained import ModelCard
 
 log = logging.getLogger(__name__)
@@ -63,19 +62,16 @@ def barlow_loss(z1, z2, lambda_offdiag: float):
 def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=None) -> ModelCard:
     import torch
 
-    from simsearch.encoders.training.features import holdout, load_training_set
-    from simsearch.encoders.training.views import view_features
+    from simsearch.encoders.training.features import train_and_holdout
     from simsearch.encoders.training.loop import (LoopConfig, check_name, checkpoint_path, export_and_install, fit,
                                                   make_card)
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
+    from simsearch.encoders.training.views import view_features
 
     check_name(cfg.name)
     t0 = time.perf_counter()
-    base = get_encoder(cfg.base, models_dir)
     # Labels are used only to hold out validation pair sets; training itself never sees them.
-    data = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,
-                             on_progress and (lambda d, t: on_progress("embedding images", d, t)), seed=cfg.seed)
-    train, val = holdout(data, cfg.holdout_per_class, cfg.seed)
+    base, train, val = train_and_holdout(cfg, models_dir, on_progress)
     train_paths = train.paths
     if cfg.max_images:
         train_paths = [train_paths[i] for i in np.random.default_rng(cfg.seed).permutation(len(train_paths))[:cfg.max_images]]
@@ -109,6 +105,6 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
     ckpt = checkpoint_path(models_dir, cfg)
     result = fit(model, run_epoch, val, loop, optimizer=opt, checkpoint=ckpt)
     card = make_card("barlow", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
-                     f"{len(val.y)} images of the {cfg.split} split ({data.kind}); trained on {views.shape[1]} others",
+                     f"{len(val.y)} images of the {cfg.split} split ({val.kind}); trained on {views.shape[1]} others",
                      time.perf_counter() - t0)
     return export_and_install(card, model.head, models_dir, ckpt)

@@ -7,6 +7,7 @@ encoder runs once per image (and never again: the features are cached in the sam
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from simsearch.errors import DatasetError
 from simsearch.indexer.pipeline import Indexer, IndexerConfig
 from simsearch.indexer.scan import item_path
 from simsearch.indexer.store import Store
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,3 +93,18 @@ def validation_ranks(embed, fs: FeatureSet, seed: int) -> np.ndarray:
         return metrics.hit_ranks(e[left], e[right], np.arange(len(left)))
     sets = datasets.make_pair_sets(fs.y, seed)
     return np.concatenate([metrics.hit_ranks(e[s.left_idx], e[s.right_idx], np.arange(len(s.left_idx))) for s in sets])
+
+
+def train_and_holdout(cfg, models_dir: Path | None, on_progress=None) -> tuple[EncoderSpec, FeatureSet, FeatureSet]:
+    """What every head trainer starts with: its base encoder, and the base features of its training data
+    split into the part it trains on and the held-out part it is validated on (cfg: any trainer config)."""
+    from simsearch.encoders.spec import get_encoder
+
+    base = get_encoder(cfg.base, models_dir)
+    data = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,
+                             on_progress and (lambda d, t: on_progress("embedding training images", d, t)),
+                             seed=cfg.seed)
+    train, val = holdout(data, cfg.holdout_per_class, cfg.seed)
+    log.info("%d training images, %d held out (%s), base %s (%d-d)", len(train.y), len(val.y), data.kind, base.name,
+             base.dim)
+    return base, train, val

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.devices import Device
-from simsearch.encoders.spec import get_encoder
 from simsearch.encoders.trained import ModelCard
 from simsearch.encoders.training.loop import TrainingStopped
 
@@ -66,19 +65,14 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     import torch
     from pytorch_metric_learning import losses, miners, samplers
 
-    from simsearch.encoders.training.features import holdout, load_training_set
+    from simsearch.encoders.training.features import train_and_holdout
     from simsearch.encoders.training.loop import (LoopConfig, check_name, checkpoint_path, export_and_install, fit,
                                                   make_card)
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
 
     check_name(cfg.name)
     t0 = time.perf_counter()
-    base = get_encoder(cfg.base, models_dir)
-    data = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,
-                             on_progress and (lambda d, t: on_progress("embedding training images", d, t)),
-                             seed=cfg.seed)
-    train, val = holdout(data, cfg.holdout_per_class, cfg.seed)
-    log.info("triplet: %d training images, %d held out, base %s (%d-d)", len(train.y), len(val.y), base.name, base.dim)
+    base, train, val = train_and_holdout(cfg, models_dir, on_progress)
     x_train, y_train = train.x, train.y
     if cfg.views:
         from simsearch.encoders.training.views import view_features
@@ -122,5 +116,5 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     result = fit(model, run_epoch, val, loop, lambda history: check_triplet_loss(history, cfg.margin),
                  optimizer=opt, checkpoint=ckpt)
     card = make_card("triplet", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
-                     f"{len(val.y)} images of the {cfg.split} split ({data.kind})", time.perf_counter() - t0)
+                     f"{len(val.y)} images of the {cfg.split} split ({val.kind})", time.perf_counter() - t0)
     return export_and_install(card, model.head, models_dir, ckpt)
