@@ -387,7 +387,7 @@ def train_triplet(
     margin: Annotated[float, typer.Option(min=0.0)] = 0.2,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     views: Annotated[bool, typer.Option(
-        help="add two augmented views of every training image (cached, shared with `train barlow`).")] = True,
+        help="add two augmented views of every training image (cached, shared with `train barlow`).")] = False,
     max_minutes: MaxMinutesOption = 20.0,
     seed: int = 0,
     device: DeviceOption = Device.auto,

@@ -46,8 +46,9 @@ class TripletConfig:
     max_minutes: float = 20.0
     collapse_cosine: float = 0.9
     # Two augmented views of every training image (the Barlow Twins augmentations, cached and shared with
-    # `train barlow`) join the training set as extra samples of their class or pair.
-    views: bool = True
+    # `train barlow`) join the training set as extra samples of their class or pair. Off by default: on
+    # Tiny ImageNet they lowered held-out hit@1 from 28% to 21% (the views are too strong as positives).
+    views: bool = False
     seed: int = 0
     device: Device = Device.auto
 
