@@ -52,3 +52,18 @@ def faiss_use_gpu(device: Device, num_gpus: int) -> bool:
     if device is Device.cuda:
         log.warning("--device cuda: FAISS sees no GPU (faiss-cpu installed, or no device); searching on the CPU")
     return False
+
+
+def torch_device(device: Device, cuda_available: bool) -> str:
+    """Where torch trains: "cuda" when asked (or auto) and torch sees a GPU; warns when asked and impossible.
+
+    cuda_available: torch.cuda.is_available(), passed in so this module never imports torch.
+    """
+    device = Device(device)
+    if device is Device.cpu:
+        return "cpu"
+    if cuda_available:
+        return "cuda"
+    if device is Device.cuda:
+        log.warning("--device cuda: torch sees no GPU (CPU build, or no device); training on the CPU")
+    return "cpu"

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from simsearch.devices import Device
+from simsearch.devices import Device, torch_device
 from simsearch.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -149,7 +149,8 @@ def load_checkpoint(folder: Path):
     return beit, (size if isinstance(size, int) else size[0]), mean, std
 
 
-def trunk_features(tokens: TrunkTokens, pixels_u8: np.ndarray, on_progress=None, block: int = 64) -> np.ndarray:
+def trunk_features(tokens: TrunkTokens, pixels_u8: np.ndarray, device: Device, on_progress=None,
+                   block: int = 64) -> np.ndarray:
     """(N, 1280, h, w) float16 trunk features of every image, computed once (the trunk is frozen).
 
     Run through ONNX Runtime (~4x torch eager on 2 CPU cores): the trunk is exported once, to a temp file.
@@ -157,6 +158,7 @@ def trunk_features(tokens: TrunkTokens, pixels_u8: np.ndarray, on_progress=None,
     import tempfile
 
     from simsearch.encoders.export import export_module
+    from simsearch.devices import ort_providers
     from simsearch.encoders.runtime import cpu_count
 
     import onnxruntime as ort
@@ -166,7 +168,8 @@ def trunk_features(tokens: TrunkTokens, pixels_u8: np.ndarray, on_progress=None,
         export_module(tokens.eval(), (1, 3, size, size), Path(tmp) / "trunk.onnx")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = cpu_count()
-        session = ort.InferenceSession(str(Path(tmp) / "trunk.onnx"), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(Path(tmp) / "trunk.onnx"), opts,
+                                       providers=ort_providers(device, ort.get_available_providers()))
     out = None
     for s in range(0, len(pixels_u8), block):
         x = pixels_u8[s:s + block].astype(np.float32) / 255.0
@@ -204,7 +207,7 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
             raise ModelError(f"BEiT tokens come from a built-in EfficientNet-Lite trunk, not {cfg.encoder!r}")
         size = cfg.image_size
         tokens = TrunkTokens(load_efficientnet_lite(spec.arch, str(spec.weights_path())), spec.mean, spec.std)
-        feats = trunk_features(tokens, load_pixels(ds.paths, size), on_progress)  # (N, 1280, h, w) f16
+        feats = trunk_features(tokens, load_pixels(ds.paths, size), cfg.device, on_progress)  # (N, 1280, h, w) f16
         batch_of = lambda idx: torch.from_numpy(feats[idx].astype(np.float32))  # noqa: E731
         tower = nn.Conv2d(feats.shape[1], cfg.token_dim, 1)  # (B, 1280, h, w) -> (B, token_dim, h, w)
         metric = PairBeit(small_beit(cfg, feats.shape[2]), interpolate=False)
@@ -217,7 +220,8 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     fit = PairFitConfig(lr=cfg.lr, batch_size=cfg.batch_size, pairs_per_epoch=cfg.pairs_per_epoch, epochs=cfg.epochs,
                         patience=cfg.patience, max_minutes=cfg.max_minutes, seed=cfg.seed,
                         weight_decay=cfg.weight_decay)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, fit, on_progress)
+    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, fit, on_progress,
+                           torch_device(cfg.device, torch.cuda.is_available()))
     card = make_card(cfg, "beit", "pixels", size, validation, time.perf_counter() - t0, source=source,
                      encoder="", trainable_parameters=n_params)
     export_reranker(card, export_tower, metric, (1, 3, size, size), models_dir,

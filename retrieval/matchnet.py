@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from simsearch.devices import Device
+from simsearch.devices import Device, torch_device
 from simsearch.errors import SimsearchError
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     metric = Metric(cfg.bottleneck, cfg.hidden, cfg.dropout)
     fit = PairFitConfig(lr=cfg.lr, batch_size=cfg.batch_size, pairs_per_epoch=cfg.pairs_per_epoch, epochs=cfg.epochs,
                         patience=cfg.patience, max_minutes=cfg.max_minutes, seed=cfg.seed)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, fit, on_progress)
+    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, fit, on_progress,
+                           torch_device(cfg.device, torch.cuda.is_available()))
     scratch = cfg.tower == "scratch"
     card = make_card(cfg, "matchnet", "pixels" if scratch else "encoder", cfg.image_size if scratch else 0, validation,
                      time.perf_counter() - t0, tower=cfg.tower, encoder="" if scratch else cfg.encoder)

@@ -54,10 +54,11 @@ def predict(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: n
     """P(same) of pairs (i[p], j[p]) of n images: the tower runs once per image, the metric once per pair."""
     tower.eval()
     metric.eval()
+    device = next(metric.parameters()).device
     with torch.no_grad():
-        reps = torch.cat([tower(batch_of(np.arange(s, min(s + block, n)))) for s in range(0, n, block)])
+        reps = torch.cat([tower(batch_of(np.arange(s, min(s + block, n))).to(device)) for s in range(0, n, block)])
         return torch.cat([torch.sigmoid(metric.logits(reps[i[s:s + block]], reps[j[s:s + block]]))
-                          for s in range(0, len(i), block)]).numpy()
+                          for s in range(0, len(i), block)]).cpu().numpy()
 
 
 def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, n_pairs: int,
@@ -70,11 +71,16 @@ def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.
 
 
 def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, train_idx: np.ndarray,
-              val_idx: np.ndarray, cfg: PairFitConfig, on_progress=None) -> dict:
-    """Train tower + metric with BCE on balanced pairs; leaves both holding the best epoch. Returns the validation record."""
+              val_idx: np.ndarray, cfg: PairFitConfig, on_progress=None, device: str = "cpu") -> dict:
+    """Train tower + metric with BCE on balanced pairs; leaves both holding the best epoch, on the CPU.
+
+    device: where torch trains ("cuda" or "cpu", from devices.torch_device). Returns the validation record.
+    """
     from simsearch.benchmarks import datasets
 
     t0 = time.perf_counter()
+    tower.to(device)
+    metric.to(device)
     params = [p for p in (*tower.parameters(), *metric.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     bce = nn.BCEWithLogitsLoss()
@@ -89,9 +95,9 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
         total, done, steps = 0.0, 0, len(order) // cfg.batch_size
         for step in range(steps):
             sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            a = tower(batch_of(train_idx[i[sel]]))  # (B, ...) one representation per image
-            b = tower(batch_of(train_idx[j[sel]]))
-            loss = bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)))
+            a = tower(batch_of(train_idx[i[sel]]).to(device))  # (B, ...) one representation per image
+            b = tower(batch_of(train_idx[j[sel]]).to(device))
+            loss = bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)).to(device))
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -120,8 +126,8 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
             break
     tower.load_state_dict(best_state[0])
     metric.load_state_dict(best_state[1])
-    tower.eval()
-    metric.eval()
+    tower.cpu().eval()  # exported and saved from the CPU
+    metric.cpu().eval()
     return {**best, "held_out": f"{len(val_idx)} held-out images, {cfg.val_pairs:,} balanced pairs",
             "history": history, "stopped": stopped}
 

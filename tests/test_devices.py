@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 
-from simsearch.devices import CPU_EP, CUDA_EP, Device, faiss_use_gpu, ort_device_used, ort_providers
+from simsearch.devices import CPU_EP, CUDA_EP, Device, faiss_use_gpu, ort_device_used, ort_providers, torch_device
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.retrieval.faiss_index import LoadedIndex, build_index
 
@@ -23,7 +23,9 @@ def test_cuda_request_without_cuda_warns_and_uses_cpu(caplog):
         # onnxruntime-gpu lists CUDA even without a GPU: the session's providers tell the truth.
         assert ort_device_used(Device.cuda, [CPU_EP]) == "cpu"
         assert faiss_use_gpu(Device.cuda, num_gpus=0) is False
-    assert sum("using the CPU" in r.message or "on the CPU" in r.message for r in caplog.records) == 3
+        assert torch_device(Device.cuda, cuda_available=False) == "cpu"
+    assert sum("using the CPU" in r.message or "on the CPU" in r.message for r in caplog.records) == 4
+    assert torch_device(Device.auto, cuda_available=True) == "cuda" and torch_device(Device.cpu, True) == "cpu"
 
 
 def test_encoder_and_index_fall_back_to_cpu(lite0, models_dir, caplog):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.devices import Device
+from simsearch.devices import Device, torch_device
 from simsearch.encoders.trained import ModelCard
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,10 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
 
     torch.manual_seed(cfg.seed)
     head_arch = {"in": base.dim, "hidden": [cfg.hidden, cfg.hidden], "out": cfg.dim}
-    model = HeadOnFeatures(build_head(head_arch))
+    device = torch_device(cfg.device, torch.cuda.is_available())
+    model = HeadOnFeatures(build_head(head_arch)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    v1, v2 = torch.from_numpy(views[0]), torch.from_numpy(views[1])
+    v1, v2 = torch.from_numpy(views[0]).to(device), torch.from_numpy(views[1]).to(device)
     batch = min(cfg.batch_size, len(v1))
 
     def run_epoch(epoch: int) -> dict:

@@ -87,10 +87,12 @@ def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet
     """
     t0 = time.perf_counter()
 
+    device = next(model.parameters()).device  # the trainer put the model where it trains
+
     def embed(feats: np.ndarray) -> np.ndarray:
         model.eval()
         with torch.no_grad():
-            return model(torch.from_numpy(feats)).numpy()
+            return model(torch.from_numpy(feats).to(device)).cpu().numpy()
 
     def mean_cosine() -> float:
         e = embed(val.x[:1000])  # (n, dim)
@@ -146,7 +148,7 @@ def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet
             log.warning("time budget reached after epoch %d", row["epoch"])
             break
     model.head.load_state_dict(best_state)
-    model.eval()
+    model.cpu().eval()  # exported from the CPU
     return result
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.devices import Device
+from simsearch.devices import Device, torch_device
 from simsearch.encoders.trained import ModelCard
 from simsearch.encoders.training.loop import TrainingStopped
 
@@ -83,13 +83,14 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
 
     torch.manual_seed(cfg.seed)
     head_arch = {"in": base.dim, "hidden": [cfg.hidden] if cfg.hidden else [], "out": cfg.dim}
-    model = HeadOnFeatures(build_head(head_arch))
+    device = torch_device(cfg.device, torch.cuda.is_available())
+    model = HeadOnFeatures(build_head(head_arch)).to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     loss_fn = losses.TripletMarginLoss(margin=cfg.margin)
     miner = miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     m = 2 if train.kind == "pairs" else cfg.m_per_class  # a pair has exactly two images
     batch = min(cfg.batch_size, len(y_train)) // m * m
-    x, y = torch.from_numpy(x_train), torch.from_numpy(y_train)
+    x, y = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
 
     def run_epoch(epoch: int) -> dict:
         # A fresh sampler per epoch: it shuffles its own label list in place, so a long-lived one would

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from simsearch.cli import app
+from simsearch.devices import Device
 from simsearch.errors import UnknownNameError
 from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet
 from simsearch.retrieval.rerank import Reranker, get_reranker, pixels, rerank_order
@@ -124,10 +126,12 @@ def test_reranked_query_does_not_import_torch(matchnet, db, classes, models_dir)
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
-def test_scratch_tower_on_pixels(classes, models_dir):
+def test_scratch_tower_on_pixels_and_cuda_falls_back_to_cpu(classes, models_dir, caplog):
     cfg = MatchNetConfig(name="tiny-scratch", tower="scratch", data=classes, pairs_per_epoch=640, epochs=1,
-                         holdout_per_class=2, lr=1e-3)
-    card = train_matchnet(cfg, models_dir)
+                         holdout_per_class=2, lr=1e-3, device=Device.cuda)
+    with caplog.at_level(logging.WARNING):
+        card = train_matchnet(cfg, models_dir)
+    assert any("training on the CPU" in r.message for r in caplog.records)  # no GPU here, never in CI
     assert card["input"] == "pixels" and card["image_size"] == 64
     rr = Reranker(get_reranker("tiny-scratch", models_dir))
     photos = sorted(classes.rglob("*.JPEG"))[:4]
