@@ -273,6 +273,9 @@ def bench(
     reranker: Annotated[Optional[str], typer.Option(
         help="reranker name(s), comma-separated: each reorders the first encoder's top --rerank-depth.")] = None,
     rerank_depth: Annotated[int, typer.Option(min=1)] = 100,
+    reranker_minutes: Annotated[float, typer.Option(
+        min=0.1, help="per reranker, for reranked hit@k and for all pairs each: a slower one is measured on the "
+                      "largest part that fits (stated in the results).")] = 20.0,
     task: Annotated[Optional[str], typer.Option(
         help="pairs (find the pair, hit@k), classes (same/different accuracy); default: both, or pairs for a pair folder.")]
     = None,
@@ -305,7 +308,7 @@ def bench(
                                  balanced_pairs=balanced_pairs, all_pairs_per_class=all_pairs_per_class,
                                  device=device, models_dir=models_dir, cache_db=cache_db,
                                  rerankers=tuple(r.strip() for r in (reranker or "").split(",") if r.strip()),
-                                 rerank_depth=rerank_depth)
+                                 rerank_depth=rerank_depth, reranker_minutes=reranker_minutes)
     with _ProgressReporter("bench") as progress:
         result = harness.run(config, [e.strip() for e in encoder.split(",") if e.strip()], progress.stage)
     wide = out if out.is_terminal else Console(width=170)  # a pipe or a CI log is not 80 columns of screen

@@ -250,3 +250,19 @@ def test_query_rerank_with_beit_through_the_cli(beit, db, classes):
     hits = json.loads(result.stdout)["results"][0]["hits"]
     probs = [h["rerank_score"] for h in hits]
     assert len(hits) == 3 and probs == sorted(probs, reverse=True) and all(0 <= p <= 1 for p in probs)
+
+
+def test_a_slow_reranker_is_measured_on_whole_pair_sets_within_its_budget(matchnet, classes, models_dir, tmp_path):
+    from simsearch.benchmarks import datasets, harness, report
+
+    cfg = harness.BenchConfig(data=classes, split="train", ks=(1, 3), tasks=("pairs",), n_boot=50,
+                              rerankers=("tiny-matchnet",),
+                              rerank_depth=4, cache_db=tmp_path / "cache", models_dir=models_dir,
+                              reranker_minutes=1e-9)
+    result = harness.run(cfg, ["efficientnet-lite0"])
+    base, rr = result["encoders"]
+    sets = datasets.make_pair_sets(datasets.load_class_dataset(classes, "train").labels, cfg.seed)  # 5 sets
+    assert rr["hits"]["sets"] == 1 < rr["hits"]["sets_available"] == len(sets)
+    assert rr["hits"]["queries"] == rr["hits"]["before"]["queries"] == len(sets[0].left_idx)
+    labels = [row[0] for row in zip(*[c._cells for c in report.hits_table(result).columns])]
+    assert any("without reranking, same" in label for label in labels)
