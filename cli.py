@@ -387,7 +387,7 @@ def train_triplet(
     base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = "efficientnet-lite0",
     dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = 256,
     epochs: Annotated[int, typer.Option(min=1)] = 30,
-    margin: Annotated[float, typer.Option(min=0.0)] = 0.2,
+    margin: Annotated[float, typer.Option(min=0.0)] = 0.1,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
     views: Annotated[bool, typer.Option(
         help="add two augmented views of every training image (cached, shared with `train barlow`).")] = False,

@@ -32,7 +32,7 @@ def test_training_lowers_the_loss_and_writes_a_card(trained):
     assert history[-1]["loss"] < history[0]["loss"]
     assert trained.base == "efficientnet-lite0" and trained.dim == 16 and len(trained.onnx_sha256) == 64
     assert trained.validation["best"]["hit10"] > 0
-    assert trained.hyper_parameters["margin"] == 0.2
+    assert trained.hyper_parameters["margin"] == 0.1
 
 
 def test_trained_encoder_is_registered_and_matches_torch_on_real_images(trained, models_dir, classes):
