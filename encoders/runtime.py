@@ -23,25 +23,30 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def ort_session(path: Path, device: Device = Device.auto, threads: int | None = None):
+    """An ONNX Runtime session for a model file on `device`, and the device it really runs on ("cuda" | "cpu")."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or cpu_count()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # ORT's own warnings are not the user's business
+    # Idle ORT threads otherwise busy-wait between runs and starve the indexer's decode threads;
+    # no measurable cost to encoder throughput here (benchmarks/speed.py).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), sess_options=opts,
+                                   providers=ort_providers(device, ort.get_available_providers()))
+    return session, ort_device_used(device, session.get_providers())
+
+
 class OnnxEncoder:
     """(B, 3, S, S) float32 -> (B, dim) float32 L2-normalised, on the device chosen by `device`."""
 
     def __init__(self, spec: EncoderSpec, device: Device = Device.auto, models_dir: Path | None = None,
                  threads: int | None = None):
-        import onnxruntime as ort
-
         self.spec = spec
         path = ensure_onnx(spec, models_dir)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or cpu_count()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3  # ORT's own warnings are not the user's business
-        # Idle ORT threads otherwise busy-wait between runs and starve the indexer's decode threads;
-        # no measurable cost to encoder throughput here (benchmarks/speed.py).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ort_providers(device, ort.get_available_providers())
-        self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-        self.device = ort_device_used(device, self.session.get_providers())
+        self.session, self.device = ort_session(path, device, threads)
         self._input = self.session.get_inputs()[0].name
         log.debug("encoder %s on %s (%s)", spec.name, self.device, path.name)
 

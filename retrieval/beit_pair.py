@@ -158,18 +158,12 @@ def trunk_features(tokens: TrunkTokens, pixels_u8: np.ndarray, device: Device, o
     import tempfile
 
     from simsearch.encoders.export import export_module
-    from simsearch.devices import ort_providers
-    from simsearch.encoders.runtime import cpu_count
-
-    import onnxruntime as ort
+    from simsearch.encoders.runtime import ort_session
 
     size = pixels_u8.shape[-1]
     with tempfile.TemporaryDirectory() as tmp:
         export_module(tokens.eval(), (1, 3, size, size), Path(tmp) / "trunk.onnx")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = cpu_count()
-        session = ort.InferenceSession(str(Path(tmp) / "trunk.onnx"), opts,
-                                       providers=ort_providers(device, ort.get_available_providers()))
+        session, _ = ort_session(Path(tmp) / "trunk.onnx", device)
     out = None
     for s in range(0, len(pixels_u8), block):
         x = pixels_u8[s:s + block].astype(np.float32) / 255.0
@@ -195,9 +189,8 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
         beit, size, mean, std = load_checkpoint(cfg.weights)
         metric = PairBeit(beit, interpolate=True)
         tower = Normalize(mean, std)  # nothing to train before the transformer: pixels go straight in
-        pixels_u8 = load_pixels(ds.paths, size)
-        raw = pixel_batches(pixels_u8)
-        batch_of, export_tower, source = raw, tower, f"BEiT checkpoint {cfg.weights}"
+        batch_of, export_tower = pixel_batches(load_pixels(ds.paths, size)), tower
+        source = f"BEiT checkpoint {cfg.weights}"
     else:
         from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
         from simsearch.encoders.spec import get_encoder

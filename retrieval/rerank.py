@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.devices import Device, ort_device_used, ort_providers
+from simsearch.devices import Device
 from simsearch.errors import ModelError, UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -89,21 +89,14 @@ class Reranker:
     """P(same) for pairs, through ONNX Runtime: bottlenecks once per item, the metric network per pair."""
 
     def __init__(self, spec: RerankerSpec, device: Device = Device.auto, threads: int | None = None):
-        import onnxruntime as ort
-
-        from simsearch.encoders.runtime import cpu_count
+        from simsearch.encoders.runtime import ort_session
 
         self.spec = spec
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or cpu_count()
-        opts.log_severity_level = 3
-        providers = ort_providers(device, ort.get_available_providers())
         try:
-            self.tower = ort.InferenceSession(str(spec.folder / TOWER), opts, providers=providers)
-            self.metric = ort.InferenceSession(str(spec.folder / METRIC), opts, providers=providers)
+            self.tower, self.device = ort_session(spec.folder / TOWER, device, threads)
+            self.metric, _ = ort_session(spec.folder / METRIC, device, threads)
         except Exception as e:  # onnxruntime raises its own types for missing/corrupt files
             raise ModelError(f"reranker {spec.name!r}: cannot load its ONNX models from {spec.folder} ({e})") from None
-        self.device = ort_device_used(device, self.tower.get_providers())
 
     def bottleneck(self, inputs: np.ndarray, block: int = 256) -> np.ndarray:
         """(N, ...) tower inputs (embeddings or pixels) -> (N, ...) tower outputs (MatchNet: 256-d bottlenecks)."""
