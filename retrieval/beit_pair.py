@@ -210,10 +210,7 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     n_params = sum(p.numel() for p in (*tower.parameters(), *metric.parameters()) if p.requires_grad)
     log.info("beit pair classifier (%s): %d training images, %d held out, %.2fM trainable parameters", source,
              len(train_idx), len(val_idx), n_params / 1e6)
-    fit = PairFitConfig(lr=cfg.lr, batch_size=cfg.batch_size, pairs_per_epoch=cfg.pairs_per_epoch, epochs=cfg.epochs,
-                        patience=cfg.patience, max_minutes=cfg.max_minutes, seed=cfg.seed,
-                        weight_decay=cfg.weight_decay)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, fit, on_progress,
+    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), on_progress,
                            torch_device(cfg.device, torch.cuda.is_available()))
     card = make_card(cfg, "beit", "pixels", size, validation, time.perf_counter() - t0, source=source,
                      encoder="", trainable_parameters=n_params)

@@ -123,9 +123,7 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     torch.manual_seed(cfg.seed)
     tower = conv_tower(cfg.bottleneck) if cfg.tower == "scratch" else feature_tower(data.shape[1], cfg.bottleneck)
     metric = Metric(cfg.bottleneck, cfg.hidden, cfg.dropout)
-    fit = PairFitConfig(lr=cfg.lr, batch_size=cfg.batch_size, pairs_per_epoch=cfg.pairs_per_epoch, epochs=cfg.epochs,
-                        patience=cfg.patience, max_minutes=cfg.max_minutes, seed=cfg.seed)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, fit, on_progress,
+    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), on_progress,
                            torch_device(cfg.device, torch.cuda.is_available()))
     scratch = cfg.tower == "scratch"
     card = make_card(cfg, "matchnet", "pixels" if scratch else "encoder", cfg.image_size if scratch else 0, validation,

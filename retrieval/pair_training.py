@@ -13,7 +13,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,6 +39,11 @@ class PairFitConfig:
     seed: int
     weight_decay: float = 0.0
     val_pairs: int = 10_000
+
+    @classmethod
+    def of(cls, trainer_config) -> PairFitConfig:
+        """The loop's settings, read off a reranker's config (MatchNetConfig, BeitPairConfig) by field name."""
+        return cls(**{f.name: getattr(trainer_config, f.name) for f in fields(cls) if hasattr(trainer_config, f.name)})
 
 
 def holdout_split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
