@@ -180,9 +180,11 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
     from simsearch.benchmarks import datasets
     from simsearch.retrieval.matchnet import load_pixels, pixel_batches
+    from simsearch.encoders.training.loop import Budget
     from simsearch.retrieval.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
 
     t0 = time.perf_counter()
+    budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
     torch.manual_seed(cfg.seed)
     if cfg.weights is not None:
@@ -210,7 +212,8 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     n_params = sum(p.numel() for p in (*tower.parameters(), *metric.parameters()) if p.requires_grad)
     log.info("beit pair classifier (%s): %d training images, %d held out, %.2fM trainable parameters", source,
              len(train_idx), len(val_idx), n_params / 1e6)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), on_progress,
+    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), budget,
+                           on_progress,
                            torch_device(cfg.device, torch.cuda.is_available()))
     card = make_card(cfg, "beit", "pixels", size, validation, time.perf_counter() - t0, source=source,
                      encoder="", trainable_parameters=n_params)

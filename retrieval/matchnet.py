@@ -101,11 +101,13 @@ def pixel_batches(data: np.ndarray):
 def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progress=None) -> dict:
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
     from simsearch.benchmarks import datasets
+    from simsearch.encoders.training.loop import Budget
     from simsearch.retrieval.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
 
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
     t0 = time.perf_counter()
+    budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
     if cfg.tower == "scratch":
         data = load_pixels(ds.paths, cfg.image_size)
@@ -123,7 +125,8 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     torch.manual_seed(cfg.seed)
     tower = conv_tower(cfg.bottleneck) if cfg.tower == "scratch" else feature_tower(data.shape[1], cfg.bottleneck)
     metric = Metric(cfg.bottleneck, cfg.hidden, cfg.dropout)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), on_progress,
+    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), budget,
+                           on_progress,
                            torch_device(cfg.device, torch.cuda.is_available()))
     scratch = cfg.tower == "scratch"
     card = make_card(cfg, "matchnet", "pixels" if scratch else "encoder", cfg.image_size if scratch else 0, validation,

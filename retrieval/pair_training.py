@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from simsearch.devices import Device
+from simsearch.encoders.training.loop import Budget
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ class PairFitConfig:
     pairs_per_epoch: int
     epochs: int
     patience: int
-    max_minutes: float
     seed: int
     weight_decay: float = 0.0
     val_pairs: int = 10_000
@@ -76,7 +76,7 @@ def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.
 
 
 def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, train_idx: np.ndarray,
-              val_idx: np.ndarray, cfg: PairFitConfig, on_progress=None, device: str = "cpu") -> dict:
+              val_idx: np.ndarray, cfg: PairFitConfig, budget: Budget, on_progress=None, device: str = "cpu") -> dict:
     """Train tower + metric with BCE on balanced pairs; leaves both holding the best epoch, on the CPU.
 
     device: where torch trains ("cuda" or "cpu", from devices.torch_device). Returns the validation record.
@@ -110,7 +110,7 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
             done += 1
             if on_progress and (step % 20 == 0 or step + 1 == steps):
                 on_progress(f"epoch {epoch + 1}/{cfg.epochs} loss {total / (step + 1):.4f}", step + 1, steps)
-            if time.perf_counter() - t0 > cfg.max_minutes * 60:
+            if budget.over():
                 break  # an epoch may be long: the budget is checked per step, and this epoch is still validated
         row = {"epoch": epoch + 1, "loss": total / max(done, 1), "steps": done,
                **evaluate(tower, metric, lambda idx: batch_of(val_idx[idx]), labels[val_idx], cfg.val_pairs, cfg.seed),
@@ -125,8 +125,8 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
         if row["epoch"] - best["epoch"] >= cfg.patience:
             stopped = f"no better held-out balanced accuracy for {cfg.patience} epochs"
             break
-        if time.perf_counter() - t0 > cfg.max_minutes * 60:
-            stopped = f"time budget of {cfg.max_minutes} minutes reached"
+        if budget.over():
+            stopped = f"time budget of {budget.minutes} minutes reached"
             log.warning("time budget reached in epoch %d", row["epoch"])
             break
     tower.load_state_dict(best_state[0])

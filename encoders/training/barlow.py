@@ -63,13 +63,14 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
     import torch
 
     from simsearch.encoders.training.features import train_and_holdout
-    from simsearch.encoders.training.loop import (LoopConfig, check_name, checkpoint_path, export_and_install, fit,
-                                                  make_card)
+    from simsearch.encoders.training.loop import (Budget, LoopConfig, check_name, checkpoint_path,
+                                                  export_and_install, fit, make_card)
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
     from simsearch.encoders.training.views import view_features
 
     check_name(cfg.name)
     t0 = time.perf_counter()
+    budget = Budget(cfg.max_minutes)
     # Labels are used only to hold out validation pair sets; training itself never sees them.
     base, train, val = train_and_holdout(cfg, models_dir, on_progress)
     train_paths = train.paths
@@ -102,7 +103,7 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
                 on_progress(f"epoch {epoch + 1}/{cfg.epochs} loss {total / (step + 1):.1f}", step + 1, steps)
         return {"loss": total / max(steps, 1)}
 
-    loop = LoopConfig(cfg.epochs, cfg.patience, cfg.max_minutes, cfg.collapse_cosine, cfg.seed)
+    loop = LoopConfig(cfg.epochs, cfg.patience, budget, cfg.collapse_cosine, cfg.seed)
     ckpt = checkpoint_path(models_dir, cfg)
     result = fit(model, run_epoch, val, loop, optimizer=opt, checkpoint=ckpt)
     card = make_card("barlow", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,

@@ -34,10 +34,26 @@ class TrainingStopped(Exception):
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A training command's time budget (--max-minutes), counted from the command's start, so the data
+    preparation (embedding, caching) counts too, with time kept back for the export after the last epoch."""
+
+    minutes: float
+    started: float = field(default_factory=time.perf_counter)
+
+    def spent(self) -> float:
+        return time.perf_counter() - self.started
+
+    def over(self) -> bool:
+        reserve = min(60.0, 6.0 * self.minutes)  # seconds for the ONNX export and registration (~30 s measured)
+        return self.spent() > self.minutes * 60 - reserve
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     epochs: int
     patience: int  # epochs without a better held-out score before stopping
-    max_minutes: float
+    budget: Budget
     collapse_cosine: float = 0.9  # mean pairwise cosine of held-out embeddings above this = collapsed
     seed: int = 0
 
@@ -143,8 +159,8 @@ def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet
         if row["epoch"] - result.best["epoch"] >= cfg.patience:
             result.stopped = f"no better held-out hit@1 + hit@10 for {cfg.patience} epochs"
             break
-        if time.perf_counter() - t0 > cfg.max_minutes * 60:
-            result.stopped = f"time budget of {cfg.max_minutes} minutes reached"
+        if cfg.budget.over():
+            result.stopped = f"time budget of {cfg.budget.minutes} minutes reached"
             log.warning("time budget reached after epoch %d", row["epoch"])
             break
     model.head.load_state_dict(best_state)

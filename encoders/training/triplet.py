@@ -67,12 +67,13 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     from pytorch_metric_learning import losses, miners, samplers
 
     from simsearch.encoders.training.features import train_and_holdout
-    from simsearch.encoders.training.loop import (LoopConfig, check_name, checkpoint_path, export_and_install, fit,
-                                                  make_card)
+    from simsearch.encoders.training.loop import (Budget, LoopConfig, check_name, checkpoint_path,
+                                                  export_and_install, fit, make_card)
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
 
     check_name(cfg.name)
     t0 = time.perf_counter()
+    budget = Budget(cfg.max_minutes)
     base, train, val = train_and_holdout(cfg, models_dir, on_progress)
     x_train, y_train = train.x, train.y
     if cfg.views:
@@ -113,7 +114,7 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
                 on_progress(f"epoch {epoch + 1}/{cfg.epochs} loss {total / (step + 1):.4f}", step + 1, steps)
         return {"loss": total / max(steps, 1), "triplets": mined}
 
-    loop = LoopConfig(cfg.epochs, cfg.patience, cfg.max_minutes, cfg.collapse_cosine, cfg.seed)
+    loop = LoopConfig(cfg.epochs, cfg.patience, budget, cfg.collapse_cosine, cfg.seed)
     ckpt = checkpoint_path(models_dir, cfg)
     result = fit(model, run_epoch, val, loop, lambda history: check_triplet_loss(history, cfg.margin),
                  optimizer=opt, checkpoint=ckpt)

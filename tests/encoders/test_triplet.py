@@ -106,3 +106,13 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(classes, models_dir, mon
     losses = [[h["loss"] for h in c.validation["history"]] for c in (straight, resumed)]
     np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)  # epochs 3-4 continue exactly where 2 stopped
     assert not ckpt.exists()  # a finished run leaves no checkpoint
+
+
+def test_the_budget_counts_from_the_command_start_and_keeps_time_for_the_export():
+    import time
+
+    from simsearch.encoders.training.loop import Budget
+
+    assert not Budget(20).over()
+    assert Budget(20, started=time.perf_counter() - 19.5 * 60).over()  # 30 s left: less than the export reserve
+    assert not Budget(20, started=time.perf_counter() - 18 * 60).over()
