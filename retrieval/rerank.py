@@ -41,6 +41,8 @@ class RerankerSpec:
     def summary(self) -> str:
         ev = self.card.get("validation", {})
         src = f"on {self.encoder} embeddings" if self.input == "encoder" else f"on {self.image_size}px pixels"
+        if self.card.get("source"):  # BEiT: what its tokens come from and what was trained
+            src += f" ({self.card['source']})"
         return (f"{self.card.get('arch', 'matchnet')} {src}, trained on {Path(self.card.get('data', '?')).name}; "
                 f"held-out balanced accuracy {ev.get('balanced_accuracy', float('nan')):.3f}")
 
