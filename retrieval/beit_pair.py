@@ -19,7 +19,6 @@ metric.onnx = two token grids -> P(same) (once per pair). Imports torch and tran
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,7 +182,6 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     from simsearch.encoders.training.loop import Budget
     from simsearch.retrieval.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
 
-    t0 = time.perf_counter()
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
     torch.manual_seed(cfg.seed)
@@ -215,7 +213,7 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), budget,
                            on_progress,
                            torch_device(cfg.device, torch.cuda.is_available()))
-    card = make_card(cfg, "beit", "pixels", size, validation, time.perf_counter() - t0, source=source,
+    card = make_card(cfg, "beit", "pixels", size, validation, budget.spent(), source=source,
                      encoder="", trainable_parameters=n_params)
     export_reranker(card, export_tower, metric, (1, 3, size, size), models_dir,
                     {"tower": tower.state_dict(), "metric": metric.state_dict()})

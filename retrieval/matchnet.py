@@ -13,7 +13,6 @@ Imports torch: only `simsearch train matchnet` and tests import this module.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,7 +105,6 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
 
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
-    t0 = time.perf_counter()
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
     if cfg.tower == "scratch":
@@ -130,7 +128,7 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
                            torch_device(cfg.device, torch.cuda.is_available()))
     scratch = cfg.tower == "scratch"
     card = make_card(cfg, "matchnet", "pixels" if scratch else "encoder", cfg.image_size if scratch else 0, validation,
-                     time.perf_counter() - t0, tower=cfg.tower, encoder="" if scratch else cfg.encoder)
+                     budget.spent(), tower=cfg.tower, encoder="" if scratch else cfg.encoder)
     tower_shape = (1, 3, cfg.image_size, cfg.image_size) if scratch else (1, data.shape[1])
     export_reranker(card, tower, metric, tower_shape, models_dir,
                     {"tower": tower.state_dict(), "metric": metric.state_dict()})

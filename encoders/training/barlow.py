@@ -12,7 +12,6 @@ The price: one fixed pair of views per image instead of fresh views every epoch,
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,7 +68,6 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
     from simsearch.encoders.training.views import view_features
 
     check_name(cfg.name)
-    t0 = time.perf_counter()
     budget = Budget(cfg.max_minutes)
     # Labels are used only to hold out validation pair sets; training itself never sees them.
     base, train, val = train_and_holdout(cfg, models_dir, on_progress)
@@ -108,5 +106,5 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
     result = fit(model, run_epoch, val, loop, optimizer=opt, checkpoint=ckpt)
     card = make_card("barlow", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
                      f"{len(val.y)} images of the {cfg.split} split ({val.kind}); trained on {views.shape[1]} others",
-                     time.perf_counter() - t0)
+                     budget.spent())
     return export_and_install(card, model.head, models_dir, ckpt)

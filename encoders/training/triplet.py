@@ -14,7 +14,6 @@ stops with a warning and the best epoch so far is kept.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,7 +71,6 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     from simsearch.encoders.training.model import HeadOnFeatures, build_head
 
     check_name(cfg.name)
-    t0 = time.perf_counter()
     budget = Budget(cfg.max_minutes)
     base, train, val = train_and_holdout(cfg, models_dir, on_progress)
     x_train, y_train = train.x, train.y
@@ -119,5 +117,5 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     result = fit(model, run_epoch, val, loop, lambda history: check_triplet_loss(history, cfg.margin),
                  optimizer=opt, checkpoint=ckpt)
     card = make_card("triplet", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
-                     f"{len(val.y)} images of the {cfg.split} split ({val.kind})", time.perf_counter() - t0)
+                     f"{len(val.y)} images of the {cfg.split} split ({val.kind})", budget.spent())
     return export_and_install(card, model.head, models_dir, ckpt)
