@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -61,6 +62,12 @@ class ModelCard:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
+
+
+def check_model_name(name: str) -> None:
+    """A trained model's name is a folder name in the registry: letters, digits, '.', '_', '-'."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+        raise ModelError(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
 
 
 def trained_root(models_dir: Path | None) -> Path:

@@ -179,9 +179,11 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
     from simsearch.benchmarks import datasets
     from simsearch.retrieval.matchnet import load_pixels, pixel_batches
+    from simsearch.encoders.trained import check_model_name
     from simsearch.encoders.training.loop import Budget
     from simsearch.retrieval.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
 
+    check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
     torch.manual_seed(cfg.seed)

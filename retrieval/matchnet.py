@@ -100,11 +100,13 @@ def pixel_batches(data: np.ndarray):
 def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progress=None) -> dict:
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
     from simsearch.benchmarks import datasets
+    from simsearch.encoders.trained import check_model_name
     from simsearch.encoders.training.loop import Budget
     from simsearch.retrieval.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
 
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
+    check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
     if cfg.tower == "scratch":

@@ -21,7 +21,7 @@ import torch
 
 from simsearch.devices import Device
 from simsearch.encoders.spec import EncoderSpec, get_encoder, is_builtin
-from simsearch.encoders.trained import ModelCard, install, trained_root
+from simsearch.encoders.trained import ModelCard, check_model_name, install, trained_root
 from simsearch.encoders.training.features import FeatureSet, validation_ranks
 from simsearch.encoders.training.model import HeadOnFeatures
 from simsearch.errors import SimsearchError
@@ -66,6 +66,7 @@ class LoopResult:
 
 
 def check_name(name: str) -> None:
+    check_model_name(name)
     if is_builtin(name):
         raise SimsearchError(f"{name!r} is a built-in encoder; choose another --name")
 

@@ -234,10 +234,12 @@ def test_beit_from_a_user_checkpoint(classes, models_dir, tmp_path):
                                                        torch.from_numpy(x)), atol=1e-4)
 
 
-@pytest.mark.parametrize("weights, message", [("missing", "no such file"), ("empty", "not a BEiT checkpoint")])
-def test_beit_bad_checkpoint_is_a_clear_error(classes, tmp_path, weights, message):
+@pytest.mark.parametrize("name, weights, message", [("b", "missing", "no such file"),
+                                                    ("b", "empty", "not a BEiT checkpoint"),
+                                                    ("../b", "empty", "invalid name")])
+def test_beit_bad_checkpoint_or_name_is_a_clear_error(classes, tmp_path, name, weights, message):
     (tmp_path / "empty").mkdir()
-    result = runner.invoke(app, ["train", "beit", "--name", "b", "--data", str(classes), "--weights",
+    result = runner.invoke(app, ["train", "beit", "--name", name, "--data", str(classes), "--weights",
                                  str(tmp_path / weights)])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
 
