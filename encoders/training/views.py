@@ -1,9 +1,9 @@
 """Augmented views of training images through a frozen encoder, computed once and cached on disk.
 
-Barlow Twins trains on two augmented views of every image; triplet fine-tuning adds the same views as
-extra samples of their class (against over-fitting a head to 18,000 clean embeddings). Both run the
-frozen encoder on the views once, so the cache is keyed by encoder weights, seed and image list, and
-written per chunk: an interrupted run resumes where it stopped, and a second trainer reuses it.
+Barlow Twins trains on two augmented views of every image; triplet fine-tuning can add the same views
+as extra samples of their class (`--views`; off by default, it measured worse). Both run the frozen
+encoder on the views once, so the cache is keyed by encoder weights, seed and image list, and written
+per chunk: an interrupted run resumes where it stopped, and a second trainer reuses it.
 """
 
 from __future__ import annotations
