@@ -195,7 +195,8 @@ def run_encoder(name: str, config: BenchConfig, store: Store, progress: Progress
 
 
 def rerank_ranks(vectors: np.ndarray, bottlenecks: np.ndarray, sets: list[datasets.PairSet], reranker,
-                 depth: int, budget_seconds: float = float("inf")) -> tuple[np.ndarray, np.ndarray, int]:
+                 depth: int, budget_seconds: float = float("inf"),
+                 on_progress=None) -> tuple[np.ndarray, np.ndarray, int]:
     """Partner ranks before and after reranking the top `depth` of each query's vector ranking: (Q,), (Q,),
     and the number of pair sets measured: whole sets, as many as fit in budget_seconds (at least one).
 
@@ -220,16 +221,22 @@ def rerank_ranks(vectors: np.ndarray, bottlenecks: np.ndarray, sets: list[datase
                 order = rerank_order(probs[q], scores[q, top[q]])
                 rank = int(np.flatnonzero(order == hit[0])[0])
             after.append(rank)
+        if on_progress:
+            on_progress(n_sets, len(sets))
     return np.asarray(before), np.asarray(after), n_sets
 
 
-def reranker_bottlenecks(reranker, paths: list[Path], embed_for) -> np.ndarray:
-    """(N, 256) bottlenecks of every image: from the encoder's cached embeddings, or from pixels in chunks."""
+def reranker_bottlenecks(reranker, paths: list[Path], embed_for, on_progress=None) -> np.ndarray:
+    """(N, ...) tower outputs of every image: from the encoder's cached embeddings, or from pixels in chunks."""
     spec = reranker.spec
     if spec.input == "encoder":
         return reranker.bottleneck(embed_for(spec.encoder)(paths, "reranker input"))
-    return np.concatenate([reranker.bottleneck(pixels(paths[i:i + 512], spec.image_size))
-                           for i in range(0, len(paths), 512)])
+    parts = []
+    for i in range(0, len(paths), 512):
+        parts.append(reranker.bottleneck(pixels(paths[i:i + 512], spec.image_size)))
+        if on_progress:
+            on_progress(min(i + 512, len(paths)), len(paths))
+    return np.concatenate(parts)
 
 
 def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
@@ -240,7 +247,10 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
         raise DatasetError(f"{config.data}: rerankers are benchmarked on a class dataset")
     ds = datasets.load_class_dataset(config.data, config.split)
     t = time.perf_counter()
-    b = reranker_bottlenecks(reranker, ds.paths, embed_for)
+    def stage(label: str):
+        return (lambda done, total: progress(f"{name}: {label}", done, total)) if progress else None
+
+    b = reranker_bottlenecks(reranker, ds.paths, embed_for, stage("tower of every image"))
     vectors = embed_for(search_encoder)(ds.paths, config.split)
     entry = {"encoder": f"{search_encoder} + {name}@{config.rerank_depth}", "kind": "reranker", "reranker": name,
              "key": name, "card": reranker.spec.card.get("onnx_sha256"), "embedded": 0,
@@ -249,7 +259,8 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
         t = time.perf_counter()
         sets = datasets.make_pair_sets(ds.labels, config.seed)
         before, after, n_sets = rerank_ranks(vectors, b, sets, reranker, config.rerank_depth,
-                                             60 * config.reranker_minutes)
+                                             60 * config.reranker_minutes,
+                                             stage(f"reranking the top {config.rerank_depth} (pair sets)"))
         gallery = len(sets[0].right_idx)
         # "before" is the encoder alone on the same queries, so the two are paired.
         entry["hits"] = {**hit_at_k(after, gallery, config), "sets": n_sets, "sets_available": len(sets),
@@ -273,9 +284,10 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
         subset = datasets.class_balanced_subset(ds.labels, per_class, config.seed)
         t = time.perf_counter()
         tracemalloc.start()
+        bs = b[subset]  # (n, ...) tower outputs of the subset, gathered once
         hist = metrics.all_pairs_scored(len(subset), ds.labels[subset],
-                                        lambda r, c: reranker.score_block(b[subset][r], b[subset][c]), 0.5,
-                                        block=16, bins_range=(0.0, 1.0))
+                                        lambda r, c: reranker.score_block(bs[r], bs[c]), 0.5,
+                                        block=16, bins_range=(0.0, 1.0), on_progress=stage("all pairs (rows)"))
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         fpr, tpr, _ = hist.roc_curve()

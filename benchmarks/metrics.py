@@ -204,8 +204,11 @@ class ScoreHistogram:
 
 def all_pairs_scored(n: int, labels: np.ndarray, score_block: Callable[[np.ndarray, np.ndarray], np.ndarray],
                      threshold: float, block: int = 1024, bins_range: tuple[float, float] = (-1.0, 1.0),
-                     bins: int = 20_000) -> ScoreHistogram:
-    """Every unordered pair i < j of n items, scored block by block: memory O(block * n) whatever n."""
+                     bins: int = 20_000, on_progress=None) -> ScoreHistogram:
+    """Every unordered pair i < j of n items, scored block by block: memory O(block * n) whatever n.
+
+    on_progress(rows done, n) after every block of rows.
+    """
     hist = ScoreHistogram(threshold, *bins_range, bins=bins)
     for r0 in range(0, n, block):
         rows = np.arange(r0, min(r0 + block, n))
@@ -214,6 +217,8 @@ def all_pairs_scored(n: int, labels: np.ndarray, score_block: Callable[[np.ndarr
         upper = cols[None, :] > rows[:, None]  # keep j > i only
         same = labels[rows][:, None] == labels[cols][None, :]
         hist.add(scores[upper], same[upper])
+        if on_progress:
+            on_progress(rows[-1] + 1, n)
     return hist
 
 
