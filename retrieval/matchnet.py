@@ -42,6 +42,9 @@ class MatchNetConfig:
     lr: float = 1e-4
     batch_size: int = 32
     pairs_per_epoch: int = 64_000
+    # Share of training pairs that are (image, one of its 50 nearest neighbours under the encoder): what a
+    # reranker meets at query time. 0 = the research's balanced random pairs.
+    hard_fraction: float = 0.0
     epochs: int = 40
     patience: int = 5
     holdout_per_class: int = 10
@@ -102,10 +105,13 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     from simsearch.benchmarks import datasets
     from simsearch.encoders.trained import check_model_name
     from simsearch.encoders.training.loop import Budget
-    from simsearch.retrieval.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
+    from simsearch.retrieval.pair_training import (PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card,
+                                                   nearest_neighbours)
 
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
+    if cfg.hard_fraction and cfg.tower != "pretrained":
+        raise SimsearchError("hard negatives come from the encoder's nearest neighbours: use --tower pretrained")
     check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
@@ -121,13 +127,14 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
         batch_of = lambda idx: torch.from_numpy(data[idx])  # noqa: E731
     train_idx, val_idx = holdout_split(ds.labels, cfg.holdout_per_class, cfg.seed)
     log.info("matchnet (%s tower): %d training images, %d held out", cfg.tower, len(train_idx), len(val_idx))
+    neighbours = nearest_neighbours(data[train_idx], 50) if cfg.hard_fraction else None  # (n_train, 50)
 
     torch.manual_seed(cfg.seed)
     tower = conv_tower(cfg.bottleneck) if cfg.tower == "scratch" else feature_tower(data.shape[1], cfg.bottleneck)
     metric = Metric(cfg.bottleneck, cfg.hidden, cfg.dropout)
     validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), budget,
                            on_progress,
-                           torch_device(cfg.device, torch.cuda.is_available()))
+                           torch_device(cfg.device, torch.cuda.is_available()), neighbours)
     scratch = cfg.tower == "scratch"
     card = make_card(cfg, "matchnet", "pixels" if scratch else "encoder", cfg.image_size if scratch else 0, validation,
                      budget.spent(), tower=cfg.tower, encoder="" if scratch else cfg.encoder)

@@ -39,6 +39,7 @@ class PairFitConfig:
     seed: int
     weight_decay: float = 0.0
     val_pairs: int = 10_000
+    hard_fraction: float = 0.0  # share of each epoch's pairs drawn as (image, one of its nearest neighbours)
 
     @classmethod
     def of(cls, trainer_config) -> PairFitConfig:
@@ -52,6 +53,25 @@ def holdout_split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.nda
 
     held = holdout_mask(FeatureSet(np.empty((len(labels), 0)), labels, "classes"), per_class, seed)
     return np.flatnonzero(~held), np.flatnonzero(held)
+
+
+def nearest_neighbours(x: np.ndarray, k: int, block: int = 1024) -> np.ndarray:
+    """(N, k) indices of each row's k nearest other rows by cosine (x L2-normalised), in blocks of rows."""
+    out = np.empty((len(x), k), np.int64)
+    for s in range(0, len(x), block):
+        sims = x[s:s + block] @ x.T  # (b, N)
+        sims[np.arange(len(sims)), np.arange(s, s + len(sims))] = -np.inf  # not itself
+        out[s:s + len(sims)] = np.argpartition(-sims, k, axis=1)[:, :k]
+    return out
+
+
+def hard_pairs(neighbours: np.ndarray, labels: np.ndarray, n: int, seed: int):
+    """n pairs (i, one of i's nearest neighbours), labelled by class: the candidates a reranker sees at query
+    time are a query's nearest neighbours, not random images, so it must learn to tell those apart."""
+    rng = np.random.default_rng(seed)
+    i = rng.integers(0, len(neighbours), n)
+    j = neighbours[i, rng.integers(0, neighbours.shape[1], n)]
+    return i, j, labels[i] == labels[j]
 
 
 def predict(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: np.ndarray, j: np.ndarray,
@@ -76,10 +96,13 @@ def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.
 
 
 def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, train_idx: np.ndarray,
-              val_idx: np.ndarray, cfg: PairFitConfig, budget: Budget, on_progress=None, device: str = "cpu") -> dict:
+              val_idx: np.ndarray, cfg: PairFitConfig, budget: Budget, on_progress=None, device: str = "cpu",
+              neighbours: np.ndarray | None = None) -> dict:
     """Train tower + metric with BCE on balanced pairs; leaves both holding the best epoch, on the CPU.
 
-    device: where torch trains ("cuda" or "cpu", from devices.torch_device). Returns the validation record.
+    device: where torch trains ("cuda" or "cpu", from devices.torch_device).
+    neighbours: (len(train_idx), k) nearest neighbours among the training images (indices into train_idx),
+    for cfg.hard_fraction of the pairs. Returns the validation record.
     """
     from simsearch.benchmarks import datasets
 
@@ -93,7 +116,11 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
     stopped = "epochs done"
     for epoch in range(cfg.epochs):
         torch.manual_seed(cfg.seed + epoch)  # dropout: the same run gives the same model
-        i, j, same = datasets.balanced_pairs(labels[train_idx], cfg.pairs_per_epoch, cfg.seed + 1 + epoch)
+        n_hard = int(cfg.pairs_per_epoch * cfg.hard_fraction) if neighbours is not None else 0
+        i, j, same = datasets.balanced_pairs(labels[train_idx], cfg.pairs_per_epoch - n_hard, cfg.seed + 1 + epoch)
+        if n_hard:
+            hi, hj, hs = hard_pairs(neighbours, labels[train_idx], n_hard, cfg.seed + 1 + epoch)
+            i, j, same = np.r_[i, hi], np.r_[j, hj], np.r_[same, hs]
         order = np.random.default_rng(cfg.seed + epoch).permutation(len(i))
         tower.train()
         metric.train()
