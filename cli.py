@@ -434,6 +434,9 @@ def train_matchnet(
     hard_negatives: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="tower pretrained: share of pairs that are (image, one of its 50 nearest neighbours), "
                                "what a reranker meets at query time; 0 = the research's random pairs.")] = 0.0,
+    listwise: Annotated[bool, typer.Option(
+        help="tower pretrained: train for reranking, each image against its 50 nearest neighbours and a same-class "
+             "image (softmax cross-entropy) instead of independent pairs.")] = False,
     lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
     max_minutes: MaxMinutesOption = 20.0,
     seed: int = 0,
@@ -446,7 +449,7 @@ def train_matchnet(
     from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet as train
 
     cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=data, split=split, epochs=epochs,
-                         pairs_per_epoch=pairs_per_epoch, hard_fraction=hard_negatives, lr=lr,
+                         pairs_per_epoch=pairs_per_epoch, hard_fraction=hard_negatives, listwise=listwise, lr=lr,
                          max_minutes=max_minutes, seed=seed, device=device)
     _print_reranker_card(_train("matchnet", train, cfg, models_dir), f"{cfg.tower} tower")
 

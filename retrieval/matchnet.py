@@ -45,6 +45,9 @@ class MatchNetConfig:
     # Share of training pairs that are (image, one of its 50 nearest neighbours under the encoder): what a
     # reranker meets at query time. 0 = the research's balanced random pairs.
     hard_fraction: float = 0.0
+    # Train for reranking: each image against its 50 nearest neighbours and a same-class image, softmax
+    # cross-entropy over them (tower "pretrained"); batch_size then counts queries.
+    listwise: bool = False
     epochs: int = 40
     patience: int = 5
     holdout_per_class: int = 10
@@ -110,7 +113,7 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
 
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
-    if cfg.hard_fraction and cfg.tower != "pretrained":
+    if (cfg.hard_fraction or cfg.listwise) and cfg.tower != "pretrained":
         raise SimsearchError("hard negatives come from the encoder's nearest neighbours: use --tower pretrained")
     check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
@@ -127,7 +130,7 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
         batch_of = lambda idx: torch.from_numpy(data[idx])  # noqa: E731
     train_idx, val_idx = holdout_split(ds.labels, cfg.holdout_per_class, cfg.seed)
     log.info("matchnet (%s tower): %d training images, %d held out", cfg.tower, len(train_idx), len(val_idx))
-    neighbours = nearest_neighbours(data[train_idx], 50) if cfg.hard_fraction else None  # (n_train, 50)
+    neighbours = nearest_neighbours(data[train_idx], 50) if cfg.hard_fraction or cfg.listwise else None  # (n_train, 50)
 
     torch.manual_seed(cfg.seed)
     tower = conv_tower(cfg.bottleneck) if cfg.tower == "scratch" else feature_tower(data.shape[1], cfg.bottleneck)

@@ -40,6 +40,7 @@ class PairFitConfig:
     weight_decay: float = 0.0
     val_pairs: int = 10_000
     hard_fraction: float = 0.0  # share of each epoch's pairs drawn as (image, one of its nearest neighbours)
+    listwise: bool = False  # train on each image's nearest neighbours + a positive, softmax over them
 
     @classmethod
     def of(cls, trainer_config) -> PairFitConfig:
@@ -72,6 +73,28 @@ def hard_pairs(neighbours: np.ndarray, labels: np.ndarray, n: int, seed: int):
     i = rng.integers(0, len(neighbours), n)
     j = neighbours[i, rng.integers(0, neighbours.shape[1], n)]
     return i, j, labels[i] == labels[j]
+
+
+def listwise_loss(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, train_idx: np.ndarray, labels: np.ndarray,
+                  queries: np.ndarray, neighbours: np.ndarray, rng: np.random.Generator, device: str) -> torch.Tensor:
+    """What reranking asks for: among a query's nearest neighbours, one same-class image and as many random
+    images, put the same-class ones first. Cross-entropy of the softmax over the candidates' logits against
+    a uniform distribution on the same-class candidates. queries: (Q,) train-local indices; labels: train-local.
+
+    The random images matter: with near neighbours as the only negatives, "the least similar candidate"
+    would give the positive away (measured: a model trained so reranked at chance level).
+    """
+    same_class = [np.flatnonzero(labels == labels[q]) for q in queries]
+    pos = np.array([rng.choice(c[c != q]) for q, c in zip(queries, same_class)])
+    k = neighbours.shape[1]
+    far = rng.integers(0, len(labels), (len(queries), k))
+    cands = np.concatenate([pos[:, None], neighbours[queries], far], axis=1)  # (Q, 1 + 2k)
+    target = torch.from_numpy((labels[cands] == labels[queries][:, None]).astype(np.float32)).to(device)
+    target = target / target.sum(1, keepdim=True)
+    a = tower(batch_of(train_idx[queries]).to(device))  # (Q, d)
+    b = tower(batch_of(train_idx[cands.ravel()]).to(device))  # (Q * (1 + k), d)
+    logits = metric.logits(a.repeat_interleave(cands.shape[1], 0), b).view(cands.shape)  # (Q, 1 + k)
+    return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
 
 
 def predict(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: np.ndarray, j: np.ndarray,
@@ -116,20 +139,34 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
     stopped = "epochs done"
     for epoch in range(cfg.epochs):
         torch.manual_seed(cfg.seed + epoch)  # dropout: the same run gives the same model
-        n_hard = int(cfg.pairs_per_epoch * cfg.hard_fraction) if neighbours is not None else 0
-        i, j, same = datasets.balanced_pairs(labels[train_idx], cfg.pairs_per_epoch - n_hard, cfg.seed + 1 + epoch)
-        if n_hard:
-            hi, hj, hs = hard_pairs(neighbours, labels[train_idx], n_hard, cfg.seed + 1 + epoch)
-            i, j, same = np.r_[i, hi], np.r_[j, hj], np.r_[same, hs]
-        order = np.random.default_rng(cfg.seed + epoch).permutation(len(i))
+        rng = np.random.default_rng(cfg.seed + epoch)
+        if cfg.listwise:  # batches of queries, each against its neighbours and a positive
+            queries = rng.permutation(len(train_idx))[: max(1, cfg.pairs_per_epoch // (1 + 2 * neighbours.shape[1]))]
+            steps = max(1, len(queries) // cfg.batch_size)
+
+            def step_loss(step: int) -> torch.Tensor:
+                sel = queries[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                return listwise_loss(tower, metric, batch_of, train_idx, labels[train_idx], sel, neighbours, rng,
+                                     device)
+        else:  # batches of labelled pairs
+            n_hard = int(cfg.pairs_per_epoch * cfg.hard_fraction) if neighbours is not None else 0
+            i, j, same = datasets.balanced_pairs(labels[train_idx], cfg.pairs_per_epoch - n_hard, cfg.seed + 1 + epoch)
+            if n_hard:
+                hi, hj, hs = hard_pairs(neighbours, labels[train_idx], n_hard, cfg.seed + 1 + epoch)
+                i, j, same = np.r_[i, hi], np.r_[j, hj], np.r_[same, hs]
+            order = rng.permutation(len(i))
+            steps = len(order) // cfg.batch_size
+
+            def step_loss(step: int) -> torch.Tensor:
+                sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                a = tower(batch_of(train_idx[i[sel]]).to(device))  # (B, ...) one representation per image
+                b = tower(batch_of(train_idx[j[sel]]).to(device))
+                return bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)).to(device))
         tower.train()
         metric.train()
-        total, done, steps = 0.0, 0, len(order) // cfg.batch_size
+        total, done = 0.0, 0
         for step in range(steps):
-            sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            a = tower(batch_of(train_idx[i[sel]]).to(device))  # (B, ...) one representation per image
-            b = tower(batch_of(train_idx[j[sel]]).to(device))
-            loss = bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)).to(device))
+            loss = step_loss(step)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.devices import Device
-from simsearch.errors import UnknownNameError
+from simsearch.errors import SimsearchError, UnknownNameError
 from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet
 from simsearch.retrieval.rerank import Reranker, get_reranker, pixels, rerank_order
 
@@ -268,3 +268,29 @@ def test_a_slow_reranker_is_measured_on_whole_pair_sets_within_its_budget(matchn
     assert rr["hits"]["queries"] == rr["hits"]["before"]["queries"] == len(sets[0].left_idx)
     labels = [row[0] for row in zip(*[c._cells for c in report.hits_table(result).columns])]
     assert any("without reranking, same" in label for label in labels)
+
+
+def test_listwise_and_hard_negative_training_on_nearest_neighbours(classes, models_dir):
+    from simsearch.retrieval.pair_training import hard_pairs, nearest_neighbours
+
+    x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    nn_idx = nearest_neighbours(x, 5, block=7)  # blocks that do not divide 40
+    sims = x @ x.T
+    np.fill_diagonal(sims, -np.inf)
+    brute = np.argsort(-sims, axis=1)[:, :5]
+    assert all(set(a) == set(b) for a, b in zip(nn_idx, brute))
+    labels = np.arange(40) % 4
+    i, j, same = hard_pairs(nn_idx, labels, 100, seed=0)
+    assert all(j[p] in nn_idx[i[p]] for p in range(100)) and (same == (labels[i] == labels[j])).all()
+
+    # listwise: every one of the 64 training images is a query each epoch (64 x (1 + 2 x 50 candidates))
+    for name, extra in (("tiny-listwise", {"listwise": True, "pairs_per_epoch": 64 * 101}),
+                        ("tiny-hard", {"hard_fraction": 0.5, "pairs_per_epoch": 1600})):
+        card = train_matchnet(MatchNetConfig(name=name, data=classes, epochs=4, patience=4, lr=1e-3, batch_size=8,
+                                             **extra), models_dir)
+        history = card["validation"]["history"]
+        assert history[-1]["loss"] < history[0]["loss"], name
+        assert get_reranker(name, models_dir).input == "encoder"
+    with pytest.raises(SimsearchError, match="--tower pretrained"):
+        train_matchnet(MatchNetConfig(name="x", tower="scratch", data=classes, listwise=True), models_dir)
