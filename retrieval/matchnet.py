@@ -114,7 +114,7 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
     if (cfg.hard_fraction or cfg.listwise) and cfg.tower != "pretrained":
-        raise SimsearchError("hard negatives come from the encoder's nearest neighbours: use --tower pretrained")
+        raise SimsearchError("--hard-negatives and --listwise use the encoder's nearest neighbours: use --tower pretrained")
     check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)

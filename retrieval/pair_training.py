@@ -2,7 +2,8 @@
 
 A reranker is a `tower` (one image's input -> its representation) and a `metric` network (two
 representations -> logit of P(same)). Training draws fresh balanced same/different pairs of the train
-split every epoch, validates on pairs of held-out images, keeps the epoch with the best held-out
+split every epoch (optionally part of them from each image's nearest neighbours, or a listwise
+objective over them), validates on pairs of held-out images, keeps the epoch with the best held-out
 balanced accuracy, and stops on patience or the time budget. Imports torch: training only.
 """
 
@@ -92,8 +93,8 @@ def listwise_loss(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, train_
     target = torch.from_numpy((labels[cands] == labels[queries][:, None]).astype(np.float32)).to(device)
     target = target / target.sum(1, keepdim=True)
     a = tower(batch_of(train_idx[queries]).to(device))  # (Q, d)
-    b = tower(batch_of(train_idx[cands.ravel()]).to(device))  # (Q * (1 + k), d)
-    logits = metric.logits(a.repeat_interleave(cands.shape[1], 0), b).view(cands.shape)  # (Q, 1 + k)
+    b = tower(batch_of(train_idx[cands.ravel()]).to(device))  # (Q * (1 + 2k), d)
+    logits = metric.logits(a.repeat_interleave(cands.shape[1], 0), b).view(cands.shape)  # (Q, 1 + 2k)
     return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
 
 
@@ -121,15 +122,14 @@ def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.
 def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, train_idx: np.ndarray,
               val_idx: np.ndarray, cfg: PairFitConfig, budget: Budget, on_progress=None, device: str = "cpu",
               neighbours: np.ndarray | None = None) -> dict:
-    """Train tower + metric with BCE on balanced pairs; leaves both holding the best epoch, on the CPU.
+    """Train tower + metric (BCE on labelled pairs, or cfg.listwise); leaves both holding the best epoch, on the CPU.
 
     device: where torch trains ("cuda" or "cpu", from devices.torch_device).
     neighbours: (len(train_idx), k) nearest neighbours among the training images (indices into train_idx),
-    for cfg.hard_fraction of the pairs. Returns the validation record.
+    for cfg.hard_fraction of the pairs or for cfg.listwise. Returns the validation record.
     """
     from simsearch.benchmarks import datasets
 
-    t0 = time.perf_counter()
     tower.to(device)
     metric.to(device)
     params = [p for p in (*tower.parameters(), *metric.parameters()) if p.requires_grad]
@@ -178,7 +178,7 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
                 break  # an epoch may be long: the budget is checked per step, and this epoch is still validated
         row = {"epoch": epoch + 1, "loss": total / max(done, 1), "steps": done,
                **evaluate(tower, metric, lambda idx: batch_of(val_idx[idx]), labels[val_idx], cfg.val_pairs, cfg.seed),
-               "seconds": time.perf_counter() - t0}
+               "seconds": budget.spent()}
         history.append(row)
         log.info("epoch %d: loss %.4f, held-out balanced accuracy %.4f, AUC %.4f", row["epoch"], row["loss"],
                  row["balanced_accuracy"], row["roc_auc"])
