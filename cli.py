@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Column, Table
 
 from simsearch.devices import Device
@@ -68,15 +69,28 @@ def _verbose(on: bool) -> None:
         logging.getLogger("simsearch").setLevel(logging.DEBUG)
 
 
+def shown(text: object) -> str:
+    """A user string as it may be printed: rich markup escaped (`holiday [edited].jpg`), and the bytes
+    of a file name that is not valid UTF-8 (surrogate escapes) shown as `\\xe9`."""
+    raw = str(text).encode("utf-8", "surrogateescape")
+    return escape(raw.decode("utf-8", "backslashreplace"))
+
+
 def user_errors(fn):
     """Turn SimsearchError into a one-line message and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import lmdb
+
         try:
             return fn(*args, **kwargs)
         except SimsearchError as e:
-            err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+            err.print(f"[red]error:[/red] {shown(e)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except lmdb.Error as e:  # damage LMDB reports only on a read deep in the store
+            err.print(f"[red]error:[/red] the db's LMDB store is damaged ({shown(e)}): see `simsearch check`",
+                      highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -122,6 +136,10 @@ class _ProgressReporter:
         self(done, total)
 
 
+NoWaitOption = Annotated[bool, typer.Option(
+    "--no-wait", help="fail at once if another simsearch is writing to the db (default: wait for it).")]
+
+
 @app.command()
 @user_errors
 def index(
@@ -132,6 +150,10 @@ def index(
     workers: Annotated[int, typer.Option(min=0, help="decode threads (0 = one per core).")] = 0,
     index_kind: Annotated[str, typer.Option(
         "--index", help="FAISS index: auto (exact up to 10,000 vectors, IVF above), flat, ivf.")] = "auto",
+    rebuild: Annotated[bool, typer.Option(
+        help="move the db's files aside (kept in <db>/broken-<time>/) and index from scratch: the way out of a "
+             "damaged db.")] = False,
+    no_wait: NoWaitOption = False,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
     verbose: VerboseOption = False,
@@ -142,29 +164,54 @@ def index(
     from simsearch.encoders.spec import get_encoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import IndexConfig
+    from simsearch.retrieval.faiss_index import IndexConfig, refresh_index
 
     if not folder.exists():
-        raise SimsearchError(f"{folder}: no such file or folder")
-    config = IndexerConfig(batch_size=batch_size, workers=workers, index=IndexConfig(kind=index_kind))
-    config.index.resolve(0)  # an unknown kind fails before any work
+        raise SimsearchError(f"{folder}: no such file or folder{_items_left_under(db, folder)}")
+    config = IndexerConfig(batch_size=batch_size, workers=workers)
+    index_config = IndexConfig(kind=index_kind)
+    index_config.resolve(0)  # an unknown kind fails before any work
     spec = get_encoder(encoder, models_dir)
     enc = OnnxEncoder(spec, device, models_dir)
-    with Store(db, create=True) as store, _ProgressReporter(f"indexing with {spec.name}") as progress:
-        report = Indexer(enc, store, config).run(folder, progress)
-    _print_index_report(report, verbose)
+    with Store(db, create=True, wait=not no_wait, rebuild=rebuild) as store:
+        if store.moved_to:
+            err.print(f"moved the old db files to {shown(store.moved_to)}", highlight=False)
+        with _ProgressReporter(f"indexing with {spec.name}") as progress:
+            report = Indexer(enc, store, config).run(folder, progress)
+        t = time.perf_counter()
+        rebuilt = refresh_index(store, spec.name, index_config)
+        report.seconds["index"] = time.perf_counter() - t
+        report.wall += report.seconds["index"]
+    _print_index_report(report, rebuilt, verbose)
 
 
-def _print_index_report(report, verbose: bool) -> None:
+def _items_left_under(db: Path, folder: Path) -> str:
+    """For a folder that is gone: how many items the db still holds under it, and how to drop them."""
+    from simsearch.indexer.scan import item_path
+    from simsearch.indexer.store import Store
+
+    try:
+        with Store(db, readonly=True) as store:
+            n = sum(1 for _ in store.iter_items(under=item_path(folder)))
+    except SimsearchError:
+        return ""
+    return f"; the db still holds {n} items under it: `simsearch prune {shown(folder)}` drops them" if n else ""
+
+
+def _print_index_report(report, index_rebuilt: bool, verbose: bool) -> None:
     if report.embedded == 0 and report.reused == 0 and report.removed == 0:
         summary = f"nothing to embed: {report.unchanged} unchanged"
+        summary += "; the index was rebuilt from the stored vectors" if index_rebuilt else ""
     else:
         summary = (f"embedded {report.embedded} ({report.images_per_second:.1f} img/s), "
                    f"reused {report.reused}, unchanged {report.unchanged}, removed {report.removed}")
-    err.print(f"[green]done[/green] in {report.wall:.1f}s: {summary}, skipped {len(report.skipped)}; "
+    extra = "".join(f", ignored {n} {why}" for why, n in sorted(report.ignored.items()))
+    if report.not_checked:
+        extra += f", {report.not_checked} not checked (their folder could not be read: kept)"
+    err.print(f"[green]done[/green] in {report.wall:.1f}s: {summary}, skipped {len(report.skipped)}{extra}; "
               f"{report.total_items} items in the db", highlight=False)
     for path, reason in report.skipped:
-        err.print(f"  [yellow]skipped[/yellow] {reason}", highlight=False, soft_wrap=True)
+        err.print(f"  [yellow]skipped[/yellow] {shown(reason)}", highlight=False, soft_wrap=True)
     if verbose:
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in report.seconds.items())
         err.print(f"time per stage: {stages} (read+decode summed over worker threads)", highlight=False)
@@ -173,7 +220,7 @@ def _print_index_report(report, verbose: bool) -> None:
 @app.command()
 @user_errors
 def query(
-    images: Annotated[list[Path], typer.Argument(help="query image(s).")],
+    images: Annotated[list[Path], typer.Argument(help="query image(s); a folder queries every image in it.")],
     k: Annotated[int, typer.Option("-k", "--k", help="number of results.")] = 10,
     db: DbOption = DEFAULT_DB,
     encoder: Annotated[Optional[str], typer.Option(help="encoder (default: the db's first).")] = None,
@@ -184,57 +231,101 @@ def query(
     models_dir: ModelsDirOption = None,
     verbose: VerboseOption = False,
 ):
-    """Find the k images in the db most similar to each query image."""
+    """Find the k images in the db most similar to each query image.
+
+    A query image that cannot be read gets its error line (an `error` field in --json) while the
+    others answer; the exit code is then 1.
+    """
     _verbose(verbose)
+    from simsearch.indexer.scan import scan
     from simsearch.retrieval.search import Searcher
 
     if k < 1:
         raise SimsearchError(f"-k must be at least 1 (got {k})")
+    paths: list[str] = []
     for p in images:
-        if not p.is_file():
+        if p.is_dir():
+            found = [f.path for f in scan(p).files]
+            if not found:
+                raise SimsearchError(f"{p}: a folder with no images in it")
+            paths += found
+        elif not p.exists():
             raise SimsearchError(f"{p}: no such file")
+        else:
+            paths.append(str(p))
     reranker = None
     if rerank:
         from simsearch.retrieval.rerank import Reranker, get_reranker
 
         reranker = Reranker(get_reranker(rerank, models_dir), device)
     searcher = Searcher.open(db, encoder, device, models_dir)
-    results = searcher.query(images, k, reranker, rerank_depth)
+    results = searcher.query(paths, k, reranker, rerank_depth)
+    name = searcher.encoder.spec.name
+    effective_k = min(k, searcher.index.ntotal)
     if as_json:
         doc = {
-            "encoder": searcher.encoder.spec.name,
+            "encoder": name,
             "reranker": rerank,
             "rerank_depth": rerank_depth if rerank else None,
-            "k": k,
+            "k": effective_k,
+            "k_requested": k,
             "results": [
-                {"query": r.query, "hits": [{"rank": h.rank, "score": h.score, "path": h.path,
-                                             **({"rerank_score": h.rerank_score} if rerank else {})} for h in r.hits],
+                {"query": r.query, **_exact(r.query, "query_bytes"),
+                 **({"error": r.error} if r.error else {}),
+                 "hits": [{"rank": h.rank, "score": h.score, "path": h.path, **_exact(h.path, "path_bytes"),
+                           "id": h.id, **({"rerank_score": h.rerank_score} if rerank else {})} for h in r.hits],
                  "seconds": r.seconds}
                 for r in results
             ],
         }
         print(json.dumps(doc, indent=2))
-        return
-    for r in results:
-        by = f", reranked by {rerank} from the top {rerank_depth}" if rerank else ""
-        table = Table(title=f"{r.query}  ({searcher.encoder.spec.name}{by})", title_justify="left")
-        table.add_column("rank", justify="right")
-        if rerank:
-            table.add_column("P(same)", justify="right")
-        table.add_column("score", justify="right")
-        table.add_column("path", overflow="fold")
-        for h in r.hits:
-            table.add_row(str(h.rank), *([f"{h.rerank_score:.4f}"] if rerank else []), f"{h.score:.4f}", h.path)
-        out.print(table)
-        if verbose or rerank:
-            err.print(", ".join(f"{s} {v * 1000:.1f} ms" for s, v in r.seconds.items()), highlight=False)
+    else:
+        for r in results:
+            if r.error:
+                err.print(f"[red]error:[/red] {shown(r.error)}", highlight=False, soft_wrap=True)
+                continue
+            by = f", reranked by {rerank} from the top {rerank_depth}" if rerank else ""
+            table = Table(title=f"{shown(r.query)}  ({name}{by})", title_justify="left")
+            table.add_column("rank", justify="right")
+            if rerank:
+                table.add_column("P(same)", justify="right")
+            table.add_column("score", justify="right")
+            table.add_column("path", overflow="fold")
+            for h in r.hits:
+                table.add_row(str(h.rank), *([f"{h.rerank_score:.4f}"] if rerank else []), f"{h.score:.4f}", shown(h.path))
+            out.print(table)
+            if verbose or rerank:
+                err.print(", ".join(f"{s} {v * 1000:.1f} ms" for s, v in r.seconds.items()), highlight=False)
+        if k > effective_k:
+            err.print(f"the db holds {effective_k} images for {name}: showing all of them", highlight=False)
+    if any(r.error for r in results):
+        raise typer.Exit(1)
+
+
+def _exact(path: str, field: str) -> dict:
+    """{field: base64 of the path's bytes} for a file name that is not valid UTF-8, else {}.
+
+    JSON strings are Unicode: such a name appears in "path" with its bytes as \\udcXX escapes
+    (`os.fsencode(json.loads(...))` gives the bytes back in Python); the base64 field is exact for any reader.
+    """
+    import base64
+    import os
+
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+        return {}
+    except UnicodeDecodeError:
+        return {field: base64.b64encode(raw).decode()}
 
 
 @app.command()
 @user_errors
 def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--json")] = False):
-    """What the db holds: items, encoders, dimensions, index types, size on disk."""
+    """What the db holds: items, encoders, dimensions, index types, size on disk; a damaged index file is named."""
+    from simsearch.indexer.lock import writer_active
     from simsearch.indexer.store import Store
+    from simsearch.retrieval.faiss_index import index_problem
 
     with Store(db, readonly=True) as store:
         generation = store.generation
@@ -243,9 +334,12 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
             "schema_version": store.manifest.schema_version,
             "items": store.item_count(),
             "default_encoder": store.manifest.default_encoder,
+            "writer_active": writer_active(store.root),
             "encoders": {
                 name: {"dim": e.dim, "metric": e.metric, "index_type": e.index_type, "vectors_in_index": e.count,
-                       "weights": e.key, "index_up_to_date": e.index_generation == generation}
+                       "weights": e.key, "index_file": e.index_file,
+                       "index_up_to_date": e.index_generation == generation and e.index_file is not None,
+                       "index_problem": index_problem(store, name, e)}
                 for name, e in store.manifest.encoders.items()
             },
             "size_on_disk_bytes": store.size_on_disk(),
@@ -253,15 +347,78 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
     if as_json:
         print(json.dumps(doc, indent=2))
         return
-    out.print(f"db [bold]{doc['db']}[/bold] (schema {doc['schema_version']}): {doc['items']} items, "
-              f"{doc['size_on_disk_bytes'] / 2**20:.1f} MiB on disk", highlight=False)
+    busy = " [yellow](an `index` is writing to it now)[/yellow]" if doc["writer_active"] else ""
+    out.print(f"db [bold]{shown(doc['db'])}[/bold] (schema {doc['schema_version']}): {doc['items']} items, "
+              f"{doc['size_on_disk_bytes'] / 2**20:.1f} MiB on disk{busy}", highlight=False)
     table = Table("dim", "metric", "index", "vectors", "up to date")
     table.columns.insert(0, Column("encoder", no_wrap=True))
     for name, e in doc["encoders"].items():
         default = " (default)" if name == doc["default_encoder"] else ""
-        table.add_row(name + default, str(e["dim"]), e["metric"], e["index_type"], str(e["vectors_in_index"]),
-                      "yes" if e["index_up_to_date"] else "no: re-run index")
+        state = "yes" if e["index_up_to_date"] else "no: re-run index"
+        table.add_row(shown(name + default), str(e["dim"]), e["metric"], e["index_type"], str(e["vectors_in_index"]),
+                      f"[red]{shown(e['index_problem'])}[/red]: run `simsearch check --repair`" if e["index_problem"]
+                      else state)
     out.print(table)
+
+
+@app.command()
+@user_errors
+def check(
+    db: DbOption = DEFAULT_DB,
+    repair: Annotated[bool, typer.Option(
+        help="rebuild every missing, damaged or stale index from the stored vectors (nothing is embedded).")] = False,
+    no_wait: NoWaitOption = False,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+):
+    """Verify a db end to end (manifest, LMDB store, every index file against it); exit 1 if anything is damaged."""
+    from simsearch.retrieval.check import check_db, repair_db
+
+    repaired = repair_db(db, wait=not no_wait) if repair else []
+    findings, facts = check_db(db)
+    errors = [f for f in findings if f.level == "error"]
+    if as_json:
+        print(json.dumps({"db": str(db), "ok": not errors, "repaired": repaired, "facts": facts,
+                          "findings": [{"level": f.level, "message": f.message} for f in findings]}, indent=2))
+    else:
+        for line in repaired:
+            err.print(f"[green]repaired[/green] {shown(line)}", highlight=False, soft_wrap=True)
+        for f in findings:
+            colour = "red" if f.level == "error" else "yellow"
+            err.print(f"[{colour}]{f.level}:[/{colour}] {shown(f.message)}", highlight=False, soft_wrap=True)
+        if not errors:
+            indexes = ", ".join(f"{n}: {i['vectors']} vectors" for n, i in facts.get("indexes", {}).items())
+            err.print(f"[green]ok[/green]: {facts.get('items', 0)} items{'; ' + indexes if indexes else ''}",
+                      highlight=False)
+    if errors:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def prune(
+    folder: Annotated[Optional[Path], typer.Argument(help="only items under this folder (default: all).")] = None,
+    db: DbOption = DEFAULT_DB,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would be dropped; change nothing.")] = False,
+    no_wait: NoWaitOption = False,
+):
+    """Drop items whose files no longer exist (a moved or deleted folder), then refresh the indexes."""
+    from simsearch.indexer.scan import item_path, missing_items
+    from simsearch.indexer.store import Store
+    from simsearch.retrieval.faiss_index import refresh_index
+
+    under = item_path(folder) if folder else None
+    with Store(db, wait=not no_wait) as store:
+        gone = missing_items(p for p, _ in store.iter_items(under=under))
+        for path in gone:
+            out.print(shown(path), highlight=False, soft_wrap=True)
+        if dry_run:
+            err.print(f"{len(gone)} items would be dropped (dry run: nothing changed)", highlight=False)
+            return
+        removed = store.remove_items(gone)
+        for name, entry in store.manifest.encoders.items():
+            if entry.index_file:
+                refresh_index(store, name)
+        err.print(f"[green]dropped[/green] {removed} items; {store.item_count()} items in the db", highlight=False)
 
 
 @app.command()

@@ -27,3 +27,11 @@ class ModelError(SimsearchError):
 
 class DatasetError(SimsearchError):
     """A benchmark or training dataset that does not have the expected layout."""
+
+
+class DbBusyError(SimsearchError):
+    """Another process is writing to the db and the caller asked not to wait."""
+
+
+class DbCorruptError(SimsearchError):
+    """A db file (manifest, LMDB, index) that is damaged; the message says which and how to recover."""

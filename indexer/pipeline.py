@@ -1,4 +1,6 @@
-"""The index run: scan -> read+hash+decode (worker threads, bounded lookahead) -> embed (batched) -> store -> index.
+"""The index run: scan -> read+hash+decode (worker threads, bounded lookahead) -> embed (batched) -> store.
+
+The search index is built from the store afterwards (`retrieval.faiss_index.refresh_index`).
 
 A run commits every batch in its own LMDB transaction, so a run that is killed keeps everything it
 embedded, and the next run only does the rest. Files whose (size, mtime) are unchanged and whose
@@ -27,8 +29,7 @@ from simsearch.encoders.runtime import OnnxEncoder, cpu_count
 from simsearch.errors import ImageLoadError
 from simsearch.indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
 from simsearch.indexer.scan import FileEntry, item_path, scan
-from simsearch.indexer.store import EncoderEntry, Store
-from simsearch.retrieval.faiss_index import IndexConfig, build_index, index_kind, save_index
+from simsearch.indexer.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ class IndexerConfig:
     lookahead_batches: int = 4  # decoded batches kept ready ahead of the encoder
     max_pixels: int = DEFAULT_MAX_PIXELS
     extensions: frozenset[str] = IMAGE_EXTENSIONS
-    index: IndexConfig = IndexConfig()
 
 
 @dataclass
@@ -54,10 +54,11 @@ class IndexReport:
     reused: int = 0  # content already embedded (renamed, touched or duplicate file)
     unchanged: int = 0
     removed: int = 0
+    not_checked: int = 0  # items under folders or files that could not be read this time: kept
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, one-line reason)
-    index_rebuilt: bool = False
+    ignored: dict[str, int] = field(default_factory=dict)  # reason -> files not looked at (other extensions...)
     total_items: int = 0
-    seconds: dict[str, float] = field(default_factory=lambda: {"scan": 0.0, "read+decode": 0.0, "embed": 0.0, "write": 0.0, "index": 0.0})
+    seconds: dict[str, float] = field(default_factory=lambda: {"scan": 0.0, "read+decode": 0.0, "embed": 0.0, "write": 0.0})
     wall: float = 0.0
 
     @property
@@ -99,11 +100,17 @@ class Indexer:
         self.config = config
 
     def run(self, root: str | Path, on_progress: ProgressFn | None = None) -> IndexReport:
+        """Embed what is new or changed under `root` (a folder or one file); drop items whose files are gone.
+
+        Items under a folder that could not be listed this time are kept and counted as not checked.
+        """
         t0 = time.perf_counter()
-        root = Path(item_path(root))
-        report = IndexReport(encoder=self.spec.name, root=str(root))
-        entries = list(scan(root, self.config.extensions))
-        report.scanned = len(entries)
+        root = item_path(root)
+        report = IndexReport(encoder=self.spec.name, root=root)
+        self.store.register_encoder(self.spec.name, self.spec.key, self.spec.dim)
+        found = scan(root, self.config.extensions)
+        entries = found.files
+        report.scanned, report.ignored = len(entries), dict(found.ignored)
         todo = [e for e in entries if not self._unchanged(e)]
         report.unchanged = len(entries) - len(todo)
         report.seconds["scan"] = time.perf_counter() - t0
@@ -111,13 +118,19 @@ class Indexer:
 
         self._process(todo, report, on_progress)
 
-        if root.is_dir():
+        if os.path.isdir(root):
             seen = {e.path for e in entries}
-            gone = [p for p, _ in self.store.iter_items(under=str(root)) if p not in seen]
+            unchecked = tuple(found.unreadable)
+            gone = []
+            for path, _ in self.store.iter_items(under=root):
+                if path in seen:
+                    continue
+                if any(path == u or path.startswith(u + os.sep) for u in unchecked):
+                    report.not_checked += 1
+                else:
+                    gone.append(path)
             report.removed = self.store.remove_items(gone)
-            if report.removed:
-                self.store.sweep_vectors()
-        self._refresh_index(report)
+        report.total_items = self.store.item_count()
         report.wall = time.perf_counter() - t0
         return report
 
@@ -131,7 +144,11 @@ class Indexer:
         report = IndexReport(encoder=self.spec.name, root="")
         entries = []
         for p in paths:
-            st = os.stat(p)
+            try:
+                st = os.stat(p)
+            except OSError as e:
+                report.skipped.append((str(p), f"{p}: cannot read ({e.strerror})"))
+                continue
             entries.append(FileEntry(item_path(p), st.st_size, st.st_mtime_ns))
         report.scanned = len(entries)
         todo = [e for e in entries if not self._unchanged(e)]
@@ -218,29 +235,3 @@ class Indexer:
                     flush()
             if pending:
                 flush()
-
-    def _refresh_index(self, report: IndexReport) -> None:
-        """Rebuild this encoder's FAISS index if the store changed since it was built."""
-        manifest = self.store.manifest
-        entry = manifest.encoders.get(self.spec.name)
-        if entry is None or entry.key != self.spec.key:
-            entry = EncoderEntry(key=self.spec.key, dim=self.spec.dim)
-        generation = self.store.generation
-        path = self.store.index_path(self.spec.name)
-        report.total_items = self.store.item_count()
-        count = self.store.vector_count(self.spec.key)
-        wanted = self.config.index.resolve(count)
-        if entry.index_generation == generation and path.is_file() and entry.index_type.startswith(wanted):
-            return
-        t = time.perf_counter()
-        index = build_index(lambda: self.store.iter_vector_blocks(self.spec.key, self.spec.dim), self.spec.dim,
-                            count, self.config.index)
-        save_index(index, path)
-        entry.index_type = index_kind(index)
-        entry.count = index.ntotal
-        entry.index_generation = generation
-        manifest.encoders[self.spec.name] = entry
-        manifest.default_encoder = manifest.default_encoder or self.spec.name
-        self.store.save_manifest()
-        report.index_rebuilt = True
-        report.seconds["index"] = time.perf_counter() - t

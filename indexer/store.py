@@ -1,32 +1,48 @@
 """The db folder: an LMDB environment (items, vectors) plus `manifest.json` and the FAISS index files.
 
 Layout of one db folder:
-    manifest.json          schema version, per-encoder facts (dim, metric, index type, counts)
-    store.lmdb/            LMDB: items (path -> meta), ids (id -> path), vectors, meta
-    index/<encoder>.faiss  the search index of each encoder (see retrieval/)
+    manifest.json                  schema version, per-encoder facts (dim, index file + sha256, counts)
+    store.lmdb/                    LMDB: items (path -> meta), ids (id -> path), removed, vectors, meta
+    index/<encoder>.<gen>.faiss    the search index of each encoder, one file per build (see retrieval/)
+    lock                           the writer lock (see lock.py)
 
 Vectors are keyed by encoder key + content sha256, not by path: a renamed or touched file reuses
 its vector, and a benchmark re-run on the same images embeds nothing. Every write is one LMDB
-transaction (crash-safe); manifest.json is replaced atomically.
+transaction (crash-safe); manifest.json is replaced atomically, only under the writer lock.
+
+Paths are stored as the file system's bytes (`os.fsencode`), so any file name round-trips exactly,
+including names that are not valid UTF-8 (they come back as str with surrogate escapes).
+
+A removed item leaves a tombstone (its id keeps its path, and its vector stays) until every
+encoder's index has been rebuilt without it: a reader holding an older index always finds the
+path of every id that index returns.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 import struct
-import tempfile
+import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lmdb
 import numpy as np
 
-from simsearch.errors import DbNotFoundError, SchemaError, SimsearchError
+from simsearch.errors import DbCorruptError, DbNotFoundError, SimsearchError
+from simsearch.indexer.lmdb_file import check_data_file
+from simsearch.indexer.lock import DbLock
+from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest, parse_manifest, write_atomic
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
+
+LMDB_DIR = "store.lmdb"
+INDEX_DIR = "index"
+REBUILD_HINT = "run `simsearch index FOLDER --rebuild` (moves the broken db aside, keeping its files, and indexes again)"
 # Virtual address space only: LMDB grows the file as data arrives (1 TiB ~ 200M 1280-d vectors).
 MAP_SIZE = 1 << 40
 _ID = struct.Struct(">q")  # big-endian so LMDB's byte order is id order
@@ -40,88 +56,86 @@ class ItemRecord:
     mtime_ns: int
 
 
-@dataclass
-class EncoderEntry:
-    """What the manifest says about one encoder's vectors and index in this db."""
-
-    key: str
-    dim: int
-    metric: str = "inner_product"
-    index_type: str = "none"
-    count: int = 0
-    index_generation: int = -1  # store generation the index was built from (stale if different)
-
-
-@dataclass
-class Manifest:
-    schema_version: int = SCHEMA_VERSION
-    default_encoder: str | None = None
-    encoders: dict[str, EncoderEntry] = field(default_factory=dict)
-
-    @classmethod
-    def from_json(cls, data: dict) -> Manifest:
-        encoders = {k: EncoderEntry(**v) for k, v in data.get("encoders", {}).items()}
-        return cls(data["schema_version"], data.get("default_encoder"), encoders)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write a file so that a reader (or a crash) sees the old content or the new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _vector_key(encoder_key: str, sha256: str) -> bytes:
     return f"{encoder_key}\0{sha256}".encode()
 
 
-class Store:
-    """Items, vectors and the manifest of one db folder."""
+def _path_key(path: str) -> bytes:
+    return os.fsencode(path)
 
-    def __init__(self, root: str | os.PathLike, create: bool = False, readonly: bool = False):
+
+class Store:
+    """Items, vectors and the manifest of one db folder.
+
+    Opened for writing, it holds the db's writer lock until closed (`wait=False`: DbBusyError at
+    once instead of waiting). Read-only opens take no lock and never block a writer. `rebuild`: move
+    whatever db files are there aside (`move_aside`, under the lock) and start an empty db.
+    """
+
+    def __init__(self, root: str | os.PathLike, create: bool = False, readonly: bool = False, wait: bool = True,
+                 rebuild: bool = False):
         self.root = Path(root)
+        self.readonly = readonly
+        self.moved_to: Path | None = None  # where `rebuild` put the old files
+        if self.root.exists() and not self.root.is_dir():
+            raise DbNotFoundError(f"{self.root} is a file, not a db folder: pass another --db")
         manifest_path = self.root / MANIFEST
-        if manifest_path.is_file():
+        if not readonly and (create or manifest_path.is_file()):
             try:
-                data = json.loads(manifest_path.read_text())
-                version = int(data["schema_version"])
-            except (ValueError, KeyError, TypeError) as e:
-                raise SchemaError(f"{manifest_path} is not a simsearch manifest ({e})") from None
-            if version > SCHEMA_VERSION:
-                raise SchemaError(
-                    f"the db at {self.root} was written by a newer simsearch (schema {version}; "
-                    f"this version reads up to {SCHEMA_VERSION}): upgrade simsearch or use another --db"
-                )
-            self.manifest = Manifest.from_json(data)
-        elif create and not readonly:
-            self.root.mkdir(parents=True, exist_ok=True)
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise DbNotFoundError(f"cannot create the db folder {self.root} ({e.strerror})") from None
+        self.lock = None if readonly or not self.root.is_dir() else DbLock(self.root, wait)
+        if self.lock:
+            self.lock.acquire()
+        try:
+            if rebuild and self.lock:
+                self.moved_to = move_aside(self.root)
+            self._open(manifest_path, create or rebuild)
+        except BaseException:
+            self.close()
+            raise
+
+    def _open(self, manifest_path: Path, create: bool) -> None:
+        if manifest_path.is_file():
+            self.manifest = self.read_manifest()
+        elif create and not self.readonly:
             self.manifest = Manifest()
         else:
             raise DbNotFoundError(f"no simsearch db at {self.root} (run `simsearch index FOLDER` first, or pass --db)")
-        if not readonly:
-            (self.root / "index").mkdir(exist_ok=True)
+        check_data_file(self.root / LMDB_DIR / "data.mdb", REBUILD_HINT)
+        if not self.readonly:
+            (self.root / INDEX_DIR).mkdir(exist_ok=True)
         try:
-            self.env = lmdb.open(str(self.root / "store.lmdb"), map_size=MAP_SIZE, max_dbs=4, readonly=readonly)
-            self._items = self.env.open_db(b"items", create=not readonly)
-            self._ids = self.env.open_db(b"ids", create=not readonly)
-            self._vectors = self.env.open_db(b"vectors", create=not readonly)
-            self._meta = self.env.open_db(b"meta", create=not readonly)
-        except lmdb.Error as e:  # read-only: the manifest is there but the LMDB env is missing or incomplete
-            raise DbNotFoundError(f"the db at {self.root} is incomplete ({e}); re-run `simsearch index`") from None
+            self.env = lmdb.open(str(self.root / LMDB_DIR), map_size=MAP_SIZE, max_dbs=5, readonly=self.readonly)
+            tables = [self.env.open_db(name, create=not self.readonly) for name in (b"items", b"ids", b"vectors", b"meta")]
+            self._items, self._ids, self._vectors, self._meta = tables
+            # Tombstones came with schema 2: a read-only open of an older db has none.
+            no_tombstones = self.readonly and not self._has_table(b"removed")
+            self._removed = None if no_tombstones else self.env.open_db(b"removed", create=not self.readonly)
+        except lmdb.Error as e:
+            if self.readonly and not (self.root / LMDB_DIR / "data.mdb").is_file():
+                raise DbNotFoundError(f"the db at {self.root} is incomplete ({e}); re-run `simsearch index`") from None
+            if isinstance(e, (lmdb.CorruptedError, lmdb.InvalidError, lmdb.PageNotFoundError, lmdb.VersionMismatchError)):
+                raise DbCorruptError(f"{self.root / LMDB_DIR}: damaged ({e}); {REBUILD_HINT}") from None
+            raise SimsearchError(f"{self.root / LMDB_DIR}: cannot be opened ({e})") from None
         if not manifest_path.is_file():
             # Written last: a reader that sees the manifest also finds the LMDB env with all its tables.
             self.save_manifest()
 
+    def _has_table(self, name: bytes) -> bool:
+        with self.env.begin() as txn:
+            return txn.get(name) is not None  # named tables are keys of LMDB's main table
+
     # -- lifecycle -----------------------------------------------------------------------------
     def close(self) -> None:
-        self.env.close()
+        env = getattr(self, "env", None)
+        if env is not None:
+            env.close()
+            self.env = None
+        if self.lock:
+            self.lock.release()
+            self.lock = None
 
     def __enter__(self) -> Store:
         return self
@@ -129,12 +143,40 @@ class Store:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def save_manifest(self) -> None:
-        data = asdict(self.manifest)
-        write_atomic(self.root / MANIFEST, (json.dumps(data, indent=2) + "\n").encode())
+    def read_manifest(self) -> Manifest:
+        """The manifest as it is on disk now (readers re-read it to follow a writer's new index)."""
+        path = self.root / MANIFEST
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise DbNotFoundError(f"no simsearch db at {self.root} (run `simsearch index FOLDER` first, or pass --db)") from None
+        except OSError as e:
+            raise DbCorruptError(f"{path}: cannot read ({e.strerror})") from None
+        return parse_manifest(raw, path)
 
-    def index_path(self, encoder_name: str) -> Path:
-        return self.root / "index" / f"{encoder_name}.faiss"
+    def save_manifest(self) -> None:
+        if self.lock is None:
+            raise SimsearchError(f"{self.root}: the manifest is only written by the process holding the writer lock")
+        write_atomic(self.root / MANIFEST, self.manifest.to_bytes())
+
+    def register_encoder(self, name: str, key: str, dim: int) -> EncoderEntry:
+        """The manifest entry of the encoder about to write vectors (a new entry if its weights changed).
+
+        Saved at once, so even a run killed before its first index names the encoder it was building.
+        """
+        entry = self.manifest.encoders.get(name)
+        if entry is None or entry.key != key or entry.dim != dim:
+            entry = EncoderEntry(key=key, dim=dim)
+            self.manifest.encoders[name] = entry
+            self.manifest.default_encoder = self.manifest.default_encoder or name
+            self.save_manifest()
+        return entry
+
+    def index_dir(self) -> Path:
+        return self.root / INDEX_DIR
+
+    def index_file(self, entry: EncoderEntry) -> Path | None:
+        return self.index_dir() / entry.index_file if entry.index_file else None
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
@@ -159,20 +201,23 @@ class Store:
 
     def get_item(self, path: str) -> ItemRecord | None:
         with self.env.begin(db=self._items) as txn:
-            raw = txn.get(path.encode())
+            raw = txn.get(_path_key(path))
         return ItemRecord(**json.loads(raw)) if raw else None
 
     def iter_items(self, under: str | None = None) -> Iterator[tuple[str, ItemRecord]]:
-        """All items, or those whose path starts with the folder `under` (path order)."""
-        prefix = (under.rstrip(os.sep) + os.sep).encode() if under else b""
+        """All items, or those whose path is the file `under` or lies in the folder `under` (path order)."""
+        exact = _path_key(under.rstrip(os.sep)) if under else None
+        prefix = exact + os.fsencode(os.sep) if exact else b""
         with self.env.begin(db=self._items) as txn:
+            if exact is not None and (raw := txn.get(exact)) is not None:
+                yield os.fsdecode(exact), ItemRecord(**json.loads(raw))
             cur = txn.cursor()
             if not cur.set_range(prefix):
                 return
             for k, v in cur:
                 if not k.startswith(prefix):
                     break
-                yield k.decode(), ItemRecord(**json.loads(v))
+                yield os.fsdecode(k), ItemRecord(**json.loads(v))
 
     def has_vector(self, encoder_key: str, sha256: str) -> bool:
         with self.env.begin(db=self._vectors) as txn:
@@ -185,23 +230,39 @@ class Store:
 
     def vectors_of(self, encoder_key: str, paths: list[str], dim: int) -> np.ndarray:
         """(len(paths), dim) float32 vectors of these items, in order; SimsearchError names a missing one."""
-        out = np.empty((len(paths), dim), dtype=np.float32)
         with self.env.begin() as txn:
-            for row, path in enumerate(paths):
-                raw = txn.get(path.encode(), db=self._items)
-                vec = raw and txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors)
-                if not vec:
-                    raise SimsearchError(f"{path}: no vector for {encoder_key} in {self.root} (skipped when indexed?)")
-                out[row] = np.frombuffer(vec, dtype="<f4")
+            return self._gather(txn, encoder_key, dim, paths, [txn.get(_path_key(p), db=self._items) for p in paths])
+
+    def vectors_of_ids(self, encoder_key: str, ids: list[int], dim: int) -> np.ndarray:
+        """(len(ids), dim) vectors of items by id, removed items (tombstones) included."""
+        with self.env.begin() as txn:
+            paths, records = [], []
+            for i in ids:
+                key = _ID.pack(int(i))
+                path = txn.get(key, db=self._ids)
+                raw = path and txn.get(path, db=self._items)
+                if raw is None and self._removed is not None:
+                    raw = txn.get(key, db=self._removed)
+                paths.append(os.fsdecode(path) if path else f"item {i}")
+                records.append(raw)
+            return self._gather(txn, encoder_key, dim, paths, records)
+
+    def _gather(self, txn, encoder_key: str, dim: int, names: list[str], records: list[bytes | None]) -> np.ndarray:
+        out = np.empty((len(names), dim), dtype=np.float32)
+        for row, (name, raw) in enumerate(zip(names, records)):
+            vec = raw and txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors)
+            if not vec:
+                raise SimsearchError(f"{name}: no vector for {encoder_key} in {self.root} (skipped when indexed?)")
+            out[row] = np.frombuffer(vec, dtype="<f4")
         return out
 
     def paths_of(self, ids: Iterable[int]) -> list[str | None]:
-        """Item paths for ids (None for an id that is gone, e.g. from a stale index)."""
+        """Item paths for ids, in one read transaction (None for an id the db no longer knows)."""
         with self.env.begin(db=self._ids) as txn:
             out = []
             for i in ids:
                 raw = txn.get(_ID.pack(int(i)))
-                out.append(raw.decode() if raw else None)
+                out.append(os.fsdecode(raw) if raw else None)
         return out
 
     def iter_vector_blocks(self, encoder_key: str, dim: int, block: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -222,6 +283,12 @@ class Store:
         if ids:
             yield np.asarray(ids, dtype=np.int64), vecs[: len(ids)].copy()
 
+    def iter_ids(self) -> Iterator[tuple[int, str, bool]]:
+        """(id, path, live) of every id the db knows; live is False for a tombstone."""
+        with self.env.begin() as txn:
+            for k, path in txn.cursor(db=self._ids):
+                yield _ID.unpack(k)[0], os.fsdecode(path), txn.get(path, db=self._items) is not None
+
     # -- writes --------------------------------------------------------------------------------
     def put_items(self, encoder_key: str, items: list[tuple[str, str, int, int, np.ndarray | None]]) -> None:
         """Add or update items and their vectors in one transaction.
@@ -231,7 +298,7 @@ class Store:
         with self.env.begin(write=True) as txn:
             next_id = self._counter(txn, b"next_id")
             for path, sha, size, mtime_ns, vec in items:
-                key = path.encode()
+                key = _path_key(path)
                 old = txn.get(key, db=self._items)
                 if old is not None:
                     item_id = json.loads(old)["id"]  # a changed file keeps its id
@@ -246,21 +313,47 @@ class Store:
             self._bump_generation(txn)
 
     def remove_items(self, paths: Iterable[str]) -> int:
+        """Remove items; their ids stay resolvable (tombstones) until `collect_tombstones`."""
         n = 0
         with self.env.begin(write=True) as txn:
+            generation = self._counter(txn, b"generation") + 1
             for path in paths:
-                raw = txn.pop(path.encode(), db=self._items)
+                raw = txn.pop(_path_key(path), db=self._items)
                 if raw is not None:
-                    txn.delete(_ID.pack(json.loads(raw)["id"]), db=self._ids)
+                    rec = json.loads(raw)
+                    txn.put(_ID.pack(rec["id"]), json.dumps({"generation": generation, "sha256": rec["sha256"]}).encode(),
+                            db=self._removed)
                     n += 1
             if n:
-                self._bump_generation(txn)
+                txn.put(b"generation", _ID.pack(generation), db=self._meta)
+        return n
+
+    def collect_tombstones(self) -> int:
+        """Forget removed items that no published index can return any more, then sweep their vectors.
+
+        An index built at generation G holds none of the items removed at or before G, so a tombstone
+        is dropped once every built index in the manifest is at least as new as its removal.
+        """
+        built = [e.index_generation for e in self.manifest.encoders.values() if e.index_file]
+        oldest = min(built, default=self.generation)
+        n = 0
+        with self.env.begin(write=True) as txn:
+            for k, raw in list(txn.cursor(db=self._removed)):
+                if json.loads(raw)["generation"] <= oldest:
+                    txn.delete(k, db=self._removed)
+                    path = txn.get(k, db=self._ids)
+                    txn.delete(k, db=self._ids)
+                    n += 1
+                    log.debug("forgot removed item %d (%r)", _ID.unpack(k)[0], path)
+        if n:
+            self.sweep_vectors()
         return n
 
     def sweep_vectors(self) -> int:
-        """Delete vectors whose content no item has any more (removed or changed files)."""
+        """Delete vectors whose content no item (live or tombstone) has any more."""
         with self.env.begin() as txn:
             live = {json.loads(v)["sha256"] for _, v in txn.cursor(db=self._items)}
+            live |= {json.loads(v)["sha256"] for _, v in txn.cursor(db=self._removed)}
         dead = []
         with self.env.begin(db=self._vectors) as txn:
             for k in txn.cursor().iternext(values=False):
@@ -278,3 +371,23 @@ class Store:
 
     def _bump_generation(self, txn) -> None:
         txn.put(b"generation", _ID.pack(self._counter(txn, b"generation") + 1), db=self._meta)
+
+
+def move_aside(root: Path) -> Path | None:
+    """Move a broken db's files into `<root>/broken-<time>/` (kept for the user); None if there was nothing.
+
+    The caller holds the writer lock, whose file stays where it is.
+    """
+    parts = [p for p in (root / MANIFEST, root / LMDB_DIR, root / INDEX_DIR) if p.exists()]
+    if not parts:
+        return None
+    dest = root / time.strftime("broken-%Y%m%d-%H%M%S")
+    n = 1
+    while dest.exists():
+        dest = root / f"{dest.name.split('.')[0]}.{n}"
+        n += 1
+    dest.mkdir()
+    for p in parts:
+        shutil.move(str(p), str(dest / p.name))
+    log.warning("moved the broken db files to %s", dest)
+    return dest

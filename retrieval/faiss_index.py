@@ -8,9 +8,8 @@ because a flat scan reads every vector per query (100k x 1280-d float32 = 512 MB
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,9 @@ import faiss
 import numpy as np
 
 from simsearch.devices import Device, faiss_use_gpu
-from simsearch.errors import SimsearchError
+from simsearch.errors import DbCorruptError, SimsearchError
+from simsearch.indexer.manifest import EncoderEntry, write_atomic
+from simsearch.indexer.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +90,109 @@ def _training_sample(blocks: BlockSource, count: int, size: int, seed: int) -> n
     return np.ascontiguousarray(np.concatenate(parts), dtype=np.float32)
 
 
-def save_index(index: faiss.Index, path: Path) -> None:
-    """Atomic: a crash leaves the previous index file intact."""
-    fd, tmp = tempfile.mkstemp(suffix=".faiss.tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        faiss.write_index(index, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+REPAIR_HINT = "run `simsearch check --repair` to rebuild it from the stored vectors (nothing is embedded again)"
 
+
+def index_problem(store: Store, name: str, entry: EncoderEntry) -> str | None:
+    """Why this encoder's index file cannot be used (missing, wrong size, wrong sha256, never built), or None."""
+    path = store.index_file(entry)
+    if path is None:
+        return f"the index of {name} was never built (an interrupted first `index`?)"
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return f"{path}: index file missing"
+    except OSError as e:
+        return f"{path}: cannot read ({e.strerror})"
+    return _content_problem(path, data, entry)
+
+
+def _content_problem(path: Path, data: bytes, entry: EncoderEntry) -> str | None:
+    if entry.index_sha256 is None:
+        return None  # schema-1 index: nothing to verify against (rebuilt with a checksum by the next `index`)
+    if len(data) != entry.index_bytes:
+        return f"{path}: damaged index file ({len(data):,} bytes, the manifest says {entry.index_bytes:,})"
+    if hashlib.sha256(data).hexdigest() != entry.index_sha256:
+        return f"{path}: damaged index file (sha256 differs from the manifest)"
+    return None
+
+
+def publish_index(store: Store, name: str, index: faiss.Index, generation: int) -> EncoderEntry:
+    """Write `index` under a new file name, point the manifest at it, then delete the encoder's older files.
+
+    A reader that read the old manifest still finds the old file until it is deleted, and a reader
+    that finds it deleted re-reads the manifest (`load_index`): it never mixes two builds.
+    """
+    data = faiss.serialize_index(index).tobytes()
+    sha = hashlib.sha256(data).hexdigest()
+    entry = store.manifest.encoders[name]
+    file_name = f"{name}.{generation}.{sha[:12]}.faiss"
+    write_atomic(store.index_dir() / file_name, data)
+    entry.index_file, entry.index_sha256, entry.index_bytes = file_name, sha, len(data)
+    entry.index_type, entry.count, entry.index_generation = index_kind(index), index.ntotal, generation
+    store.save_manifest()
+    for old in store.index_dir().iterdir():
+        if old.name != file_name and (old.name == f"{name}.faiss" or _is_build_of(old.name, name)):
+            old.unlink(missing_ok=True)
+    store.collect_tombstones()
+    return entry
+
+
+def _is_build_of(file_name: str, name: str) -> bool:
+    """`<name>.<generation>.<sha12>.faiss` (or a temp file of one left by a killed write)."""
+    rest = file_name[len(name) + 1:] if file_name.startswith(name + ".") else ""
+    parts = rest.split(".")
+    return len(parts) >= 3 and parts[0].isdigit() and parts[2].startswith("faiss")
+
+
+def refresh_index(store: Store, name: str, config: IndexConfig = IndexConfig()) -> bool:
+    """Rebuild `name`'s index from the stored vectors if the store changed, the kind asked for differs,
+    or the file is missing or damaged. True if it was rebuilt. The store must be open for writing."""
+    entry = store.manifest.encoders[name]
+    generation = store.generation
+    count = store.vector_count(entry.key)
+    wanted = config.resolve(count)
+    if entry.index_generation == generation and entry.index_type.startswith(wanted) and entry.index_sha256:
+        problem = index_problem(store, name, entry)
+        if problem is None:
+            return False
+        log.warning("%s; rebuilding it from the stored vectors", problem)
+    index = build_index(lambda: store.iter_vector_blocks(entry.key, entry.dim), entry.dim, count, config)
+    publish_index(store, name, index, generation)
+    return True
+
+
+def load_index(store: Store, name: str, device: Device = Device.auto, attempts: int = 3) -> tuple[LoadedIndex, EncoderEntry]:
+    """The published index of `name` and its manifest entry, verified against the manifest's sha256.
+
+    The manifest is re-read first, so a long-lived reader follows a writer's newer build.
+    """
+    for attempt in range(attempts):
+        entry = store.read_manifest().encoders.get(name)
+        if entry is None:
+            have = ", ".join(store.read_manifest().encoders) or "none"
+            raise SimsearchError(f"the db at {store.root} has no vectors of encoder {name!r} (indexed: {have}); "
+                                 f"run `simsearch index FOLDER --encoder {name}`")
+        path = store.index_file(entry)
+        if path is None:
+            raise DbCorruptError(f"the index of {name} in {store.root} was never built (an interrupted first "
+                                 f"`index`?): {REPAIR_HINT}, or re-run `simsearch index FOLDER --encoder {name}`")
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            if attempt + 1 < attempts and store.read_manifest().encoders.get(name) != entry:
+                continue  # a writer published a newer build and deleted this one meanwhile
+            raise DbCorruptError(f"{path}: index file missing; {REPAIR_HINT}") from None
+        problem = _content_problem(path, data, entry)
+        if problem is None:
+            try:
+                return LoadedIndex(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), device), entry
+            except RuntimeError as e:  # schema-1 file (no checksum) that FAISS cannot read
+                problem = f"{path}: damaged index file ({str(e).splitlines()[0][:120]})"
+        if attempt + 1 < attempts and store.read_manifest().encoders.get(name) != entry:
+            continue
+        raise DbCorruptError(f"{problem}; {REPAIR_HINT}")
+    raise DbCorruptError(f"the index of {name} in {store.root} kept changing while it was read; try again")
 
 class LoadedIndex:
     """A FAISS index on the CPU, or on the GPU when asked and possible."""
@@ -115,10 +208,6 @@ class LoadedIndex:
             except (RuntimeError, AttributeError) as e:
                 log.warning("could not move the FAISS index to the GPU (%s); searching on the CPU", e)
 
-    @classmethod
-    def load(cls, path: Path, device: Device = Device.auto) -> LoadedIndex:
-        return cls(faiss.read_index(str(path)), device)
-
     @property
     def ntotal(self) -> int:
         return self.cpu_index.ntotal
@@ -126,6 +215,8 @@ class LoadedIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(Q, dim) -> scores (Q, k') and ids (Q, k'), k' = min(k, ntotal), best first."""
         k = min(k, self.ntotal)
+        if k == 0:  # FAISS asserts k > 0
+            return np.empty((len(queries), 0), dtype=np.float32), np.empty((len(queries), 0), dtype=np.int64)
         index = self.index if (self.device == "cpu" or k <= GPU_MAX_K) else self.cpu_index
         scores, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         return scores, ids

@@ -13,10 +13,11 @@ from simsearch.devices import Device
 from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import get_encoder
-from simsearch.errors import SimsearchError
+from simsearch.errors import ImageLoadError, SimsearchError
 from simsearch.indexer.images import load_rgb
+from simsearch.indexer.lock import writer_active
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import LoadedIndex
+from simsearch.retrieval.faiss_index import LoadedIndex, load_index
 from simsearch.retrieval.rerank import Reranker, pixels, rerank_order
 
 log = logging.getLogger(__name__)
@@ -25,78 +26,120 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Hit:
     rank: int  # 1-based
-    path: str
+    path: str  # may hold surrogate escapes: os.fsencode(path) gives the file's exact bytes
     score: float  # cosine similarity
     rerank_score: float | None = None  # P(same) from the reranker, when the hits were reranked
+    id: int = -1  # the item's id in the db
 
 
 @dataclass
 class QueryResult:
     query: str
     hits: list[Hit]
-    seconds: dict[str, float] = field(default_factory=dict)  # per stage: load, embed, search
+    seconds: dict[str, float] = field(default_factory=dict)  # per stage: load+embed, search, rerank
+    error: str | None = None  # this query image could not be read (the others still answer)
+
+
+# Query images decoded and embedded together: memory stays bounded however many are asked.
+QUERY_BATCH = 32
 
 
 class Searcher:
-    """Answers top-k queries against one encoder's index in a db."""
+    """Answers top-k queries against one encoder's index in a db.
 
-    def __init__(self, store: Store, encoder: OnnxEncoder, index: LoadedIndex):
+    The index and the id -> path mapping are one consistent snapshot: ids are resolved in one LMDB
+    read transaction, and the store keeps the path of every id a published index can return. An id
+    that cannot be resolved means a writer has published a newer index since: it is loaded and the
+    search repeated.
+    """
+
+    def __init__(self, store: Store, encoder: OnnxEncoder, index: LoadedIndex, name: str | None = None,
+                 device: Device = Device.auto):
         self.store = store
         self.encoder = encoder
         self.index = index
+        self.name = name or encoder.spec.name
+        self.device = device
 
     @classmethod
     def open(cls, db: str | Path, encoder: str | None = None, device: Device = Device.auto,
              models_dir: Path | None = None) -> Searcher:
         store = Store(db, readonly=True)
-        name = encoder or store.manifest.default_encoder
-        spec = get_encoder(name, models_dir) if name else None
-        entry = store.manifest.encoders.get(name) if name else None
-        if spec is None or entry is None or not store.index_path(name).is_file():
-            have = ", ".join(store.manifest.encoders) or "none"
-            raise SimsearchError(f"the db at {store.root} has no index for encoder {name!r} (indexed: {have}); "
-                                 f"run `simsearch index FOLDER --encoder {name}`")
-        if entry.key != spec.key:
-            raise SimsearchError(f"the db's {name} vectors were made with other weights ({entry.key}); re-run `simsearch index`")
-        if entry.index_generation != store.generation:
-            log.warning("the index of %s is older than the db (an interrupted `index`?); re-run `simsearch index` to refresh it", name)
-        return cls(store, OnnxEncoder(spec, device, models_dir), LoadedIndex.load(store.index_path(name), device))
+        try:
+            name = encoder or store.manifest.default_encoder
+            if name is None:
+                raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
+            spec = get_encoder(name, models_dir)
+            index, entry = load_index(store, name, device)
+            if entry.key != spec.key:
+                raise SimsearchError(f"the db's {name} vectors were made with other weights ({entry.key}); "
+                                     f"re-run `simsearch index FOLDER --encoder {name}`")
+            if entry.index_generation != store.generation and not writer_active(store.root):
+                log.warning("the index of %s is older than the db (an interrupted `index`?): re-run `simsearch index` "
+                            "or `simsearch check --repair` to refresh it", name)
+            return cls(store, OnnxEncoder(spec, device, models_dir), index, name, device)
+        except BaseException:
+            store.close()
+            raise
 
-    def embed_images(self, paths: list[str | Path]) -> np.ndarray:
-        """(len(paths), dim) query vectors; raises ImageLoadError naming a bad file."""
-        spec = self.encoder.spec
-        batch = np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in paths])  # (Q, 3, S, S)
-        return self.encoder.embed(batch)
-
-    def search_vectors(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+    def search_vectors(self, vectors: np.ndarray, k: int, attempts: int = 3) -> list[list[Hit]]:
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
-        scores, ids = self.index.search(vectors, k)  # (Q, k'), (Q, k')
+        for attempt in range(attempts):
+            scores, ids = self.index.search(vectors, k)  # (Q, k'), (Q, k')
+            valid = ids >= 0
+            paths = self.store.paths_of(ids[valid])  # one read transaction: one state of the db
+            if None not in paths or attempt + 1 == attempts:
+                break
+            log.debug("a newer index was published during the search: reloading it")
+            self.index, _ = load_index(self.store, self.name, self.device)
+        found = iter(paths)
         out = []
         for row_scores, row_ids in zip(scores, ids):
-            valid = row_ids >= 0
-            paths = self.store.paths_of(row_ids[valid])
-            hits = [(p, float(s)) for p, s in zip(paths, row_scores[valid]) if p is not None]
-            out.append([Hit(r, p, s) for r, (p, s) in enumerate(hits, 1)])
+            row = [(int(i), float(s), next(found)) for i, s in zip(row_ids, row_scores) if i >= 0]
+            out.append([Hit(r, p, s, id=i) for r, (i, s, p) in enumerate((h for h in row if h[2] is not None), 1)])
         return out
 
     def query(self, paths: list[str | Path], k: int = 10, reranker: Reranker | None = None,
               depth: int = 100) -> list[QueryResult]:
-        """Top k per query image; with a reranker, the top `depth` of the vector search reordered by it."""
+        """Top k per query image; with a reranker, the top `depth` of the vector search reordered by it.
+
+        Images are embedded QUERY_BATCH at a time; one that cannot be read gets an `error` and no hits.
+        """
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
+        if self.index.ntotal == 0:
+            raise SimsearchError(f"the index of {self.name} in {self.store.root} is empty (no image could be stored): "
+                                 "run `simsearch index FOLDER` and see what it skipped")
         if reranker is not None:
             self._check_reranker(reranker)
             if depth < k:
                 raise SimsearchError(f"--rerank-depth ({depth}) must be at least k ({k})")
+        results = []
+        for start in range(0, len(paths), QUERY_BATCH):
+            results += self._query_batch(paths[start:start + QUERY_BATCH], k, reranker, depth)
+        return results
+
+    def _query_batch(self, paths: list[str | Path], k: int, reranker: Reranker | None, depth: int) -> list[QueryResult]:
+        spec = self.encoder.spec
         t0 = time.perf_counter()
-        vectors = self.embed_images(paths)
+        results, arrays = [], []
+        for p in paths:
+            results.append(QueryResult(str(p), []))
+            try:
+                arrays.append(to_input(load_rgb(p, resize_side(spec)), spec))  # (3, S, S)
+            except ImageLoadError as e:
+                results[-1].error = str(e)
+        ok = [r for r in results if r.error is None]
+        if not ok:
+            return results
+        vectors = self.encoder.embed(np.stack(arrays))  # (Q, 3, S, S) -> (Q, dim)
         t1 = time.perf_counter()
         hits = self.search_vectors(vectors, depth if reranker is not None else k)
         t2 = time.perf_counter()
-        per = {"load+embed": (t1 - t0) / len(paths), "search": (t2 - t1) / len(paths)}
-        results = [QueryResult(str(p), h, dict(per)) for p, h in zip(paths, hits)]
-        for result, vector in zip(results, vectors):
+        for result, vector, h in zip(ok, vectors, hits):
+            result.hits = h
+            result.seconds = {"load+embed": (t1 - t0) / len(ok), "search": (t2 - t1) / len(ok)}
             if reranker is not None:
                 t = time.perf_counter()
                 result.hits = self.rerank(reranker, result.query, vector, result.hits, k)
@@ -118,10 +161,10 @@ class Searcher:
         paths = [h.path for h in hits]
         if reranker.spec.input == "encoder":
             spec = self.encoder.spec
-            q, cands = vector[None], self.store.vectors_of(spec.key, paths, spec.dim)  # (1, d), (D, d)
+            q, cands = vector[None], self.store.vectors_of_ids(spec.key, [h.id for h in hits], spec.dim)  # (1, d), (D, d)
         else:
             q, cands = pixels([query], reranker.spec.image_size), pixels(paths, reranker.spec.image_size)
         bq, bc = reranker.bottleneck(q), reranker.bottleneck(cands)  # (1, 256), (D, 256)
         probs = reranker.score(np.repeat(bq, len(bc), axis=0), bc)  # (D,)
         order = rerank_order(probs, np.array([h.score for h in hits]))
-        return [Hit(r, hits[i].path, hits[i].score, float(probs[i])) for r, i in enumerate(order[:k], 1)]
+        return [Hit(r, hits[i].path, hits[i].score, float(probs[i]), hits[i].id) for r, i in enumerate(order[:k], 1)]

@@ -69,7 +69,7 @@ def test_info_and_encoders(db):
         (["query", "{tmp}/missing.jpg", "--db", "{db}"], "no such file"),
         (["query", "{img}", "-k", "0", "--db", "{db}"], "at least 1"),
         (["query", "{img}", "--db", "{db}", "--encoder", "nope"], "unknown encoder 'nope'"),
-        (["query", "{img}", "--db", "{db}", "--encoder", "efficientnet-lite2"], "no index for encoder"),
+        (["query", "{img}", "--db", "{db}", "--encoder", "efficientnet-lite2"], "no vectors of encoder"),
         (["index", "{tmp}/nofolder", "--db", "{db}"], "no such file or folder"),
         (["index", "{tmp}", "--db", "{db}", "--encoder", "nope"], "unknown encoder"),
         (["index", "{tmp}", "--db", "{db}", "--index", "hnsw"], "unknown index kind 'hnsw'"),

@@ -17,14 +17,22 @@ from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer, IndexerConfig
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import LoadedIndex
+from simsearch.retrieval.faiss_index import load_index, refresh_index
 
 from ..conftest import copy_samples, sample_paths
 
 
 def _run(encoder, db, folder, **cfg):
+    """What `simsearch index` does: the run, then the index refreshed from the store."""
     with Store(db, create=True) as store:
-        return Indexer(encoder, store, IndexerConfig(batch_size=4, **cfg)).run(folder)
+        report = Indexer(encoder, store, IndexerConfig(batch_size=4, **cfg)).run(folder)
+        refresh_index(store, encoder.spec.name)
+        return report
+
+
+def _index_file(db, name):
+    with Store(db, readonly=True) as store:
+        return store.manifest.encoders[name].index_file
 
 
 def test_index_matches_brute_force_embedding(tmp_path, encoder):
@@ -34,7 +42,7 @@ def test_index_matches_brute_force_embedding(tmp_path, encoder):
     spec = encoder.spec
     ref = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos]))
     with Store(tmp_path / "db") as store:
-        index = LoadedIndex.load(store.index_path(spec.name))
+        index, _ = load_index(store, spec.name)
         scores, ids = index.search(ref, 10)
         paths = [store.paths_of(row) for row in ids]
         for photo, row, vec in zip(photos, paths, ref):
@@ -48,10 +56,12 @@ def test_incremental_add_change_delete_rename(tmp_path, encoder):
     folder = tmp_path / "imgs"
     photos = copy_samples(folder / "a", 6)
     first = _run(encoder, tmp_path / "db", folder)
-    assert first.embedded == 6 and first.index_rebuilt
+    built = _index_file(tmp_path / "db", encoder.spec.name)
+    assert first.embedded == 6 and built is not None
 
     again = _run(encoder, tmp_path / "db", folder)
-    assert (again.embedded, again.unchanged, again.removed, again.index_rebuilt) == (0, 6, 0, False)
+    assert (again.embedded, again.unchanged, again.removed) == (0, 6, 0)
+    assert _index_file(tmp_path / "db", encoder.spec.name) == built  # nothing changed: not rebuilt
 
     copy_samples(folder / "b", 2, start=50)  # 2 new
     shutil.copy2(sample_paths(1, start=60)[0], photos[0])  # 1 changed content
@@ -126,7 +136,7 @@ def test_embed_files_caches_by_content_and_returns_vectors_in_order(tmp_path, en
         second = indexer.embed_files(photos[::-1])
         assert (first.embedded, second.embedded, second.unchanged) == (4, 2, 4)
         got = store.vectors_of(spec.key, [str(p) for p in photos[::-1]], spec.dim)
-        assert not store.index_path(spec.name).exists()  # no index is built for a file list
+        assert spec.name not in store.manifest.encoders  # a file list is not an indexed collection
         with pytest.raises(Exception, match="no vector"):
             store.vectors_of(spec.key, [str(tmp_path / "other.jpg")], spec.dim)
     ref = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos[::-1]]))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from simsearch.errors import DbNotFoundError, SchemaError
-from simsearch.indexer.store import MANIFEST, SCHEMA_VERSION, Store
+from simsearch.indexer.manifest import MANIFEST, SCHEMA_VERSION
+from simsearch.indexer.store import Store
 
 
 def test_round_trip_and_ids(tmp_path):
@@ -26,7 +27,11 @@ def test_round_trip_and_ids(tmp_path):
         assert s.sweep_vectors() == 1  # "sha-a" is referenced by no item any more
         gen = s.generation
         assert s.remove_items(["/b.jpg", "/nope.jpg"]) == 1 and s.generation == gen + 1
-        assert s.paths_of([1]) == [None] and s.item_count() == 1
+        # A tombstone: an index built before the removal may still return id 1, so it stays resolvable
+        assert s.paths_of([1]) == ["/b.jpg"] and s.item_count() == 1 and s.get_item("/b.jpg") is None
+        np.testing.assert_array_equal(s.vectors_of_ids("enc@1", [1], 4)[0], v + 1)
+        assert s.collect_tombstones() == 1  # no index built: nothing can return it
+        assert s.paths_of([1]) == [None] and not s.has_vector("enc@1", "sha-b")
 
 
 def test_vectors_are_float32_little_endian(tmp_path):
@@ -59,5 +64,5 @@ def test_manifest_written_atomically(tmp_path):
     with Store(tmp_path, create=True) as s:
         s.manifest.default_encoder = "x"
         s.save_manifest()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "manifest.json", "store.lmdb"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index", "lock", "manifest.json", "store.lmdb"]
     assert json.loads((tmp_path / MANIFEST).read_text())["default_encoder"] == "x"

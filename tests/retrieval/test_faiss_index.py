@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from simsearch.errors import SimsearchError
-from simsearch.retrieval.faiss_index import IndexConfig, LoadedIndex, build_index, index_kind, save_index
+from simsearch.errors import DbCorruptError, SimsearchError
+from simsearch.indexer.store import Store
+from simsearch.retrieval.faiss_index import (IndexConfig, LoadedIndex, build_index, index_kind, index_problem,
+                                             load_index, publish_index, refresh_index)
 
 
 def clustered(n, dim, centers, seed=0):
@@ -38,8 +40,10 @@ def test_auto_switches_to_ivf_with_high_recall(tmp_path):
     built = build_index(blocks_of(vecs, ids, 4096), 64, len(vecs), config)
     kind = index_kind(built)
     assert kind == "ivf512,nprobe16"  # 4*sqrt(n) = 565, capped at n / 39 points per centroid
-    save_index(built, tmp_path / "x.faiss")
-    index = LoadedIndex.load(tmp_path / "x.faiss")  # nprobe survives the round trip
+    with Store(tmp_path, create=True) as store:
+        store.register_encoder("x", "x@1", 64)
+        publish_index(store, "x", built, store.generation)
+        index, _ = load_index(store, "x")  # nprobe survives the round trip
     assert index_kind(index.cpu_index) == kind and index.ntotal == len(vecs)
     q = clustered(200, 64, 200, seed=1)
     _, got = index.search(q, 10)
@@ -51,3 +55,54 @@ def test_auto_switches_to_ivf_with_high_recall(tmp_path):
 def test_unknown_kind_is_an_error():
     with pytest.raises(SimsearchError, match="available: auto, flat, ivf"):
         IndexConfig(kind="hnsw").resolve(10)
+
+
+def _store_with_vectors(root, n=50, dim=8):
+    vecs = clustered(n, dim, 5)
+    store = Store(root, create=True)
+    store.register_encoder("x", "x@1", dim)
+    store.put_items("x@1", [(f"/img/{i}.jpg", f"h{i}", 1, 1, v) for i, v in enumerate(vecs)])
+    return store, vecs
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_damaged_index_file_is_named_and_rebuilt_without_embedding(tmp_path, damage):
+    store, vecs = _store_with_vectors(tmp_path)
+    with store:
+        assert refresh_index(store, "x") and not refresh_index(store, "x")  # second call: up to date
+        entry = store.manifest.encoders["x"]
+        path = store.index_file(entry)
+        data = bytearray(path.read_bytes())
+        if damage == "truncate":
+            path.write_bytes(data[: len(data) // 2])
+        elif damage == "flip":
+            data[-7] ^= 0x10
+            path.write_bytes(data)
+        else:
+            path.unlink()
+        assert index_problem(store, "x", entry) is not None
+        with pytest.raises(DbCorruptError, match="check --repair") as e:
+            load_index(store, "x")
+        assert str(path) in str(e.value)
+        generation = store.generation
+        assert refresh_index(store, "x")  # rebuilt from the stored vectors
+        assert store.generation == generation  # nothing was written to the store
+        index, _ = load_index(store, "x")
+        _, ids = index.search(vecs[:5], 1)
+        assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+
+
+def test_publish_replaces_the_old_file_and_readers_follow(tmp_path):
+    store, vecs = _store_with_vectors(tmp_path)
+    with store:
+        refresh_index(store, "x")
+        old = store.manifest.encoders["x"].index_file
+        before, _ = load_index(store, "x")
+        store.remove_items(["/img/0.jpg"])
+        assert store.paths_of([0]) == ["/img/0.jpg"]  # the published index still returns id 0: resolvable
+        refresh_index(store, "x")
+        new = store.manifest.encoders["x"].index_file
+        assert new != old and sorted(p.name for p in store.index_dir().iterdir()) == [new]
+        assert store.paths_of([0]) == [None]  # every published index is newer than the removal
+        after, entry = load_index(store, "x")  # re-reads the manifest: follows the new build
+        assert (before.ntotal, after.ntotal, entry.index_file) == (50, 49, new)

@@ -1,0 +1,107 @@
+"""`simsearch check`: verify a db end to end, and repair what can be rebuilt from the stored vectors.
+
+Errors are damage (a file that does not match the manifest, ids that disagree, an unreadable
+store); warnings are states a normal interruption leaves (an index older than the store, an index
+never built) — `check` exits non-zero only for errors, and every finding says what to do.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import lmdb
+import numpy as np
+
+from simsearch.errors import DbCorruptError, SchemaError
+from simsearch.indexer.store import REBUILD_HINT, Store
+from simsearch.retrieval.faiss_index import REPAIR_HINT, IndexConfig, index_problem, refresh_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "error" | "warning"
+    message: str  # one line: what is wrong, then what to do
+
+
+def check_db(root: str | Path) -> tuple[list[Finding], dict]:
+    """(findings, facts): facts are the counts that were verified (items, ids, vectors per index)."""
+    try:
+        store = Store(root, readonly=True)
+    except (DbCorruptError, SchemaError) as e:
+        return [Finding("error", str(e))], {}
+    with store:
+        findings: list[Finding] = []
+        facts: dict = {"items": 0, "removed_pending": 0, "indexes": {}}
+        try:
+            live_ids = _check_items(store, findings, facts)
+        except (lmdb.Error, ValueError, KeyError) as e:
+            return findings + [Finding("error", f"{store.root / 'store.lmdb'}: unreadable ({e}); {REBUILD_HINT}")], facts
+        generation = store.generation
+        for name, entry in store.manifest.encoders.items():
+            if entry.index_file is None:
+                findings.append(Finding("warning", f"the index of {name} was never built (an interrupted first "
+                                                   f"`index`?): {REPAIR_HINT}"))
+                continue
+            problem = index_problem(store, name, entry)
+            if problem:
+                findings.append(Finding("error", f"{problem}; {REPAIR_HINT}"))
+                continue
+            index = faiss.read_index(str(store.index_file(entry)))
+            ids = faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.empty(0, np.int64)
+            facts["indexes"][name] = {"vectors": int(index.ntotal), "file": entry.index_file}
+            if index.ntotal != entry.count or index.d != entry.dim:
+                findings.append(Finding("error", f"{store.index_file(entry)}: holds {index.ntotal} vectors of {index.d} "
+                                                 f"dimensions, the manifest says {entry.count} of {entry.dim}; {REPAIR_HINT}"))
+            elif entry.index_generation != generation:
+                unknown = set(ids.tolist()) - live_ids["all"]
+                if unknown:
+                    findings.append(Finding("error", f"the index of {name} returns {len(unknown)} ids the store does not "
+                                                     f"know; {REPAIR_HINT}"))
+                else:
+                    findings.append(Finding("warning", f"the index of {name} is older than the store (an interrupted or "
+                                                       f"running `index`): {REPAIR_HINT}"))
+            else:
+                expected = {int(i) for block, _ in store.iter_vector_blocks(entry.key, entry.dim) for i in block}
+                got = set(ids.tolist())
+                if got != expected:
+                    findings.append(Finding("error", f"the index of {name} holds {len(got - expected)} ids without a "
+                                                     f"stored vector and misses {len(expected - got)}; {REPAIR_HINT}"))
+    return findings, facts
+
+
+def _check_items(store: Store, findings: list[Finding], facts: dict) -> dict[str, set[int]]:
+    """Items and the id table agree both ways; returns the live ids and all resolvable ids."""
+    by_id = {}
+    for path, rec in store.iter_items():
+        by_id[rec.id] = path
+    known, live = set(), set()
+    for item_id, path, is_live in store.iter_ids():
+        known.add(item_id)
+        if is_live:
+            live.add(item_id)
+            if by_id.get(item_id) != path:
+                findings.append(Finding("error", f"{path}: the id table and the items disagree (id {item_id}); {REBUILD_HINT}"))
+        else:
+            facts["removed_pending"] += 1
+    missing = set(by_id) - known
+    if missing:
+        findings.append(Finding("error", f"{len(missing)} items have no entry in the id table; {REBUILD_HINT}"))
+    facts["items"] = len(by_id)
+    return {"live": live, "all": known}
+
+
+def repair_db(root: str | Path, config: IndexConfig = IndexConfig(), wait: bool = True) -> list[str]:
+    """Rebuild every encoder's index that is missing, damaged or stale, from the stored vectors."""
+    done = []
+    with Store(root, wait=wait) as store:
+        for name in list(store.manifest.encoders):
+            if refresh_index(store, name, config):
+                done.append(f"rebuilt the index of {name} ({store.manifest.encoders[name].count} vectors)")
+    return done
+
+
