@@ -41,10 +41,11 @@ ModelsDirOption = Annotated[
 DEFAULT_DB = Path(".simsearch")
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logs and time per stage.")]
 # Benchmark and training commands
-DataOption = Annotated[Path, typer.Option("--data", help="class dataset or pair folder (left/ <-> right/).")]
+DataOption = Annotated[Optional[Path], typer.Option(
+    "--data", help="class dataset or pair folder (left/ <-> right/); default: $SIMSEARCH_DATA, else "
+                   "tiny-imagenet-200 in the shared/data folder beside the checkout.")]
 TrainSplitOption = Annotated[str, typer.Option("--split", help="split to train on.")]
 MaxMinutesOption = Annotated[float, typer.Option("--max-minutes", min=0.1, help="time budget; the best epoch so far is kept.")]
-DEFAULT_DATA = Path("../shared/data/tiny-imagenet-200")
 
 
 def _setup_logging() -> None:
@@ -424,7 +425,7 @@ def prune(
 @app.command()
 @user_errors
 def bench(
-    data: DataOption = DEFAULT_DATA,
+    data: DataOption = None,
     split: Annotated[str, typer.Option(help="split to measure: val or train.")] = "val",
     encoder: Annotated[str, typer.Option(help="encoder name(s), comma-separated.")] = "efficientnet-lite0",
     reranker: Annotated[Optional[str], typer.Option(
@@ -438,7 +439,9 @@ def bench(
     = None,
     ks: Annotated[str, typer.Option(help="k values for hit@k.")] = "1,5,10,15,25,50,100",
     seed: Annotated[int, typer.Option(help="seed of splits, pair sets and sampled pairs.")] = 0,
-    val_fraction: Annotated[float, typer.Option(help="pair folders: share of pairs in val.")] = 325 / 1225,
+    val_fraction: Annotated[Optional[float], typer.Option(
+        min=0.0, max=1.0, help="share in val, split with --seed: of a pair folder's pairs (default 325/1225), of every "
+                               "class of <class>/<image> folders (default 0.2); Tiny ImageNet keeps its own split.")] = None,
     balanced_pairs: Annotated[int, typer.Option(min=2, help="size of the balanced same/different set.")] = 50_000,
     all_pairs_per_class: Annotated[int, typer.Option(min=2, help="images per class in the all-pairs subset.")] = 25,
     out_dir: Annotated[Path, typer.Option("--out", help="folder for bench.json and the PNG plots.")] = Path("results/bench"),
@@ -452,6 +455,7 @@ def bench(
     from simsearch.benchmarks import harness, report
     from simsearch.benchmarks.datasets import detect_layout
 
+    data = _data(data)
     if not data.is_dir():
         raise SimsearchError(f"{data}: no such folder")
     try:
@@ -514,7 +518,7 @@ app.add_typer(train_app, name="train")
 @user_errors
 def train_barlow(
     name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
-    data: DataOption = DEFAULT_DATA,
+    data: DataOption = None,
     split: TrainSplitOption = "train",
     base: Annotated[str, typer.Option("--from", help="encoder to start from.")] = "efficientnet-lite0",
     dim: Annotated[int, typer.Option(min=2, help="projector output width = embedding width.")] = 256,
@@ -530,7 +534,7 @@ def train_barlow(
     _verbose(verbose)
     from simsearch.encoders.training.barlow import BarlowConfig, train_barlow as train
 
-    cfg = BarlowConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, max_images=max_images,
+    cfg = BarlowConfig(name=name, base=base, data=_data(data), split=split, dim=dim, epochs=epochs, max_images=max_images,
                        max_minutes=max_minutes, seed=seed, device=device)
     _print_card(_train("barlow", train, cfg, models_dir))
 
@@ -539,7 +543,7 @@ def train_barlow(
 @user_errors
 def train_triplet(
     name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
-    data: DataOption = DEFAULT_DATA,
+    data: DataOption = None,
     split: TrainSplitOption = "train",
     base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = "efficientnet-lite0",
     dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = 256,
@@ -558,9 +562,16 @@ def train_triplet(
     _verbose(verbose)
     from simsearch.encoders.training.triplet import TripletConfig, train_triplet as train
 
-    cfg = TripletConfig(name=name, base=base, data=data, split=split, dim=dim, epochs=epochs, margin=margin, lr=lr, views=views,
+    cfg = TripletConfig(name=name, base=base, data=_data(data), split=split, dim=dim, epochs=epochs, margin=margin, lr=lr, views=views,
                         max_minutes=max_minutes, seed=seed, device=device)
     _print_card(_train("triplet", train, cfg, models_dir))
+
+
+def _data(data: Path | None) -> Path:
+    """--data, or the default dataset when it is not given."""
+    from simsearch.benchmarks.datasets import default_data_dir
+
+    return default_data_dir() if data is None else data
 
 
 def _train(label: str, train, cfg, models_dir):
@@ -582,7 +593,7 @@ def _print_card(card) -> None:
 @user_errors
 def train_matchnet(
     name: Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")],
-    data: DataOption = DEFAULT_DATA,
+    data: DataOption = None,
     split: TrainSplitOption = "train",
     tower: Annotated[str, typer.Option(help="pretrained (encoder embeddings) or scratch (64x64 conv net).")] = "pretrained",
     encoder: Annotated[str, typer.Option(help="tower pretrained: the encoder whose embeddings it reads.")] = "efficientnet-lite0",
@@ -605,7 +616,7 @@ def train_matchnet(
     _verbose(verbose)
     from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet as train
 
-    cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=data, split=split, epochs=epochs,
+    cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=_data(data), split=split, epochs=epochs,
                          pairs_per_epoch=pairs_per_epoch, hard_fraction=hard_negatives, listwise=listwise, lr=lr,
                          max_minutes=max_minutes, seed=seed, device=device)
     _print_reranker_card(_train("matchnet", train, cfg, models_dir), f"{cfg.tower} tower")
@@ -615,7 +626,7 @@ def train_matchnet(
 @user_errors
 def train_beit(
     name: Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")],
-    data: DataOption = DEFAULT_DATA,
+    data: DataOption = None,
     split: TrainSplitOption = "train",
     weights: Annotated[Optional[Path], typer.Option(
         help="your own BEiT checkpoint (transformers folder with config.json) to fine-tune on pixel patches; "
@@ -639,7 +650,7 @@ def train_beit(
         raise SimsearchError(f"{weights}: no such file or folder")
     from simsearch.retrieval.beit_pair import BeitPairConfig, train_beit as train
 
-    cfg = BeitPairConfig(name=name, encoder=encoder, weights=weights, data=data, split=split, image_size=image_size,
+    cfg = BeitPairConfig(name=name, encoder=encoder, weights=weights, data=_data(data), split=split, image_size=image_size,
                          epochs=epochs, pairs_per_epoch=pairs_per_epoch, lr=lr, max_minutes=max_minutes, seed=seed,
                          device=device)
     _print_reranker_card(_train("beit", train, cfg, models_dir), "BEiT pair classifier")

@@ -7,17 +7,27 @@ always gives the same splits, pair sets and sampled pairs.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+import simsearch
 from simsearch.errors import DatasetError
 from simsearch.indexer.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+# The package directory is the repository root (pyproject `package-dir`) and ../shared sits beside the
+# checkout, so this is absolute and does not depend on the folder a command is run from.
+SHARED_DATA = Path(simsearch.__file__).resolve().parent.parent / "shared" / "data" / "tiny-imagenet-200"
+DATA_ENV = "SIMSEARCH_DATA"
+# Share of val when none is given: pair folders follow the research's 325 val / 900 train pairs; class
+# folders keep a fifth of every class. Tiny ImageNet has its own val split and takes none.
+DEFAULT_VAL_FRACTION = {"pairs": 325 / 1225, "classes": 0.2}
 
 
 @dataclass
@@ -47,6 +57,31 @@ class PairSet:
     right_idx: np.ndarray  # (C,) its partner: same class, another image
 
 
+def default_data_dir(environ: Mapping[str, str] = os.environ, shared: Path = SHARED_DATA) -> Path:
+    """The dataset to use when none is given: the folder in $SIMSEARCH_DATA if set (and not empty), else `shared`.
+
+    The environment is read on each call, not at import, so a variable set after import counts.
+    """
+    value = environ.get(DATA_ENV)
+    if value:
+        path = Path(value).expanduser()
+        if not path.is_dir():
+            raise DatasetError(f"{DATA_ENV}={value}: no such folder")
+        return path.resolve()
+    if not shared.is_dir():
+        raise DatasetError(f"no dataset: {DATA_ENV} is not set and the default {shared} does not exist; "
+                           f"pass --data or set {DATA_ENV} to a dataset folder")
+    return shared
+
+
+def val_fraction_of(layout: str, val_fraction: float | None) -> float:
+    """The share of val a split of this layout uses: val_fraction, or the layout's default when None."""
+    fraction = DEFAULT_VAL_FRACTION[layout] if val_fraction is None else val_fraction
+    if not 0.0 <= fraction <= 1.0:
+        raise DatasetError(f"val fraction must be between 0 and 1 (got {fraction})")
+    return fraction
+
+
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
@@ -70,18 +105,22 @@ def _check_split(split: str) -> None:
         raise DatasetError(f"unknown split {split!r} (splits: {', '.join(SPLITS)})")
 
 
-def load_class_dataset(root: Path, split: str, val_fraction: float = 0.2, seed: int = 0) -> LabeledImages:
+def load_class_dataset(root: Path, split: str, val_fraction: float | None = None, seed: int = 0) -> LabeledImages:
+    """A split of a class dataset. val_fraction and seed split <class>/<image> folders (None: a fifth of
+    every class in val); the Tiny ImageNet layout has its own split and ignores both."""
     root = Path(root)
     _check_split(split)
     layout = detect_layout(root)
     if layout == "tiny-imagenet":
         out = _tiny_imagenet(root, split)
     elif layout == "classes":
+        val_fraction = val_fraction_of(layout, val_fraction)
         out = _class_folders(root, split, val_fraction, seed)
     else:
         raise DatasetError(f"{root}: a pair folder has no classes")
     if not out.paths:
-        raise DatasetError(f"{root}: no images in split {split!r}")
+        with_fraction = f" with val fraction {val_fraction}" if layout == "classes" else ""
+        raise DatasetError(f"{root}: no images in split {split!r}{with_fraction}")
     return out
 
 
@@ -123,10 +162,12 @@ def _class_folders(root: Path, split: str, val_fraction: float, seed: int) -> La
     return LabeledImages(paths, np.asarray(labels, dtype=np.int64), classes)
 
 
-def load_pair_folder(root: Path, split: str, val_fraction: float = 325 / 1225, seed: int = 0) -> Pairs:
-    """left/NAME.* <-> right/NAME.*, matched by stem; a seeded share val_fraction of the names is val."""
+def load_pair_folder(root: Path, split: str, val_fraction: float | None = None, seed: int = 0) -> Pairs:
+    """left/NAME.* <-> right/NAME.*, matched by stem; a seeded share val_fraction of the names is val
+    (None: 325/1225)."""
     root = Path(root)
     _check_split(split)
+    val_fraction = val_fraction_of("pairs", val_fraction)
     left = {p.stem: p for p in _images(root / "left")}
     right = {p.stem: p for p in _images(root / "right")}
     names = sorted(left.keys() & right.keys())

@@ -55,7 +55,9 @@ class BenchConfig:
     tasks: tuple[str, ...] = TASKS
     ks: tuple[int, ...] = DEFAULT_KS
     seed: int = 0
-    val_fraction: float = 325 / 1225  # pair folders: the research's 325 val / 900 train pairs
+    # Share of val of a pair folder or of every class of <class>/<image> folders, split with `seed`;
+    # None: the layout's default (datasets.DEFAULT_VAL_FRACTION). Tiny ImageNet keeps its own split.
+    val_fraction: float | None = None
     balanced_pairs: int = 50_000
     all_pairs_per_class: int = 25  # Tiny ImageNet val: 25 x 200 = 5,000 images, 12,497,500 pairs
     threshold_pairs: int = 50_000  # balanced pairs of the train split the cosine threshold is chosen on
@@ -124,8 +126,16 @@ def pair_set_ranks(vectors: np.ndarray, sets: list[datasets.PairSet]) -> np.ndar
 
 
 def cosine_threshold(embed: Embedder, config: BenchConfig) -> dict:
-    """The decision threshold for "same class", chosen on the train split (best balanced accuracy), then frozen."""
-    train = datasets.load_class_dataset(config.data, "train")
+    """The decision threshold for "same class", chosen on the train split (best balanced accuracy), then frozen.
+
+    The train split comes from the same val_fraction and seed as the measured split, so the two never share an image.
+    """
+    try:
+        train = datasets.load_class_dataset(config.data, "train", config.val_fraction, config.seed)
+    except DatasetError as e:
+        # e.g. --val-fraction 1 leaves a class folder no train images; say why train is needed at all
+        raise DatasetError(f"{e}; the classes task chooses its threshold on the train split "
+                           f"(--task pairs needs none)") from None
     subset = datasets.class_balanced_subset(train.labels, config.threshold_per_class, config.seed)
     vecs = embed([train.paths[i] for i in subset], "train subset (threshold)")
     i, j, same = datasets.balanced_pairs(train.labels[subset], config.threshold_pairs, config.seed)
@@ -175,9 +185,10 @@ def run_encoder(name: str, config: BenchConfig, store: Store, progress: Progress
         result.hits = {**hit_at_k(ranks, len(pairs.right), config), "sets": 1}
         result.seconds["hits"] = time.perf_counter() - t
     else:
-        ds = datasets.load_class_dataset(config.data, config.split)
-        vectors = embed(ds.paths, config.split)
+        ds = datasets.load_class_dataset(config.data, config.split, config.val_fraction, config.seed)
+        # the threshold first: a split without train images fails before the measured split is embedded
         threshold = cosine_threshold(embed, config) if "classes" in config.tasks else None
+        vectors = embed(ds.paths, config.split)
         result.seconds["embed"] = time.perf_counter() - t
         if "pairs" in config.tasks:
             t = time.perf_counter()
@@ -245,7 +256,7 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
     reranker = Reranker(get_reranker(name, config.models_dir), config.device)
     if datasets.detect_layout(config.data) == "pairs":
         raise DatasetError(f"{config.data}: rerankers are benchmarked on a class dataset")
-    ds = datasets.load_class_dataset(config.data, config.split)
+    ds = datasets.load_class_dataset(config.data, config.split, config.val_fraction, config.seed)
     t = time.perf_counter()
     def stage(label: str):
         return (lambda done, total: progress(f"{name}: {label}", done, total)) if progress else None
@@ -349,6 +360,8 @@ def protocol(config: BenchConfig) -> dict:
         out["split_manifest"] = datasets.load_pair_folder(config.data, config.split, config.val_fraction,
                                                           config.seed).split_manifest()
     else:
+        if layout == "classes":
+            out["val_fraction"] = datasets.val_fraction_of(layout, config.val_fraction)
         out["pair_sets"] = ("per class, the split's images shuffled with the seed; set s pairs image 2s (left) "
                             "with 2s+1 (right) of every class; each left ranked against its set's rights")
         out["balanced_pairs"] = config.balanced_pairs

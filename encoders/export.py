@@ -48,7 +48,10 @@ def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
         if not Path(spec.onnx_file).is_file():
             raise ModelError(f"the ONNX model of {spec.name!r} is missing: {spec.onnx_file}")
         return Path(spec.onnx_file)
-    path = onnx_path(spec, models_dir or default_models_dir())
+    models_dir = Path(models_dir or default_models_dir())
+    if models_dir.exists() and not models_dir.is_dir():
+        raise ModelError(f"{models_dir} is a file, not a models folder: pass another --models-dir")
+    path = onnx_path(spec, models_dir)
     if path.is_file():
         return path
     weights = spec.weights_path()

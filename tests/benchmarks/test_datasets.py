@@ -60,6 +60,27 @@ def test_class_folder_split_is_seeded_and_complete(tmp_path):
     assert datasets.load_class_dataset(tmp_path, "val", seed=1).paths != val.paths
 
 
+def test_class_folder_split_honours_val_fraction_and_seed(tmp_path):
+    for c in ("cat", "dog", "owl"):
+        for k in range(10):
+            write_jpeg(tmp_path / c / f"{k}.jpg", k)
+    every = datasets.load_class_dataset(tmp_path, "val", val_fraction=1, seed=4)
+    assert len(every.paths) == 30
+    assert len(datasets.make_pair_sets(every.labels, seed=4)) == 5  # 10 images a class -> 5 left/right pairs
+    with pytest.raises(DatasetError, match="no images in split 'train' with val fraction 1"):
+        datasets.load_class_dataset(tmp_path, "train", val_fraction=1)
+
+    def split(seed):
+        val = datasets.load_class_dataset(tmp_path, "val", val_fraction=0.5, seed=seed)
+        train = datasets.load_class_dataset(tmp_path, "train", val_fraction=0.5, seed=seed)
+        assert np.bincount(val.labels).tolist() == [5, 5, 5] and not set(val.paths) & set(train.paths)
+        return val.paths
+
+    assert split(1) == split(1) and split(1) != split(2)
+    with pytest.raises(DatasetError, match="between 0 and 1"):
+        datasets.load_class_dataset(tmp_path, "val", val_fraction=1.5)
+
+
 def test_pair_folder_split(tmp_path):
     for k in range(1225):
         (tmp_path / "left").mkdir(exist_ok=True)
@@ -74,6 +95,8 @@ def test_pair_folder_split(tmp_path):
     assert not set(val.names) & set(train.names)
     assert all(l.stem == r.stem for l, r in zip(val.left, val.right))
     assert val.split_manifest()["val"] == val.names
+    with pytest.raises(DatasetError, match="between 0 and 1"):
+        datasets.load_pair_folder(tmp_path, "val", val_fraction=-0.1)
 
 
 def test_bad_datasets_are_clear_errors(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 from simsearch.benchmarks import datasets, harness
 from simsearch.cli import app
 from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.errors import DatasetError
 from simsearch.indexer.images import load_rgb
 
 from ..conftest import TINY, sample_paths
@@ -44,6 +46,19 @@ def tiny(tmp_path_factory) -> Path:
             shutil.copy2(TINY / "val" / "images" / name, root / "val" / "images" / name)
             lines.append(line)
     (root / "val" / "val_annotations.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def ten_per_class(tmp_path_factory) -> Path:
+    """<class>/<image>: 3 real Tiny ImageNet classes, 10 train photos each."""
+    if not (TINY / "wnids.txt").is_file():
+        pytest.skip(f"shared data missing: {TINY}")
+    root = tmp_path_factory.mktemp("ten")
+    for w in (TINY / "wnids.txt").read_text().split()[:3]:
+        (root / w).mkdir()
+        for i in range(10):
+            shutil.copy2(TINY / "train" / w / "images" / f"{w}_{i}.JPEG", root / w)
     return root
 
 
@@ -107,6 +122,48 @@ def test_pair_folder_finds_flipped_partners(tmp_path, encoder):
     assert hits["queries"] == hits["gallery"] == 20
     assert hits["rows"][0]["rate"] >= 0.9  # a mirrored photo is its own nearest neighbour
     assert len(result["protocol"]["split_manifest"]["val"]) == 20
+
+
+def test_class_folder_val_fraction_1_puts_every_image_in_val(ten_per_class, tmp_path):
+    cfg = harness.BenchConfig(data=ten_per_class, tasks=("pairs",), ks=(1,), val_fraction=1, seed=3, n_boot=50,
+                              cache_db=tmp_path / "cache")
+    result = harness.run(cfg, ["efficientnet-lite0"])
+    hits = result["encoders"][0]["hits"]
+    assert (hits["sets"], hits["queries"], hits["gallery"]) == (5, 15, 3)  # 10 images a class -> 5 pairs
+    assert result["protocol"]["val_fraction"] == 1 and result["protocol"]["seed"] == 3
+    with pytest.raises(DatasetError, match="no images in split 'train'.*threshold on the train split"):
+        harness.run(replace(cfg, tasks=harness.TASKS), ["efficientnet-lite0"])
+
+
+def test_class_folder_split_follows_the_seed_and_threshold_uses_its_train_part(ten_per_class, tmp_path):
+    cfg = harness.BenchConfig(data=ten_per_class, ks=(1,), val_fraction=0.5, seed=0, n_boot=50, balanced_pairs=100,
+                              threshold_pairs=100, threshold_per_class=5, all_pairs_per_class=5,
+                              cache_db=tmp_path / "cache")
+    first = harness.run(cfg, ["efficientnet-lite0"])
+    # 5 val + 5 train images a class: all 30 embedded once, so the threshold's train images are not val's
+    assert first["encoders"][0]["embedded"] == 30 and first["protocol"]["val_fraction"] == 0.5
+    assert first["encoders"][0]["hits"]["sets"] == 2
+
+    pairs_only = replace(cfg, tasks=("pairs",), cache_db=tmp_path / "cache-pairs")
+    assert harness.run(pairs_only, ["efficientnet-lite0"])["encoders"][0]["embedded"] == 15
+    assert harness.run(pairs_only, ["efficientnet-lite0"])["encoders"][0]["embedded"] == 0  # same seed, same split
+    val = {s: set(datasets.load_class_dataset(ten_per_class, "val", 0.5, s).paths) for s in (0, 1)}
+    other = harness.run(replace(pairs_only, seed=1), ["efficientnet-lite0"])
+    assert other["encoders"][0]["embedded"] == len(val[1] - val[0]) > 0  # a new seed's val: images not seen
+
+
+def test_bench_cli_class_folder_split_options(ten_per_class, tmp_path):
+    def bench(name, *args):
+        out = tmp_path / name
+        result = CliRunner().invoke(app, ["bench", "--data", str(ten_per_class), "--task", "pairs", "--ks", "1",
+                                          *args, "--out", str(out), "--cache-db", str(tmp_path / "cache")])
+        assert result.exit_code == 0, result.output
+        return json.loads((out / "bench.json").read_text())
+
+    every = bench("every", "--val-fraction", "1", "--seed", "2")
+    assert every["encoders"][0]["hits"]["sets"] == 5 and every["protocol"]["seed"] == 2
+    default = bench("default")  # no --val-fraction: a fifth of every class, 2 images -> 1 pair set
+    assert default["protocol"]["val_fraction"] == 0.2 and default["encoders"][0]["hits"]["sets"] == 1
 
 
 def test_bench_cli_writes_json_and_plots(tiny, tmp_path):
