@@ -80,12 +80,14 @@ class Store:
         if self.root.exists() and not self.root.is_dir():
             raise DbNotFoundError(f"{self.root} is a file, not a db folder: pass another --db")
         manifest_path = self.root / MANIFEST
-        if not readonly and (create or manifest_path.is_file()):
+        # A writer locks only a db (or one it is asked to create): never leave a lock file in some other folder.
+        writes = not readonly and (create or rebuild or manifest_path.is_file())
+        if writes:
             try:
                 self.root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise DbNotFoundError(f"cannot create the db folder {self.root} ({e.strerror})") from None
-        self.lock = None if readonly or not self.root.is_dir() else DbLock(self.root, wait)
+        self.lock = DbLock(self.root, wait) if writes else None
         if self.lock:
             self.lock.acquire()
         try:

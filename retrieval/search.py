@@ -62,14 +62,16 @@ class Searcher:
         self.device = device
 
     @classmethod
-    def open(cls, db: str | Path, encoder: str | None = None, device: Device = Device.auto,
+    def open(cls, db: str | Path, encoder: str | OnnxEncoder | None = None, device: Device = Device.auto,
              models_dir: Path | None = None) -> Searcher:
+        """A searcher over the db's published index of `encoder` (a name, the db's default, or a session
+        already made — a server or a loop of queries reuses it)."""
         store = Store(db, readonly=True)
         try:
-            name = encoder or store.manifest.default_encoder
+            name = encoder.spec.name if isinstance(encoder, OnnxEncoder) else encoder or store.manifest.default_encoder
             if name is None:
                 raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
-            spec = get_encoder(name, models_dir)
+            spec = get_encoder(name, models_dir) if not isinstance(encoder, OnnxEncoder) else encoder.spec
             index, entry = load_index(store, name, device)
             if entry.key != spec.key:
                 raise SimsearchError(f"the db's {name} vectors were made with other weights ({entry.key}); "
@@ -77,7 +79,8 @@ class Searcher:
             if entry.index_generation != store.generation and not writer_active(store.root):
                 log.warning("the index of %s is older than the db (an interrupted `index`?): re-run `simsearch index` "
                             "or `simsearch check --repair` to refresh it", name)
-            return cls(store, OnnxEncoder(spec, device, models_dir), index, name, device)
+            session = encoder if isinstance(encoder, OnnxEncoder) else OnnxEncoder(spec, device, models_dir)
+            return cls(store, session, index, name, device)
         except BaseException:
             store.close()
             raise

@@ -54,6 +54,12 @@ def test_schema_1_manifest_is_read_and_its_index_file_named(tmp_path):
         assert entry.index_file == "lite.faiss" and entry.index_sha256 is None
 
 
+def test_a_folder_that_is_not_a_db_gets_no_lock_file(tmp_path):
+    with pytest.raises(DbNotFoundError):
+        Store(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_db_path_that_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     for kw in ({"readonly": True}, {"create": True}):
@@ -104,8 +110,7 @@ _HOLD = """
 import sys, time
 from simsearch.indexer.store import Store
 with Store(sys.argv[1], create=True) as s:
-    s.manifest.default_encoder = "first"
-    s.save_manifest()
+    s.register_encoder("first", "first@1", 8)
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
 """
@@ -119,11 +124,14 @@ def test_second_writer_waits_or_fails_fast(tmp_path):
         with pytest.raises(DbBusyError, match=f"pid {holder.pid}"):
             Store(tmp_path, wait=False)
         t = time.monotonic()
-        with Store(tmp_path) as s:  # waits for the holder, then sees what it wrote
+        with Store(tmp_path) as s:  # waits for the holder, then reads the manifest it wrote
             assert time.monotonic() - t > 0.5 and s.manifest.default_encoder == "first"
+            s.register_encoder("second", "second@1", 4)
     finally:
         holder.wait(10)
     assert not writer_active(tmp_path)
+    with Store(tmp_path, readonly=True) as s:  # no writer lost the other's entry
+        assert sorted(s.manifest.encoders) == ["first", "second"]
 
 
 def test_lock_is_released_when_the_writer_is_killed(tmp_path):
