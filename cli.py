@@ -7,9 +7,11 @@ the commands so `simsearch --help` and `simsearch query` stay fast (and the latt
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -202,15 +204,15 @@ def _items_left_under(db: Path, folder: Path) -> str:
 def _print_index_report(report, index_rebuilt: bool, verbose: bool) -> None:
     if report.embedded == 0 and report.reused == 0 and report.removed == 0:
         summary = f"nothing to embed: {report.unchanged} unchanged"
-        summary += "; the index was rebuilt from the stored vectors" if index_rebuilt else ""
     else:
         summary = (f"embedded {report.embedded} ({report.images_per_second:.1f} img/s), "
                    f"reused {report.reused}, unchanged {report.unchanged}, removed {report.removed}")
     extra = "".join(f", ignored {n} {why}" for why, n in sorted(report.ignored.items()))
     if report.not_checked:
         extra += f", {report.not_checked} not checked (their folder could not be read: kept)"
+    rebuilt = "; the index was rebuilt from the stored vectors" if index_rebuilt and not report.embedded else ""
     err.print(f"[green]done[/green] in {report.wall:.1f}s: {summary}, skipped {len(report.skipped)}{extra}; "
-              f"{report.total_items} items in the db", highlight=False)
+              f"{report.total_items} items in the db{rebuilt}", highlight=False, soft_wrap=True)
     for path, reason in report.skipped:
         err.print(f"  [yellow]skipped[/yellow] {shown(reason)}", highlight=False, soft_wrap=True)
     if verbose:
@@ -309,9 +311,6 @@ def _exact(path: str, field: str) -> dict:
     JSON strings are Unicode: such a name appears in "path" with its bytes as \\udcXX escapes
     (`os.fsencode(json.loads(...))` gives the bytes back in Python); the base64 field is exact for any reader.
     """
-    import base64
-    import os
-
     raw = os.fsencode(path)
     try:
         raw.decode("utf-8")

@@ -75,14 +75,14 @@ def scan(root: str | os.PathLike, extensions: frozenset[str] = IMAGE_EXTENSIONS)
                 elif e.is_symlink() and e.is_dir():
                     out.ignored["symlinked folders"] += 1
                 elif os.path.splitext(e.name)[1].lower() not in extensions:
-                    out.ignored["other extensions"] += 1
+                    out.ignored["files with other extensions"] += 1
                 elif e.is_symlink() and os.path.realpath(e.path).startswith(inside):
                     out.ignored["links to files inside the folder"] += 1
                 elif e.is_file():
                     st = e.stat()
                     out.files.append(FileEntry(e.path, st.st_size, st.st_mtime_ns))
                 else:
-                    out.ignored["not regular files"] += 1
+                    out.ignored["files that are not regular files"] += 1
             except OSError as err:
                 log.warning("%s: cannot stat (%s): kept, not checked", e.path, err.strerror)
                 out.unreadable.append(e.path)

@@ -81,7 +81,7 @@ def test_skip_lines_keep_brackets(tmp_path):
     (folder / "notes.txt").write_text("ignored")
     result = invoke("index", folder, "--db", tmp_path / "db")
     assert result.exit_code == 0
-    assert "bad [x].jpg: not an image" in result.output and "ignored 1 other extensions" in result.output
+    assert "bad [x].jpg: not an image" in result.output and "ignored 1 files with other extensions" in result.output
 
 
 def test_damaged_index_file_query_info_index_check(db, base):
@@ -95,7 +95,7 @@ def test_damaged_index_file_query_info_index_check(db, base):
     result = invoke("check", "--db", db)
     assert result.exit_code == 1 and "damaged index file" in result.output
     result = invoke("index", base / "imgs", "--db", db)  # rebuilt from the stored vectors, nothing embedded
-    assert result.exit_code == 0 and "nothing to embed: 8 unchanged; the index was rebuilt" in result.output
+    assert result.exit_code == 0 and "nothing to embed: 8 unchanged" in result.output and "the index was rebuilt" in result.output
     assert invoke("check", "--db", db).exit_code == 0
     assert invoke("query", base / "imgs" / GOLDFISH, "--db", db).exit_code == 0
 
