@@ -91,30 +91,38 @@ def test_index_killed_at_random_moments_loses_and_redoes_nothing(tmp_path, encod
     """SIGKILL `simsearch index` at 20 seeded random moments while the folder changes between runs."""
     rng = np.random.default_rng(0)
     folder, db = tmp_path / "imgs", tmp_path / "db"
-    pool = sample_paths(600)
+    pool = list(sample_paths(1000))
+    rng.shuffle(pool)
     copy_samples(folder, 40)
-    present = {p.name for p in folder.iterdir()}
-    killed = 0
+    fresh = iter(p for p in pool if not (folder / p.name).exists())
+    command = [sys.executable, "-m", "simsearch.cli", "index", str(folder), "--db", str(db), "--batch-size", "4"]
+    t = time.monotonic()
+    subprocess.run(command, check=True, capture_output=True, timeout=300)
+    full = time.monotonic() - t  # a whole run on 40 new photos, start-up included: kills are drawn within it
+    killed, stored_before = 0, {p.name for p in folder.iterdir()}  # files stored by the last completed run
     for round_ in range(20):
-        for p in rng.choice(pool, 24, replace=False):  # mostly new files, a few already there
+        present = sorted(p.name for p in folder.iterdir())
+        for name in rng.choice(present, 10, replace=False):
+            (folder / name).unlink()
+        for _ in range(40):  # new files: as much work as the timed run
+            p = next(fresh)
             shutil.copy2(p, folder / p.name)
-        for name in rng.choice(sorted(present), 3, replace=False):
-            (folder / name).unlink(missing_ok=True)
         present = {p.name for p in folder.iterdir()}
-        proc = subprocess.Popen([sys.executable, "-m", "simsearch.cli", "index", str(folder), "--db", str(db),
-                                 "--batch-size", "4"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.3, 3.0))  # the process needs ~1.5 s to start, ~0.5-1 s to embed 24 photos
+        proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(0.05, 1.0) * full)
         proc.send_signal(signal.SIGKILL)
         killed += proc.wait() == -signal.SIGKILL
         findings, _ = check_db(db) if (db / "manifest.json").exists() else ([], {})
         assert not [f for f in findings if f.level == "error"], findings
         with Store(db, create=True) as store:
-            stored = sum(1 for p in present if (rec := store.get_item(str(folder / p)))
-                         and store.has_vector(encoder.spec.key, rec.sha256))
+            stored = {p for p in present if (rec := store.get_item(str(folder / p)))
+                      and store.has_vector(encoder.spec.key, rec.sha256)}
+            assert stored_before & present <= stored  # the killed run lost nothing stored before it
             report = Indexer(encoder, store).run(folder)
             refresh_index(store, encoder.spec.name)
-            assert report.embedded + report.reused == len(present) - stored  # stored work is not redone
+            assert report.embedded + report.reused == len(present) - len(stored)  # stored work is not redone
             assert store.item_count() == len(present)
+            stored_before = present
         assert not [f for f in check_db(db)[0] if f.level != "warning" or "older" not in f.message]
-    print(f"killed {killed} of 20 runs before they finished")
-    assert killed >= 8  # most runs were really cut short (how many depends on the machine's speed)
+    print(f"killed {killed} of 20 runs before they finished (a whole run: {full:.1f} s)")
+    assert killed >= 12  # most runs were really cut short
