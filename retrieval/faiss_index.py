@@ -4,6 +4,10 @@ Ids in the index are the store's item ids (IndexIDMap2), so a removed item is si
 next build and a hit maps back to its path through the store. The kind is chosen by collection
 size ("auto"): exact inner product while a full scan is cheap, an inverted file (IVF) above that,
 because a flat scan reads every vector per query (100k x 1280-d float32 = 512 MB, ~30 ms on 2 cores).
+
+Each build is published as a new file `index/<encoder>.<generation>.<sha12>.faiss` whose sha256 and
+size the manifest records; readers verify a file before using it (`load_index`), so a damaged one is
+named with the way to rebuild it from the stored vectors (`refresh_index`), never half-read.
 """
 
 from __future__ import annotations
@@ -193,6 +197,7 @@ def load_index(store: Store, name: str, device: Device = Device.auto, attempts: 
             continue
         raise DbCorruptError(f"{problem}; {REPAIR_HINT}")
     raise DbCorruptError(f"the index of {name} in {store.root} kept changing while it was read; try again")
+
 
 class LoadedIndex:
     """A FAISS index on the CPU, or on the GPU when asked and possible."""
