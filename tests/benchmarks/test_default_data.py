@@ -36,7 +36,7 @@ def test_finds_the_shared_data_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.delenv(datasets.DATA_ENV, raising=False)
     monkeypatch.chdir(tmp_path)  # where the old relative default ../shared/data/... does not exist
     found = datasets.default_data_dir()
-    assert found == TINY.resolve() and found.is_absolute()
+    assert found.resolve() == TINY.resolve() and found.is_absolute()
     assert datasets.detect_layout(found) == "tiny-imagenet"
 
 
