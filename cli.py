@@ -163,8 +163,8 @@ def index(
 ):
     """Index (or update) a folder: embed only new or changed images, drop deleted ones."""
     _verbose(verbose)
+    from simsearch.encoders.registry import get_encoder
     from simsearch.encoders.runtime import OnnxEncoder
-    from simsearch.encoders.spec import get_encoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
     from simsearch.retrieval.faiss_index import IndexConfig, refresh_index
@@ -452,7 +452,7 @@ def bench(
     """Measure encoders: hit@k on "find the pair" sets and same/different pair accuracy; JSON + PNG plots."""
     _verbose(verbose)
     from simsearch.benchmarks import harness, report
-    from simsearch.benchmarks.datasets import detect_layout
+    from simsearch.evaluation.datasets import detect_layout
 
     data = _data(data)
     if not data.is_dir():
@@ -492,15 +492,16 @@ def bench(
 @app.command()
 def encoders(models_dir: ModelsDirOption = None):
     """The registered encoders: dimension, input size, source of the weights."""
-    from simsearch.encoders.export import default_models_dir, onnx_path
-    from simsearch.encoders.spec import list_encoders
+    from simsearch import paths
+    from simsearch.encoders.export import onnx_path
+    from simsearch.encoders.registry import list_encoders
 
     table = Table("dim", "input", "weights sha256", "source", "ONNX cached")
     table.columns.insert(0, Column("name", no_wrap=True))
     for spec in list_encoders(models_dir):
-        cached = bool(spec.onnx_file) or onnx_path(spec, models_dir or default_models_dir()).is_file()
+        cached = spec.trained or onnx_path(spec, paths.models_dir(models_dir)).is_file()
         source = spec.source
-        if spec.card:  # trained: the card's summary
+        if spec.trained:  # the card's summary
             best = json.loads(Path(spec.card).read_text())["validation"]["best"]
             source += f"; held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f}"
         table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px", spec.weights_sha256[:12], source,
@@ -531,7 +532,8 @@ def train_barlow(
 ):
     """Self-supervised Barlow Twins (projector on a frozen encoder) on your images."""
     _verbose(verbose)
-    from simsearch.encoders.training.barlow import BarlowConfig, train_barlow as train
+    from simsearch.training.barlow import BarlowConfig
+    from simsearch.training.barlow import train_barlow as train
 
     cfg = BarlowConfig(name=name, base=base, data=_data(data), split=split, dim=dim, epochs=epochs, max_images=max_images,
                        max_minutes=max_minutes, seed=seed, device=device)
@@ -559,7 +561,8 @@ def train_triplet(
 ):
     """Fine-tune an encoder with triplet loss on matched pairs or same-class images."""
     _verbose(verbose)
-    from simsearch.encoders.training.triplet import TripletConfig, train_triplet as train
+    from simsearch.training.triplet import TripletConfig
+    from simsearch.training.triplet import train_triplet as train
 
     cfg = TripletConfig(name=name, base=base, data=_data(data), split=split, dim=dim, epochs=epochs, margin=margin, lr=lr, views=views,
                         max_minutes=max_minutes, seed=seed, device=device)
@@ -568,7 +571,7 @@ def train_triplet(
 
 def _data(data: Path | None) -> Path:
     """--data, or the default dataset when it is not given."""
-    from simsearch.benchmarks.datasets import default_data_dir
+    from simsearch.paths import default_data_dir
 
     return default_data_dir() if data is None else data
 
@@ -613,7 +616,8 @@ def train_matchnet(
 ):
     """Train a MatchNet same/different pair classifier, used as a reranker."""
     _verbose(verbose)
-    from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet as train
+    from simsearch.training.matchnet import MatchNetConfig
+    from simsearch.training.matchnet import train_matchnet as train
 
     cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=_data(data), split=split, epochs=epochs,
                          pairs_per_epoch=pairs_per_epoch, hard_fraction=hard_negatives, listwise=listwise, lr=lr,
@@ -647,7 +651,8 @@ def train_beit(
     _verbose(verbose)
     if weights is not None and not weights.exists():
         raise SimsearchError(f"{weights}: no such file or folder")
-    from simsearch.retrieval.beit_pair import BeitPairConfig, train_beit as train
+    from simsearch.training.beit_pair import BeitPairConfig
+    from simsearch.training.beit_pair import train_beit as train
 
     cfg = BeitPairConfig(name=name, encoder=encoder, weights=weights, data=_data(data), split=split, image_size=image_size,
                          epochs=epochs, pairs_per_epoch=pairs_per_epoch, lr=lr, max_minutes=max_minutes, seed=seed,

@@ -2,7 +2,7 @@
 
 Embeddings come through the indexer (`Indexer.embed_files`) into an LMDB cache db keyed by content
 hash and encoder weights, so a second run of the same benchmark embeds nothing. Every figure is
-computed here from vectors with the plain-numpy metrics of `benchmarks/metrics.py`; reporting
+computed here from vectors with the plain-numpy metrics of `evaluation/metrics.py`; reporting
 (tables, JSON, plots) lives in `benchmarks/report.py`.
 """
 
@@ -17,14 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.benchmarks import datasets, metrics
 from simsearch.devices import Device
+from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
-from simsearch.encoders.spec import EncoderSpec, get_encoder
+from simsearch.encoders.spec import EncoderSpec
 from simsearch.errors import DatasetError
-from simsearch.indexer.pipeline import Indexer, IndexerConfig
+from simsearch.evaluation import datasets, metrics
+from simsearch.indexer.cached import CachedEmbedder
+from simsearch.indexer.pipeline import IndexerConfig
 from simsearch.indexer.scan import item_path
 from simsearch.indexer.store import Store
+from simsearch.paths import embedding_cache
 from simsearch.retrieval.rerank import Reranker, get_reranker, pixels, rerank_order
 
 log = logging.getLogger(__name__)
@@ -87,25 +90,22 @@ class EncoderResult:
 
 
 class Embedder:
-    """Vectors of image files for one encoder, through the indexer's content-hash cache."""
+    """Vectors of benchmark images for one encoder (the shared cache), with a progress label per set."""
 
     def __init__(self, spec: EncoderSpec, store: Store, config: BenchConfig, progress: ProgressFn | None):
         self.spec = spec
-        self.store = store
-        self.indexer = Indexer(OnnxEncoder(spec, config.device, config.models_dir), store,
-                               IndexerConfig(batch_size=config.batch_size))
+        self.cached = CachedEmbedder(OnnxEncoder(spec, config.device, config.models_dir), store,
+                                     IndexerConfig(batch_size=config.batch_size))
         self.progress = progress
-        self.embedded = 0
+
+    @property
+    def embedded(self) -> int:
+        return self.cached.embedded
 
     def __call__(self, paths: list[Path], label: str) -> np.ndarray:
         """(len(paths), dim) L2-normalised vectors."""
         on_progress = (lambda done, total: self.progress(f"{self.spec.name}: {label}", done, total)) if self.progress else None
-        report = self.indexer.embed_files(paths, on_progress)
-        if report.skipped:
-            path, reason = report.skipped[0]
-            raise DatasetError(f"{len(report.skipped)} unreadable images in the benchmark data, e.g. {reason}")
-        self.embedded += report.embedded
-        return self.store.vectors_of(self.spec.key, [item_path(p) for p in paths], self.spec.dim)
+        return self.cached(paths, on_progress)
 
 
 def hit_at_k(ranks: np.ndarray, gallery: int, config: BenchConfig) -> dict:
@@ -312,12 +312,6 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
     return entry
 
 
-def default_cache_db(models_dir: Path | None) -> Path:
-    from simsearch.encoders.export import default_models_dir
-
-    return (models_dir or default_models_dir()).parent / "bench-cache"
-
-
 def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = None) -> dict:
     """Every figure for every encoder, with the exact protocol, as one JSON-ready dict."""
     unknown = [t for t in config.tasks if t not in TASKS]
@@ -328,7 +322,7 @@ def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = 
     for name in config.rerankers:
         get_reranker(name, config.models_dir)
     t0 = time.perf_counter()
-    with Store(config.cache_db or default_cache_db(config.models_dir), create=True) as store:
+    with Store(config.cache_db or embedding_cache(), create=True) as store:
         results = [asdict(run_encoder(name, config, store, progress)) for name in encoders]
         embedders: dict[str, Embedder] = {}
 

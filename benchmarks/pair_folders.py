@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
-from simsearch.benchmarks import datasets
+from simsearch.evaluation import datasets
+from simsearch.paths import shared_data
 
-SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
-
-def low_data(out: Path, root: Path = SHARED / "tiny-imagenet-200", n_pairs: int = 1225, seed: int = 0) -> None:
+def low_data(out: Path, root: Path | None = None, n_pairs: int = 1225, seed: int = 0) -> None:
     """n_pairs same-class pairs of distinct train images, classes taken in turn; symlinks, no copies."""
-    ds = datasets.load_class_dataset(root, "train")
+    ds = datasets.load_class_dataset(root or shared_data() / "tiny-imagenet-200", "train")
     rng = np.random.default_rng(seed)
     pools = [list(rng.permutation(np.flatnonzero(ds.labels == c))) for c in range(len(ds.classes))]
     for side in ("left", "right"):
@@ -53,11 +52,11 @@ def augmented_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
     return im
 
 
-def ood(out: Path, root: Path = SHARED / "imagenet-samples", seed: int = 0) -> None:
+def ood(out: Path, root: Path | None = None, seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
     for side in ("left", "right"):
         (out / side).mkdir(parents=True, exist_ok=True)
-    for p in sorted(root.glob("*.JPEG")):
+    for p in sorted((root or shared_data() / "imagenet-samples").glob("*.JPEG")):
         os.symlink(os.path.abspath(p), out / "right" / p.name)
         augmented_copy(Image.open(p).convert("RGB"), rng).save(out / "left" / f"{p.stem}.jpg", quality=90)
 

@@ -22,19 +22,20 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from simsearch.paths import shared_data
+
 log = logging.getLogger(__name__)
 
-DEFAULT_IMAGES = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-samples"
 
 
 @dataclass(frozen=True)
 class SpeedConfig:
-    images: Path = DEFAULT_IMAGES
+    images: Path = field(default_factory=lambda: shared_data() / "imagenet-samples")
     max_images: int = 1000  # photos indexed in (b); also the source of the real batch in (a)
     encoder: str = "efficientnet-lite0"
     batch_size: int = 32
@@ -87,8 +88,8 @@ def encoder_throughput(cfg: SpeedConfig) -> tuple[Measure, float]:
 
     from simsearch.devices import Device
     from simsearch.encoders.export import build_embedding_model
+    from simsearch.encoders.registry import get_encoder
     from simsearch.encoders.runtime import OnnxEncoder, cpu_count
-    from simsearch.encoders.spec import get_encoder
 
     spec = get_encoder(cfg.encoder)
     batch = _real_batch(cfg, spec)
@@ -109,8 +110,8 @@ def encoder_throughput(cfg: SpeedConfig) -> tuple[Measure, float]:
 def index_throughput(cfg: SpeedConfig, ort_ips: float, db: Path) -> Measure:
     """(b): a fresh `index` of real JPEGs (scan, read, hash, decode, embed, write, FAISS build)."""
     from simsearch.devices import Device
+    from simsearch.encoders.registry import get_encoder
     from simsearch.encoders.runtime import OnnxEncoder
-    from simsearch.encoders.spec import get_encoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
     from simsearch.retrieval.faiss_index import refresh_index

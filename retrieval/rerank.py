@@ -22,6 +22,7 @@ import numpy as np
 
 from simsearch.devices import Device
 from simsearch.errors import ModelError, UnknownNameError
+from simsearch.paths import rerankers_dir
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,8 @@ class RerankerSpec:
                 f"held-out balanced accuracy {ev.get('balanced_accuracy', float('nan')):.3f}")
 
 
-def rerankers_root(models_dir: Path | None) -> Path:
-    from simsearch.encoders.export import default_models_dir
-
-    return Path(models_dir or default_models_dir()) / "rerankers"
-
-
 def list_rerankers(models_dir: Path | None = None) -> list[RerankerSpec]:
-    root = rerankers_root(models_dir)
+    root = rerankers_dir(models_dir)
     specs = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if folder.name.startswith(".") or not (folder / CARD).is_file():

@@ -11,8 +11,8 @@ import numpy as np
 
 from simsearch.devices import Device
 from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
-from simsearch.encoders.spec import get_encoder
 from simsearch.errors import ImageLoadError, SimsearchError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.lock import writer_active

@@ -15,15 +15,19 @@ TINY = DATA / "tiny-imagenet-200"
 
 @pytest.fixture(scope="session", autouse=True)
 def models_dir(tmp_path_factory) -> Path:
-    """One ONNX export per test session (reusing the user's cache would hide export bugs)."""
+    """One ONNX export per test session (reusing the user's cache would hide export bugs), and caches
+    (embeddings, training checkpoints) in the session's own folder, never the user's."""
     path = tmp_path_factory.mktemp("models")
-    old = os.environ.get("SIMSEARCH_MODELS_DIR")
+    cache = tmp_path_factory.mktemp("cache")
+    old = {k: os.environ.get(k) for k in ("SIMSEARCH_MODELS_DIR", "SIMSEARCH_CACHE_DIR")}
     os.environ["SIMSEARCH_MODELS_DIR"] = str(path)
+    os.environ["SIMSEARCH_CACHE_DIR"] = str(cache)
     yield path
-    if old is None:
-        os.environ.pop("SIMSEARCH_MODELS_DIR", None)
-    else:
-        os.environ["SIMSEARCH_MODELS_DIR"] = old
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def sample_paths(n: int, start: int = 0) -> list[Path]:
@@ -41,7 +45,7 @@ def copy_samples(dest: Path, n: int, start: int = 0) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def lite0():
-    from simsearch.encoders.spec import get_encoder
+    from simsearch.encoders.registry import get_encoder
 
     return get_encoder("efficientnet-lite0")
 

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
-from simsearch.benchmarks import datasets, harness
 from simsearch.cli import app
 from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.errors import DatasetError
+from simsearch.evaluation import datasets, harness
 from simsearch.indexer.images import load_rgb
 
 from ..conftest import TINY, sample_paths

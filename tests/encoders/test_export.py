@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
 from simsearch.encoders.export import build_embedding_model, ensure_onnx, export_module, onnx_path
 from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.registry import get_encoder, list_encoders
 from simsearch.encoders.runtime import OnnxEncoder
-from simsearch.encoders.spec import get_encoder, list_encoders
 from simsearch.errors import ModelError, UnknownNameError
 from simsearch.indexer.images import load_rgb
 

@@ -36,7 +36,7 @@ _INDEX = textwrap.dedent("""
     import faulthandler, json, sys
     from pathlib import Path
     from simsearch.encoders.runtime import OnnxEncoder
-    from simsearch.encoders.spec import get_encoder
+    from simsearch.encoders.registry import get_encoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
 

@@ -30,7 +30,7 @@ _WRITER = """
 import shutil, sys, time
 from pathlib import Path
 from simsearch.encoders.runtime import OnnxEncoder
-from simsearch.encoders.spec import get_encoder
+from simsearch.encoders.registry import get_encoder
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import refresh_index

@@ -3,8 +3,16 @@ import pytest
 
 from simsearch.errors import DbCorruptError, SimsearchError
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import (IndexConfig, LoadedIndex, build_index, index_kind, index_problem,
-                                             load_index, publish_index, refresh_index)
+from simsearch.retrieval.faiss_index import (
+    IndexConfig,
+    LoadedIndex,
+    build_index,
+    index_kind,
+    index_problem,
+    load_index,
+    publish_index,
+    refresh_index,
+)
 
 
 def clustered(n, dim, centers, seed=0):

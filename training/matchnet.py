@@ -13,7 +13,7 @@ Imports torch: only `simsearch train matchnet` and tests import this module.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from torch import nn
 
 from simsearch.devices import Device, torch_device
 from simsearch.errors import SimsearchError
+from simsearch.paths import default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class MatchNetConfig:
     name: str
     tower: str = "pretrained"
     encoder: str = "efficientnet-lite0"  # tower "pretrained": whose embeddings it reads
-    data: Path = Path("../shared/data/tiny-imagenet-200")
+    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
     split: str = "train"
     image_size: int = 64  # tower "scratch"
     bottleneck: int = 256
@@ -105,11 +106,17 @@ def pixel_batches(data: np.ndarray):
 
 def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progress=None) -> dict:
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
-    from simsearch.benchmarks import datasets
     from simsearch.encoders.trained import check_model_name
-    from simsearch.encoders.training.loop import Budget
-    from simsearch.retrieval.pair_training import (PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card,
-                                                   nearest_neighbours)
+    from simsearch.evaluation import datasets
+    from simsearch.training.loop import Budget
+    from simsearch.training.pair_training import (
+        PairFitConfig,
+        export_reranker,
+        fit_pairs,
+        holdout_split,
+        make_card,
+        nearest_neighbours,
+    )
 
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
@@ -122,8 +129,8 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
         data = load_pixels(ds.paths, cfg.image_size)
         batch_of = pixel_batches(data)
     else:
-        from simsearch.encoders.spec import get_encoder
-        from simsearch.encoders.training.features import base_features
+        from simsearch.encoders.registry import get_encoder
+        from simsearch.training.features import base_features
 
         data = base_features(get_encoder(cfg.encoder, models_dir), ds.paths, models_dir, cfg.device,
                              on_progress and (lambda d, t: on_progress("embedding training images", d, t)))

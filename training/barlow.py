@@ -12,13 +12,14 @@ The price: one fixed pair of views per image instead of fresh views every epoch,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from simsearch.devices import Device, torch_device
 from simsearch.encoders.trained import ModelCard
+from simsearch.paths import default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 class BarlowConfig:
     name: str
     base: str = "efficientnet-lite0"
-    data: Path = Path("../shared/data/tiny-imagenet-200")
+    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
     split: str = "train"
     dim: int = 256  # projector output = the embedding
     hidden: int = 2048  # projector hidden width (the paper: 8192; a frozen 1280-d trunk needs less)
@@ -61,11 +62,18 @@ def barlow_loss(z1, z2, lambda_offdiag: float):
 def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=None) -> ModelCard:
     import torch
 
-    from simsearch.encoders.training.features import train_and_holdout
-    from simsearch.encoders.training.loop import (Budget, LoopConfig, check_name, checkpoint_path,
-                                                  export_and_install, fit, make_card)
-    from simsearch.encoders.training.model import HeadOnFeatures, build_head
-    from simsearch.encoders.training.views import view_features
+    from simsearch.training.features import train_and_holdout
+    from simsearch.training.heads import HeadOnFeatures, build_head
+    from simsearch.training.loop import (
+        Budget,
+        LoopConfig,
+        check_name,
+        checkpoint_path,
+        export_and_install,
+        fit,
+        make_card,
+    )
+    from simsearch.training.views import view_features
 
     check_name(cfg.name)
     budget = Budget(cfg.max_minutes)

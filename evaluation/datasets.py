@@ -1,4 +1,4 @@
-"""Benchmark datasets: class datasets (Tiny ImageNet layout or <class>/<image>) and pair folders (left/ <-> right/).
+"""Datasets shared by benchmarks and training: class datasets (Tiny ImageNet layout or <class>/<image>) and pair folders (left/ <-> right/).
 
 Everything random is drawn from `np.random.default_rng(seed)`, so a (dataset, split, seed) triple
 always gives the same splits, pair sets and sampled pairs.
@@ -7,24 +7,17 @@ always gives the same splits, pair sets and sampled pairs.
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-import simsearch
 from simsearch.errors import DatasetError
 from simsearch.indexer.images import IMAGE_EXTENSIONS
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
-# The package directory is the repository root (pyproject `package-dir`) and ../shared sits beside the
-# checkout, so this is absolute and does not depend on the folder a command is run from.
-SHARED_DATA = Path(simsearch.__file__).resolve().parent.parent / "shared" / "data" / "tiny-imagenet-200"
-DATA_ENV = "SIMSEARCH_DATA"
 # Share of val when none is given: pair folders follow the research's 325 val / 900 train pairs; class
 # folders keep a fifth of every class. Tiny ImageNet has its own val split and takes none.
 DEFAULT_VAL_FRACTION = {"pairs": 325 / 1225, "classes": 0.2}
@@ -55,23 +48,6 @@ class Pairs:
 class PairSet:
     left_idx: np.ndarray  # (C,) one image per class
     right_idx: np.ndarray  # (C,) its partner: same class, another image
-
-
-def default_data_dir(environ: Mapping[str, str] = os.environ, shared: Path = SHARED_DATA) -> Path:
-    """The dataset to use when none is given: the folder in $SIMSEARCH_DATA if set (and not empty), else `shared`.
-
-    The environment is read on each call, not at import, so a variable set after import counts.
-    """
-    value = environ.get(DATA_ENV)
-    if value:
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            raise DatasetError(f"{DATA_ENV}={value}: no such folder")
-        return path.resolve()
-    if not shared.is_dir():
-        raise DatasetError(f"no dataset: {DATA_ENV} is not set and the default {shared} does not exist; "
-                           f"pass --data or set {DATA_ENV} to a dataset folder")
-    return shared
 
 
 def val_fraction_of(layout: str, val_fraction: float | None) -> float:

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.benchmarks import datasets
-from simsearch.benchmarks.harness import default_cache_db
 from simsearch.devices import Device
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import EncoderSpec
 from simsearch.errors import DatasetError
-from simsearch.indexer.pipeline import Indexer, IndexerConfig
-from simsearch.indexer.scan import item_path
+from simsearch.evaluation import datasets
+from simsearch.indexer.cached import CachedEmbedder
 from simsearch.indexer.store import Store
+from simsearch.paths import embedding_cache
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +41,8 @@ class FeatureSet:
 def base_features(spec: EncoderSpec, paths: list[Path], models_dir: Path | None, device: Device,
                   on_progress=None) -> np.ndarray:
     """(len(paths), spec.dim) embeddings of the base encoder, embedding only what the cache lacks."""
-    with Store(default_cache_db(models_dir), create=True) as store:
-        report = Indexer(OnnxEncoder(spec, device, models_dir), store, IndexerConfig()).embed_files(paths, on_progress)
-        if report.skipped:
-            raise DatasetError(f"{len(report.skipped)} unreadable training images, e.g. {report.skipped[0][1]}")
-        return store.vectors_of(spec.key, [item_path(p) for p in paths], spec.dim)
+    with Store(embedding_cache(), create=True) as store:
+        return CachedEmbedder(OnnxEncoder(spec, device, models_dir), store)(paths, on_progress)
 
 
 def load_training_set(spec: EncoderSpec, data: Path, split: str, models_dir: Path | None, device: Device,
@@ -84,7 +80,7 @@ def holdout(fs: FeatureSet, per_group: int, seed: int) -> tuple[FeatureSet, Feat
 
 def validation_ranks(embed, fs: FeatureSet, seed: int) -> np.ndarray:
     """0-based partner ranks on pair sets of a held-out FeatureSet (as `simsearch bench` ranks val)."""
-    from simsearch.benchmarks import metrics
+    from simsearch.evaluation import metrics
 
     e = embed(fs.x)  # (N, out)
     if fs.kind == "pairs":
@@ -98,7 +94,7 @@ def validation_ranks(embed, fs: FeatureSet, seed: int) -> np.ndarray:
 def train_and_holdout(cfg, models_dir: Path | None, on_progress=None) -> tuple[EncoderSpec, FeatureSet, FeatureSet]:
     """What every head trainer starts with: its base encoder, and the base features of its training data
     split into the part it trains on and the held-out part it is validated on (cfg: any trainer config)."""
-    from simsearch.encoders.spec import get_encoder
+    from simsearch.encoders.registry import get_encoder
 
     base = get_encoder(cfg.base, models_dir)
     data = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,

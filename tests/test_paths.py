@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from simsearch.benchmarks import datasets
+from simsearch import paths
 from simsearch.cli import app
 from simsearch.errors import DatasetError
+from simsearch.evaluation import datasets
 
-from ..conftest import TINY
+from .conftest import TINY
 
 
 @pytest.fixture
@@ -33,35 +34,35 @@ def two_classes(tmp_path) -> Path:
 def test_finds_the_shared_data_from_any_folder(tmp_path, monkeypatch):
     if not (TINY / "wnids.txt").is_file():
         pytest.skip(f"shared data missing: {TINY}")
-    monkeypatch.delenv(datasets.DATA_ENV, raising=False)
+    monkeypatch.delenv(paths.DATA_ENV, raising=False)
     monkeypatch.chdir(tmp_path)  # where the old relative default ../shared/data/... does not exist
-    found = datasets.default_data_dir()
+    found = paths.default_data_dir()
     assert found.resolve() == TINY.resolve() and found.is_absolute()
     assert datasets.detect_layout(found) == "tiny-imagenet"
 
 
 def test_the_variable_wins_and_is_read_when_called(two_classes, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(datasets.DATA_ENV, "mine")  # set after import, relative to the current folder
-    assert datasets.default_data_dir() == two_classes.resolve()
+    monkeypatch.setenv(paths.DATA_ENV, "mine")  # set after import, relative to the current folder
+    assert paths.default_data_dir() == two_classes.resolve()
     # an empty variable counts as unset
-    assert datasets.default_data_dir({datasets.DATA_ENV: ""}, shared=two_classes) == two_classes
+    assert paths.default_data_dir({paths.DATA_ENV: ""}, shared=two_classes) == two_classes
 
 
 def test_a_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(datasets.DATA_ENV, str(tmp_path / "missing"))
+    monkeypatch.setenv(paths.DATA_ENV, str(tmp_path / "missing"))
     with pytest.raises(DatasetError, match=re.escape(f"SIMSEARCH_DATA={tmp_path / 'missing'}: no such folder")):
-        datasets.default_data_dir()
+        paths.default_data_dir()
     nowhere = tmp_path / "nowhere"
     with pytest.raises(DatasetError) as e:
-        datasets.default_data_dir({}, shared=nowhere)
+        paths.default_data_dir({}, shared=nowhere)
     assert "SIMSEARCH_DATA" in str(e.value) and str(nowhere) in str(e.value)
 
 
 def test_bench_without_data_from_another_folder(two_classes, tmp_path, monkeypatch):
     """Needs cli.py to fall back on default_data_dir() when --data is not given."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv(datasets.DATA_ENV, str(two_classes))
+    monkeypatch.setenv(paths.DATA_ENV, str(two_classes))
     result = CliRunner().invoke(app, ["bench", "--split", "val", "--task", "pairs", "--val-fraction", "1",
                                       "--ks", "1", "--out", "out", "--cache-db", "cache"])
     assert result.exit_code == 0, result.output

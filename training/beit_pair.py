@@ -19,7 +19,7 @@ metric.onnx = two token grids -> P(same) (once per pair). Imports torch and tran
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from torch import nn
 
 from simsearch.devices import Device, torch_device
 from simsearch.errors import ModelError
+from simsearch.paths import default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class BeitPairConfig:
     name: str
     encoder: str = "efficientnet-lite0"  # default tokens: this encoder's trunk
     weights: Path | None = None  # a user's BEiT checkpoint folder: pixel patches instead of trunk tokens
-    data: Path = Path("../shared/data/tiny-imagenet-200")
+    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
     split: str = "train"
     image_size: int = 160  # trunk input side: a 5x5 token grid per image (Tiny ImageNet is 64 px)
     token_dim: int = 128  # trunk features (1280) -> token width, by a trained 1x1 conv
@@ -177,11 +178,11 @@ def trunk_features(tokens: TrunkTokens, pixels_u8: np.ndarray, device: Device, o
 
 def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=None) -> dict:
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
-    from simsearch.benchmarks import datasets
-    from simsearch.retrieval.matchnet import load_pixels, pixel_batches
     from simsearch.encoders.trained import check_model_name
-    from simsearch.encoders.training.loop import Budget
-    from simsearch.retrieval.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
+    from simsearch.evaluation import datasets
+    from simsearch.training.loop import Budget
+    from simsearch.training.matchnet import load_pixels, pixel_batches
+    from simsearch.training.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
 
     check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
@@ -195,10 +196,10 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
         source = f"BEiT checkpoint {cfg.weights}"
     else:
         from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
-        from simsearch.encoders.spec import get_encoder
+        from simsearch.encoders.registry import get_encoder
 
         spec = get_encoder(cfg.encoder, models_dir)
-        if not spec.arch.startswith("efficientnet-lite") or spec.card:
+        if spec.trained or not spec.arch.startswith("efficientnet-lite"):
             raise ModelError(f"BEiT tokens come from a built-in EfficientNet-Lite trunk, not {cfg.encoder!r}")
         size = cfg.image_size
         tokens = TrunkTokens(load_efficientnet_lite(spec.arch, str(spec.weights_path())), spec.mean, spec.std)

@@ -6,13 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from simsearch import paths
 from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
-from simsearch.encoders.spec import get_encoder
-from simsearch.encoders.training.barlow import BarlowConfig, barlow_loss, train_barlow
-from simsearch.encoders.trained import trained_root
 from simsearch.indexer.images import load_rgb
-
+from simsearch.training.barlow import BarlowConfig, barlow_loss, train_barlow
 
 
 def test_barlow_loss_is_zero_for_identical_decorrelated_views_and_penalises_redundancy():
@@ -35,14 +34,14 @@ def test_tiny_barlow_run_lowers_the_loss_exports_and_resumes(classes, models_dir
     spec = get_encoder("tiny-bt", models_dir)
     photos = sorted(classes.rglob("*.JPEG"))[::12][:4]
     batch = np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos])
-    from simsearch.encoders.training.model import torch_encoder
+    from simsearch.training.heads import torch_encoder
 
     with torch.no_grad():
         want = torch_encoder(spec, models_dir)(torch.from_numpy(batch)).numpy()
     np.testing.assert_allclose(OnnxEncoder(spec, models_dir=models_dir).embed(batch), want, atol=1e-3)
 
     # The augmented views' features are cached: a re-run (e.g. after an interruption) embeds nothing again.
-    cached = sorted((trained_root(models_dir) / ".cache").rglob("views-*.npy"))
+    cached = sorted(paths.training_cache().rglob("views-*.npy"))
     assert cached
     stamps = [p.stat().st_mtime_ns for p in cached]
     train_barlow(cfg, models_dir)

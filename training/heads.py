@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simsearch.encoders.spec import EncoderSpec, get_encoder
+from simsearch.encoders.registry import get_encoder
+from simsearch.encoders.spec import EncoderSpec
 from simsearch.encoders.trained import HEAD, ModelCard
 
 
@@ -54,7 +55,7 @@ def torch_encoder(spec: EncoderSpec, models_dir: Path | None = None) -> nn.Modul
     """A fresh eval-mode torch module for any registered encoder (trained ones recursively from their base)."""
     from simsearch.encoders.export import build_embedding_model
 
-    if not spec.card:
+    if not spec.trained:
         return build_embedding_model(spec)
     card = ModelCard.load(Path(spec.card))
     head = build_head(card.head)

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 
-from simsearch.benchmarks import metrics
+from simsearch.evaluation import metrics
 
 
 def unit(rng, n, d):

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from simsearch.devices import Device
-from simsearch.encoders.training.loop import Budget
+from simsearch.paths import rerankers_dir
+from simsearch.training.loop import Budget
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class PairFitConfig:
 
 def holdout_split(labels: np.ndarray, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices of training images and of held-out images (per_class of every class)."""
-    from simsearch.encoders.training.features import FeatureSet, holdout_mask
+    from simsearch.training.features import FeatureSet, holdout_mask
 
     held = holdout_mask(FeatureSet(np.empty((len(labels), 0)), labels, "classes"), per_class, seed)
     return np.flatnonzero(~held), np.flatnonzero(held)
@@ -111,7 +112,7 @@ def predict(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: n
 
 def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, n_pairs: int,
              seed: int) -> dict:
-    from simsearch.benchmarks import datasets, metrics
+    from simsearch.evaluation import datasets, metrics
 
     i, j, same = datasets.balanced_pairs(labels, n_pairs, seed)
     p = predict(tower, metric, batch_of, len(labels), i, j)
@@ -127,7 +128,7 @@ def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np
     neighbours: (len(train_idx), k) nearest neighbours among the training images (indices into train_idx),
     for cfg.hard_fraction of the pairs or for cfg.listwise. Returns the validation record.
     """
-    from simsearch.benchmarks import datasets
+    from simsearch.evaluation import datasets
 
     tower.to(device)
     metric.to(device)
@@ -230,9 +231,9 @@ def export_reranker(card: dict, tower: nn.Module, metric: nn.Module, tower_shape
     """
     from simsearch.encoders.export import export_module, sha256_file
     from simsearch.encoders.trained import replace_dir
-    from simsearch.retrieval.rerank import CARD, METRIC, TOWER, rerankers_root
+    from simsearch.retrieval.rerank import CARD, METRIC, TOWER
 
-    root = rerankers_root(models_dir)
+    root = rerankers_dir(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".work-{card['name']}-", dir=root))
     # eval(): dropout off and BatchNorm on running statistics, or the export bakes in batch statistics.

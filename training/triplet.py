@@ -5,7 +5,7 @@ Anchors and positives are same-class images (class dataset) or the two sides of 
 "semihard": negatives farther than the positive but inside the margin, which avoids the collapse
 batch-hard mining is known for). Batches hold `m_per_class` images of each of batch/m classes.
 
-Guards against the known failure modes, checked every epoch (encoders/training/loop.py): embeddings
+Guards against the known failure modes, checked every epoch (training/loop.py): embeddings
 collapsing to one point (mean pairwise cosine of held-out embeddings), the loss stuck at the margin
 (nothing learnt) or at zero with no triplets mined (nothing left to learn). On any of them training
 stops with a warning and the best epoch so far is kept.
@@ -14,14 +14,15 @@ stops with a warning and the best epoch so far is kept.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from simsearch.devices import Device, torch_device
 from simsearch.encoders.trained import ModelCard
-from simsearch.encoders.training.loop import TrainingStopped
+from simsearch.paths import default_data_dir
+from simsearch.training.loop import TrainingStopped
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 class TripletConfig:
     name: str
     base: str = "efficientnet-lite0"
-    data: Path = Path("../shared/data/tiny-imagenet-200")
+    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
     split: str = "train"
     dim: int = 256
     hidden: int = 1024  # 0: a linear projection
@@ -65,17 +66,24 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     import torch
     from pytorch_metric_learning import losses, miners, samplers
 
-    from simsearch.encoders.training.features import train_and_holdout
-    from simsearch.encoders.training.loop import (Budget, LoopConfig, check_name, checkpoint_path,
-                                                  export_and_install, fit, make_card)
-    from simsearch.encoders.training.model import HeadOnFeatures, build_head
+    from simsearch.training.features import train_and_holdout
+    from simsearch.training.heads import HeadOnFeatures, build_head
+    from simsearch.training.loop import (
+        Budget,
+        LoopConfig,
+        check_name,
+        checkpoint_path,
+        export_and_install,
+        fit,
+        make_card,
+    )
 
     check_name(cfg.name)
     budget = Budget(cfg.max_minutes)
     base, train, val = train_and_holdout(cfg, models_dir, on_progress)
     x_train, y_train = train.x, train.y
     if cfg.views:
-        from simsearch.encoders.training.views import view_features
+        from simsearch.training.views import view_features
 
         views = view_features(base, train.paths, models_dir, cfg.device, cfg.seed, on_progress)  # (2, N, dim)
         x_train, y_train = np.concatenate([train.x, *views]), np.tile(train.y, 3)

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from simsearch.benchmarks import datasets
 from simsearch.errors import DatasetError
+from simsearch.evaluation import datasets
 
 from ..conftest import TINY
 

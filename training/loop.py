@@ -20,11 +20,13 @@ import numpy as np
 import torch
 
 from simsearch.devices import Device
-from simsearch.encoders.spec import EncoderSpec, get_encoder, is_builtin
-from simsearch.encoders.trained import ModelCard, check_model_name, install, trained_root
-from simsearch.encoders.training.features import FeatureSet, validation_ranks
-from simsearch.encoders.training.model import HeadOnFeatures
+from simsearch.encoders.registry import get_encoder, is_builtin
+from simsearch.encoders.spec import EncoderSpec
+from simsearch.encoders.trained import ModelCard, check_model_name, install
 from simsearch.errors import SimsearchError
+from simsearch.paths import trained_dir, training_cache
+from simsearch.training.features import FeatureSet, validation_ranks
+from simsearch.training.heads import HeadOnFeatures
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +85,7 @@ def checkpoint_path(models_dir: Path | None, config) -> Path:
     # Left out: a run may be resumed with a longer budget, or on another device.
     fields = {k: v for k, v in asdict(config).items() if k not in ("epochs", "max_minutes", "device")}
     key = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
-    return trained_root(models_dir) / ".cache" / f"checkpoint-{config.name}-{key}.pt"
+    return training_cache() / f"checkpoint-{config.name}-{key}.pt"
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -186,12 +188,12 @@ def export_and_install(card: ModelCard, head, models_dir: Path | None, checkpoin
 
     from simsearch import __version__
     from simsearch.encoders.export import export_module
-    from simsearch.encoders.training.model import StackedEncoder, torch_encoder
+    from simsearch.training.heads import StackedEncoder, torch_encoder
 
     card.simsearch_version = __version__
     base = torch_encoder(get_encoder(card.base, models_dir), models_dir)
     full = StackedEncoder(base, head).eval()  # eval: BatchNorm must use running statistics in the export
-    root = trained_root(models_dir)
+    root = trained_dir(models_dir)
     root.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".work-{card.name}-", dir=root))
     export_module(full, (1, 3, card.image_size, card.image_size), work / "model.onnx")

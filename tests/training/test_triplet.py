@@ -8,13 +8,12 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.registry import get_encoder, list_encoders
 from simsearch.encoders.runtime import OnnxEncoder
-from simsearch.encoders.spec import get_encoder, list_encoders
-from simsearch.encoders.training.loop import TrainingStopped, check_collapse
-from simsearch.encoders.training.triplet import TripletConfig, check_triplet_loss, train_triplet
 from simsearch.errors import SimsearchError
 from simsearch.indexer.images import load_rgb
-
+from simsearch.training.loop import TrainingStopped, check_collapse
+from simsearch.training.triplet import TripletConfig, check_triplet_loss, train_triplet
 
 runner = CliRunner()
 
@@ -38,7 +37,7 @@ def test_training_lowers_the_loss_and_writes_a_card(trained):
 def test_trained_encoder_is_registered_and_matches_torch_on_real_images(trained, models_dir, classes):
     import torch
 
-    from simsearch.encoders.training.model import torch_encoder
+    from simsearch.training.heads import torch_encoder
 
     spec = get_encoder("tiny-triplet", models_dir)
     assert spec.dim == 16 and spec.image_size == 224 and spec.onnx_file
@@ -85,7 +84,7 @@ def test_a_built_in_name_is_refused(classes, models_dir):
 
 
 def test_an_interrupted_run_resumes_from_its_checkpoint(classes, models_dir, monkeypatch):
-    from simsearch.encoders.training import loop
+    from simsearch.training import loop
 
     common = dict(data=classes, dim=16, hidden=64, batch_size=32, patience=9, holdout_per_class=2, lr=3e-3)
     straight = train_triplet(TripletConfig(name="straight", epochs=4, **common), models_dir)
@@ -111,7 +110,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint(classes, models_dir, mon
 def test_the_budget_counts_from_the_command_start_and_keeps_time_for_the_export():
     import time
 
-    from simsearch.encoders.training.loop import Budget
+    from simsearch.training.loop import Budget
 
     assert not Budget(20).over()
     assert Budget(20, started=time.perf_counter() - 19.5 * 60).over()  # 30 s left: less than the export reserve

@@ -15,7 +15,7 @@ import numpy as np
 
 from simsearch.devices import Device
 from simsearch.encoders.spec import EncoderSpec
-from simsearch.encoders.trained import trained_root
+from simsearch.paths import training_cache
 
 
 def augmentations(size: int):
@@ -48,7 +48,7 @@ def view_features(spec: EncoderSpec, paths: list[Path], models_dir: Path | None,
     from simsearch.indexer.images import load_rgb
 
     key = hashlib.sha256(f"{spec.key}|{seed}|{'|'.join(map(str, paths))}".encode()).hexdigest()[:16]
-    cache = trained_root(models_dir) / ".cache" / f"views-{key}"
+    cache = training_cache() / f"views-{key}"
     encoder = OnnxEncoder(spec, device, models_dir)
     mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
     std = torch.tensor(spec.std).view(1, 3, 1, 1)

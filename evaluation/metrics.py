@@ -11,7 +11,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-
 # -- find the pair ----------------------------------------------------------------------------------
 
 def hit_ranks(queries: np.ndarray, gallery: np.ndarray, partner: np.ndarray, block: int = 1024) -> np.ndarray:

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from simsearch.cli import app
 from simsearch.devices import Device
 from simsearch.errors import SimsearchError, UnknownNameError
-from simsearch.retrieval.matchnet import MatchNetConfig, train_matchnet
 from simsearch.retrieval.rerank import Reranker, get_reranker, pixels, rerank_order
+from simsearch.training.matchnet import MatchNetConfig, train_matchnet
 
 runner = CliRunner()
 
@@ -48,7 +48,7 @@ def test_training_lowers_the_loss_and_registers(matchnet, models_dir):
 def test_onnx_matches_torch_on_real_pairs(matchnet, classes, models_dir, encoder):
     from simsearch.encoders.preprocess import resize_side, to_input
     from simsearch.indexer.images import load_rgb
-    from simsearch.retrieval.matchnet import Metric, feature_tower
+    from simsearch.training.matchnet import Metric, feature_tower
 
     spec = get_reranker("tiny-matchnet", models_dir)
     photos = sorted(classes.rglob("*.JPEG"))[::7][:8]
@@ -93,7 +93,7 @@ def test_query_rerank_through_the_cli(matchnet, db, classes, models_dir):
     from simsearch.indexer.store import Store
 
     with Store(db, readonly=True) as store:
-        from simsearch.encoders.spec import get_encoder
+        from simsearch.encoders.registry import get_encoder
 
         spec = get_encoder("efficientnet-lite0")
         cands = store.vectors_of(spec.key, paths, spec.dim)
@@ -169,7 +169,7 @@ TINY_BEIT = dict(pairs_per_epoch=1280, epochs=3, patience=3, holdout_per_class=2
 
 @pytest.fixture(scope="module")
 def beit(classes, models_dir):
-    from simsearch.retrieval.beit_pair import BeitPairConfig, train_beit
+    from simsearch.training.beit_pair import BeitPairConfig, train_beit
 
     return train_beit(BeitPairConfig(name="tiny-beit", data=classes, **TINY_BEIT), models_dir)
 
@@ -184,7 +184,7 @@ def _torch_pair_scores(metric, tower, x: torch.Tensor) -> np.ndarray:
 
 def test_beit_on_trunk_tokens_learns_and_matches_onnx(beit, classes, models_dir, lite0):
     from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
-    from simsearch.retrieval.beit_pair import BeitPairConfig, PairBeit, TrunkTokens, small_beit
+    from simsearch.training.beit_pair import BeitPairConfig, PairBeit, TrunkTokens, small_beit
 
     history = beit["validation"]["history"]
     assert history[-1]["loss"] < history[0]["loss"]
@@ -209,7 +209,7 @@ def test_beit_on_trunk_tokens_learns_and_matches_onnx(beit, classes, models_dir,
 def test_beit_from_a_user_checkpoint(classes, models_dir, tmp_path):
     from transformers import BeitConfig, BeitModel
 
-    from simsearch.retrieval.beit_pair import Normalize, PairBeit
+    from simsearch.training.beit_pair import Normalize, PairBeit
 
     config = BeitConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64, use_relative_position_bias=True,
@@ -255,7 +255,7 @@ def test_query_rerank_with_beit_through_the_cli(beit, db, classes):
 
 
 def test_a_slow_reranker_is_measured_on_whole_pair_sets_within_its_budget(matchnet, classes, models_dir, tmp_path):
-    from simsearch.benchmarks import datasets, harness, report
+    from simsearch.evaluation import datasets, harness, report
 
     cfg = harness.BenchConfig(data=classes, split="train", ks=(1, 3), tasks=("pairs",), n_boot=50,
                               rerankers=("tiny-matchnet",),
@@ -271,7 +271,7 @@ def test_a_slow_reranker_is_measured_on_whole_pair_sets_within_its_budget(matchn
 
 
 def test_listwise_and_hard_negative_training_on_nearest_neighbours(classes, models_dir):
-    from simsearch.retrieval.pair_training import hard_pairs, nearest_neighbours
+    from simsearch.training.pair_training import hard_pairs, nearest_neighbours
 
     x = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
