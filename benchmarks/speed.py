@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/speed.json"))
-    p.add_argument("--images", type=Path, default=SpeedConfig.images)
+    p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: the shared imagenet-samples)")
     p.add_argument("--max-images", type=int, default=SpeedConfig.max_images)
     p.add_argument("--encoder", default=SpeedConfig.encoder)
     p.add_argument("--batch-size", type=int, default=SpeedConfig.batch_size)
@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("simsearch").setLevel(logging.INFO)
-    cfg = SpeedConfig(images=a.images, max_images=a.max_images, encoder=a.encoder, batch_size=a.batch_size,
+    images = {"images": a.images} if a.images else {}
+    cfg = SpeedConfig(**images, max_images=a.max_images, encoder=a.encoder, batch_size=a.batch_size,
                       min_seconds=a.min_seconds, vectors=a.vectors, queries=a.queries, cold_runs=a.cold_runs,
                       models_dir=a.models_dir)
     result = run(cfg)

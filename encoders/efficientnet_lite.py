@@ -3,7 +3,7 @@
 Our own module rather than the `efficientnet-lite-pytorch` package: that package declares an unpinned
 torch (which would pull a CUDA build), prints from `forward`, and bakes a fixed image size into its
 padding layers. Here TensorFlow "SAME" padding is computed from the input shape, so the same trunk
-runs at 224 px for retrieval and at 64 px for the rerankers. Imports torch: never import this
+runs at 224 or 260 px for retrieval and at 160 px for the BEiT reranker's tokens. Imports torch: never import this
 module on the query path.
 """
 

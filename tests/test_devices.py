@@ -28,13 +28,19 @@ def test_cuda_request_without_cuda_warns_and_uses_cpu(caplog):
     assert torch_device(Device.auto, cuda_available=True) == "cuda" and torch_device(Device.cpu, True) == "cpu"
 
 
-def test_encoder_and_index_fall_back_to_cpu(lite0, models_dir, caplog):
+def test_encoder_and_index_on_cuda_or_fall_back_to_cpu_with_a_warning(lite0, models_dir, caplog):
+    """--device cuda: the GPU when it really works, else the CPU with a warning — never silently the CPU.
+
+    Both outcomes are checked against what the session and the index report, so this holds on a GPU
+    machine too (CI and this project's machines have none: there it checks the fallback)."""
     with caplog.at_level(logging.WARNING):
         enc = OnnxEncoder(lite0, Device.cuda, models_dir)
         vecs = np.eye(4, 8, dtype=np.float32)
         index = LoadedIndex(build_index(lambda: [(np.arange(4), vecs)], 8, 4), Device.cuda)
-    assert enc.device == "cpu" and enc.session.get_providers()[0] == CPU_EP
-    assert index.device == "cpu"
+    warned = [r.message for r in caplog.records if "cuda" in r.message.lower()]
+    assert enc.device == ("cuda" if enc.session.get_providers()[0] == CUDA_EP else "cpu")
+    assert index.device in ("cuda", "cpu")
+    if enc.device == "cpu" or index.device == "cpu":
+        assert warned, "a CPU fallback must be logged"
     scores, ids = index.search(vecs[:1], 2)
     assert ids[0, 0] == 0 and scores[0, 0] == 1.0
-    assert any("cuda" in r.message for r in caplog.records)
