@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import base64
 import functools
+import inspect
 import json
 import logging
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,6 +26,7 @@ from rich.table import Column, Table
 
 from simsearch.devices import Device
 from simsearch.errors import SimsearchError
+from simsearch.training.configs import BarlowConfig, BeitPairConfig, MatchNetConfig, TripletConfig
 
 app = typer.Typer(
     help="Image-similarity search: index a folder, find the images that look like this one.",
@@ -46,8 +49,6 @@ VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logs
 DataOption = Annotated[Optional[Path], typer.Option(
     "--data", help="class dataset or pair folder (left/ <-> right/); default: $SIMSEARCH_DATA, else "
                    "tiny-imagenet-200 in the shared/data folder beside the checkout.")]
-TrainSplitOption = Annotated[str, typer.Option("--split", help="split to train on.")]
-MaxMinutesOption = Annotated[float, typer.Option("--max-minutes", min=0.1, help="time budget; the best epoch so far is kept.")]
 
 
 def _setup_logging() -> None:
@@ -261,10 +262,10 @@ def query(
         from simsearch.retrieval.rerank import Reranker, get_reranker
 
         reranker = Reranker(get_reranker(rerank, models_dir), device)
-    searcher = Searcher.open(db, encoder, device, models_dir)
-    results = searcher.query(paths, k, reranker, rerank_depth)
-    name = searcher.encoder.spec.name
-    effective_k = min(k, searcher.index.ntotal)
+    with Searcher.open(db, encoder, device, models_dir) as searcher:
+        results = searcher.query(paths, k, reranker, rerank_depth)
+        name = searcher.encoder.spec.name
+        effective_k = min(k, searcher.index.ntotal)
     if as_json:
         doc = {
             "encoder": name,
@@ -493,6 +494,7 @@ def bench(
 def encoders(models_dir: ModelsDirOption = None):
     """The registered encoders: dimension, input size, source of the weights."""
     from simsearch import paths
+    from simsearch.encoders.cards import Card
     from simsearch.encoders.export import onnx_path
     from simsearch.encoders.registry import list_encoders
 
@@ -500,10 +502,7 @@ def encoders(models_dir: ModelsDirOption = None):
     table.columns.insert(0, Column("name", no_wrap=True))
     for spec in list_encoders(models_dir):
         cached = spec.trained or onnx_path(spec, paths.models_dir(models_dir)).is_file()
-        source = spec.source
-        if spec.trained:  # the card's summary
-            best = json.loads(Path(spec.card).read_text())["validation"]["best"]
-            source += f"; held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f}"
+        source = Card.load(Path(spec.card), "encoder").summary() if spec.trained else spec.source
         table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px", spec.weights_sha256[:12], source,
                       "yes" if cached else "on first use")
     out.print(table)
@@ -513,60 +512,52 @@ train_app = typer.Typer(help="Train encoders and rerankers on your own images (t
                         no_args_is_help=True)
 app.add_typer(train_app, name="train")
 
-
-@train_app.command("barlow")
-@user_errors
-def train_barlow(
-    name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
-    data: DataOption = None,
-    split: TrainSplitOption = "train",
-    base: Annotated[str, typer.Option("--from", help="encoder to start from.")] = "efficientnet-lite0",
-    dim: Annotated[int, typer.Option(min=2, help="projector output width = embedding width.")] = 256,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    max_images: Annotated[int, typer.Option(min=0, help="train on at most this many images (0 = all).")] = 0,
-    max_minutes: MaxMinutesOption = 20.0,
-    seed: int = 0,
-    device: DeviceOption = Device.auto,
-    models_dir: ModelsDirOption = None,
-    verbose: VerboseOption = False,
-):
-    """Self-supervised Barlow Twins (projector on a frozen encoder) on your images."""
-    _verbose(verbose)
-    from simsearch.training.barlow import BarlowConfig
-    from simsearch.training.barlow import train_barlow as train
-
-    cfg = BarlowConfig(name=name, base=base, data=_data(data), split=split, dim=dim, epochs=epochs, max_images=max_images,
-                       max_minutes=max_minutes, seed=seed, device=device)
-    _print_card(_train("barlow", train, cfg, models_dir))
+# The options every `train` command has: (annotation, default); a str default names the config field it comes from.
+_TRAIN_SHARED = {
+    "data": (DataOption, None),
+    "split": (Annotated[str, typer.Option(help="split to train on.")], "split"),
+    "epochs": (Annotated[int, typer.Option(min=1, help="at most this many epochs (patience may stop sooner).")], "epochs"),
+    "lr": (Annotated[float, typer.Option(min=0.0, help="learning rate.")], "lr"),
+    "max_minutes": (Annotated[float, typer.Option(
+        min=0.1, help="time budget of the whole command; the best epoch so far is kept.")], "max_minutes"),
+    "seed": (Annotated[int, typer.Option(help="seed of every random choice.")], "seed"),
+    "device": (DeviceOption, "device"),
+    "models_dir": (ModelsDirOption, None),
+    "verbose": (VerboseOption, False),
+}
 
 
-@train_app.command("triplet")
-@user_errors
-def train_triplet(
-    name: Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")],
-    data: DataOption = None,
-    split: TrainSplitOption = "train",
-    base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = "efficientnet-lite0",
-    dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = 256,
-    epochs: Annotated[int, typer.Option(min=1)] = 30,
-    margin: Annotated[float, typer.Option(min=0.0)] = 0.1,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-3,
-    views: Annotated[bool, typer.Option(
-        help="add two augmented views of every training image (cached, shared with `train barlow`).")] = False,
-    max_minutes: MaxMinutesOption = 20.0,
-    seed: int = 0,
-    device: DeviceOption = Device.auto,
-    models_dir: ModelsDirOption = None,
-    verbose: VerboseOption = False,
-):
-    """Fine-tune an encoder with triplet loss on matched pairs or same-class images."""
-    _verbose(verbose)
-    from simsearch.training.triplet import TripletConfig
-    from simsearch.training.triplet import train_triplet as train
+def _training_command(name: str, config_cls, what: str):
+    """Register `simsearch train NAME`: the function's own options, then the shared ones, every default taken
+    from `config_cls`. The function gets the shared values as `run` (config fields; data resolved) and returns
+    (trainer function, config); running it with a progress display and printing its card is the same for all."""
 
-    cfg = TripletConfig(name=name, base=base, data=_data(data), split=split, dim=dim, epochs=epochs, margin=margin, lr=lr, views=views,
-                        max_minutes=max_minutes, seed=seed, device=device)
-    _print_card(_train("triplet", train, cfg, models_dir))
+    def register(fn):
+        hints = typing.get_type_hints(fn, include_extras=True)  # this module's string annotations, resolved
+        own = [p.replace(annotation=hints[p.name]) for p in inspect.signature(fn).parameters.values() if p.name != "run"]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                    default=getattr(config_cls, default) if isinstance(default, str) else default)
+                  for n, (annotation, default) in _TRAIN_SHARED.items()]
+
+        @functools.wraps(fn)
+        def command(**options):
+            run = {n: options.pop(n) for n in _TRAIN_SHARED}
+            _verbose(run.pop("verbose"))
+            models_dir = run.pop("models_dir")
+            run["data"] = _data(run["data"])
+            if not run["data"].is_dir():
+                raise SimsearchError(f"{run['data']}: no such folder")
+            train, cfg = fn(**options, run=run)
+            with _ProgressReporter(name) as progress:
+                card = train(cfg, models_dir, progress.stage)
+            err.print(f"[green]trained[/green] {what} {shown(card.name)}: {shown(card.summary())}", highlight=False,
+                      soft_wrap=True)
+
+        command.__signature__ = inspect.Signature(own + shared)
+        command.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return train_app.command(name)(user_errors(command))
+
+    return register
 
 
 def _data(data: Path | None) -> Path:
@@ -576,95 +567,88 @@ def _data(data: Path | None) -> Path:
     return default_data_dir() if data is None else data
 
 
-def _train(label: str, train, cfg, models_dir):
-    """Run a trainer with a progress display; its data folder is checked first."""
-    if not cfg.data.is_dir():
-        raise SimsearchError(f"{cfg.data}: no such folder")
-    with _ProgressReporter(label) as progress:
-        return train(cfg, models_dir, progress.stage)
+EncoderName = Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")]
+RerankerName = Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")]
 
 
-def _print_card(card) -> None:
-    best = card.validation["best"]
-    err.print(f"[green]trained[/green] {card.name} ({card.dim}-d, {card.method} from {card.base}) in "
-              f"{card.train_seconds:.0f}s: held-out hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f} "
-              f"(epoch {best['epoch']}; {card.validation['stopped']})", highlight=False)
+@_training_command("barlow", BarlowConfig, "encoder")
+def train_barlow(
+    name: EncoderName,
+    base: Annotated[str, typer.Option("--from", help="encoder to start from.")] = BarlowConfig.base,
+    dim: Annotated[int, typer.Option(min=2, help="projector output width = embedding width.")] = BarlowConfig.dim,
+    max_images: Annotated[int, typer.Option(
+        min=0, help="train on at most this many images (0 = all).")] = BarlowConfig.max_images,
+    run: dict = None,
+):
+    """Self-supervised Barlow Twins (projector on a frozen encoder) on your images."""
+    from simsearch.training.barlow import train_barlow
+
+    return train_barlow, BarlowConfig(name=name, base=base, dim=dim, max_images=max_images, **run)
 
 
-@train_app.command("matchnet")
-@user_errors
+@_training_command("triplet", TripletConfig, "encoder")
+def train_triplet(
+    name: EncoderName,
+    base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = TripletConfig.base,
+    dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = TripletConfig.dim,
+    margin: Annotated[float, typer.Option(min=0.0, help="triplet loss margin.")] = TripletConfig.margin,
+    views: Annotated[bool, typer.Option(
+        help="add two augmented views of every training image (cached, shared with `train barlow`).")]
+    = TripletConfig.views,
+    run: dict = None,
+):
+    """Fine-tune an encoder with triplet loss on matched pairs or same-class images."""
+    from simsearch.training.triplet import train_triplet
+
+    return train_triplet, TripletConfig(name=name, base=base, dim=dim, margin=margin, views=views, **run)
+
+
+@_training_command("matchnet", MatchNetConfig, "reranker")
 def train_matchnet(
-    name: Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")],
-    data: DataOption = None,
-    split: TrainSplitOption = "train",
-    tower: Annotated[str, typer.Option(help="pretrained (encoder embeddings) or scratch (64x64 conv net).")] = "pretrained",
-    encoder: Annotated[str, typer.Option(help="tower pretrained: the encoder whose embeddings it reads.")] = "efficientnet-lite0",
-    epochs: Annotated[int, typer.Option(min=1)] = 40,
-    pairs_per_epoch: Annotated[int, typer.Option(min=32, help="balanced training pairs drawn per epoch.")] = 64_000,
+    name: RerankerName,
+    tower: Annotated[str, typer.Option(
+        help="pretrained (encoder embeddings) or scratch (64x64 conv net).")] = MatchNetConfig.tower,
+    encoder: Annotated[str, typer.Option(
+        help="tower pretrained: the encoder whose embeddings it reads.")] = MatchNetConfig.encoder,
+    pairs_per_epoch: Annotated[int, typer.Option(
+        min=32, help="balanced training pairs drawn per epoch.")] = MatchNetConfig.pairs_per_epoch,
     hard_negatives: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="tower pretrained: share of pairs that are (image, one of its 50 nearest neighbours), "
-                               "what a reranker meets at query time; 0 = the research's random pairs.")] = 0.0,
+                               "what a reranker meets at query time; 0 = the research's random pairs.")]
+    = MatchNetConfig.hard_fraction,
     listwise: Annotated[bool, typer.Option(
         help="tower pretrained: train for reranking, each image against its 50 nearest neighbours and a same-class "
-             "image (softmax cross-entropy) instead of independent pairs.")] = False,
-    lr: Annotated[float, typer.Option(min=0.0)] = 1e-4,
-    max_minutes: MaxMinutesOption = 20.0,
-    seed: int = 0,
-    device: DeviceOption = Device.auto,
-    models_dir: ModelsDirOption = None,
-    verbose: VerboseOption = False,
+             "image (softmax cross-entropy) instead of independent pairs.")] = MatchNetConfig.listwise,
+    run: dict = None,
 ):
     """Train a MatchNet same/different pair classifier, used as a reranker."""
-    _verbose(verbose)
-    from simsearch.training.matchnet import MatchNetConfig
-    from simsearch.training.matchnet import train_matchnet as train
+    from simsearch.training.matchnet import train_matchnet
 
-    cfg = MatchNetConfig(name=name, tower=tower, encoder=encoder, data=_data(data), split=split, epochs=epochs,
-                         pairs_per_epoch=pairs_per_epoch, hard_fraction=hard_negatives, listwise=listwise, lr=lr,
-                         max_minutes=max_minutes, seed=seed, device=device)
-    _print_reranker_card(_train("matchnet", train, cfg, models_dir), f"{cfg.tower} tower")
+    return train_matchnet, MatchNetConfig(name=name, tower=tower, encoder=encoder, pairs_per_epoch=pairs_per_epoch,
+                                          hard_fraction=hard_negatives, listwise=listwise, **run)
 
 
-@train_app.command("beit")
-@user_errors
+@_training_command("beit", BeitPairConfig, "reranker")
 def train_beit(
-    name: Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")],
-    data: DataOption = None,
-    split: TrainSplitOption = "train",
+    name: RerankerName,
     weights: Annotated[Optional[Path], typer.Option(
         help="your own BEiT checkpoint (transformers folder with config.json) to fine-tune on pixel patches; "
-             "default: a small BEiT on the frozen EfficientNet-Lite trunk's tokens.")] = None,
-    encoder: Annotated[str, typer.Option(help="without --weights: the encoder whose trunk makes the tokens.")]
-    = "efficientnet-lite0",
-    image_size: Annotated[int, typer.Option(min=32, help="without --weights: trunk input side (S/32 tokens a side).")]
-    = 160,
-    epochs: Annotated[int, typer.Option(min=1)] = 40,
-    pairs_per_epoch: Annotated[int, typer.Option(min=64, help="balanced training pairs drawn per epoch.")] = 32_000,
-    lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
-    max_minutes: MaxMinutesOption = 20.0,
-    seed: int = 0,
-    device: DeviceOption = Device.auto,
-    models_dir: ModelsDirOption = None,
-    verbose: VerboseOption = False,
+             "default: a small BEiT on the frozen EfficientNet-Lite trunk's tokens.")] = BeitPairConfig.weights,
+    encoder: Annotated[str, typer.Option(
+        help="without --weights: the encoder whose trunk makes the tokens.")] = BeitPairConfig.encoder,
+    image_size: Annotated[int, typer.Option(
+        min=32, help="without --weights: trunk input side (S/32 tokens a side).")] = BeitPairConfig.image_size,
+    pairs_per_epoch: Annotated[int, typer.Option(
+        min=64, help="balanced training pairs drawn per epoch.")] = BeitPairConfig.pairs_per_epoch,
+    run: dict = None,
 ):
     """Train a BEiT pair classifier (sees both images, outputs P(same)), used as a reranker."""
-    _verbose(verbose)
     if weights is not None and not weights.exists():
         raise SimsearchError(f"{weights}: no such file or folder")
-    from simsearch.training.beit_pair import BeitPairConfig
-    from simsearch.training.beit_pair import train_beit as train
+    from simsearch.training.beit_pair import train_beit
 
-    cfg = BeitPairConfig(name=name, encoder=encoder, weights=weights, data=_data(data), split=split, image_size=image_size,
-                         epochs=epochs, pairs_per_epoch=pairs_per_epoch, lr=lr, max_minutes=max_minutes, seed=seed,
-                         device=device)
-    _print_reranker_card(_train("beit", train, cfg, models_dir), "BEiT pair classifier")
-
-
-def _print_reranker_card(card: dict, what: str) -> None:
-    v = card["validation"]
-    err.print(f"[green]trained[/green] reranker {card['name']} ({what}) in {card['train_seconds']:.0f}s: held-out "
-              f"balanced accuracy {v['balanced_accuracy']:.4f}, ROC AUC {v['roc_auc']:.4f} (epoch {v['epoch']}; "
-              f"{v['stopped']})", highlight=False)
+    return train_beit, BeitPairConfig(name=name, encoder=encoder, weights=weights, image_size=image_size,
+                                      pairs_per_epoch=pairs_per_epoch, **run)
 
 
 @app.command()
@@ -675,7 +659,7 @@ def rerankers(models_dir: ModelsDirOption = None):
     table = Table("summary")
     table.columns.insert(0, Column("name", no_wrap=True))
     for spec in list_rerankers(models_dir):
-        table.add_row(spec.name, spec.summary)
+        table.add_row(spec.name, spec.card.summary())
     out.print(table)
 
 

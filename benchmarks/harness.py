@@ -28,7 +28,7 @@ from simsearch.indexer.pipeline import IndexerConfig
 from simsearch.indexer.scan import item_path
 from simsearch.indexer.store import Store
 from simsearch.paths import embedding_cache
-from simsearch.retrieval.rerank import Reranker, get_reranker, pixels, rerank_order
+from simsearch.retrieval.rerank import Reranker, get_reranker
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,24 @@ def run_encoder(name: str, config: BenchConfig, store: Store, progress: Progress
     return result
 
 
-def rerank_ranks(vectors: np.ndarray, bottlenecks: np.ndarray, sets: list[datasets.PairSet], reranker,
+def rerank_set(vectors: np.ndarray, reps: np.ndarray, s: datasets.PairSet, reranker: Reranker,
+               depth: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pair set as `simsearch query --rerank` answers it: each left image's top `depth` rights by cosine,
+    reordered by `Reranker.rerank` (the code `Searcher.rerank` runs). vectors (N, dim) and reps (N, ...) are
+    the encoder's vectors and the reranker's representations of every image of the split.
+
+    -> (C, C) cosine scores (the partner of left q is right q), and (C, min(depth, C)) each left's reranked
+    candidates, best first, as indices into the set's rights.
+    """
+    scores = vectors[s.left_idx] @ vectors[s.right_idx].T  # (C, C)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]  # (C, D): the vector search's candidates
+    rights = reps[s.right_idx]  # (C, ...)
+    reranked = [top[q][reranker.rerank(reps[left], rights[top[q]], scores[q, top[q]])[0]]
+                for q, left in enumerate(s.left_idx)]
+    return scores, np.stack(reranked)
+
+
+def rerank_ranks(vectors: np.ndarray, reps: np.ndarray, sets: list[datasets.PairSet], reranker: Reranker,
                  depth: int, budget_seconds: float = float("inf"),
                  on_progress=None) -> tuple[np.ndarray, np.ndarray, int]:
     """Partner ranks before and after reranking the top `depth` of each query's vector ranking: (Q,), (Q,),
@@ -219,35 +236,15 @@ def rerank_ranks(vectors: np.ndarray, bottlenecks: np.ndarray, sets: list[datase
         if n_sets and (time.perf_counter() - t0) / n_sets * (n_sets + 1) > budget_seconds:
             break  # the next set would overrun the budget
         n_sets += 1
-        left, right = s.left_idx, s.right_idx
-        scores = vectors[left] @ vectors[right].T  # (C, C) cosine; partner of query q is column q
-        top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]  # (C, depth)
-        bl, br = bottlenecks[left], bottlenecks[right]
-        probs = reranker.score(np.repeat(bl, top.shape[1], axis=0), br[top.ravel()]).reshape(top.shape)
-        for q in range(len(left)):
+        scores, reranked = rerank_set(vectors, reps, s, reranker, depth)
+        for q in range(len(scores)):
             rank = int((scores[q] > scores[q, q]).sum())
             before.append(rank)
-            hit = np.flatnonzero(top[q] == q)
-            if hit.size:
-                order = rerank_order(probs[q], scores[q, top[q]])
-                rank = int(np.flatnonzero(order == hit[0])[0])
-            after.append(rank)
+            hit = np.flatnonzero(reranked[q] == q)
+            after.append(int(hit[0]) if hit.size else rank)
         if on_progress:
             on_progress(n_sets, len(sets))
     return np.asarray(before), np.asarray(after), n_sets
-
-
-def reranker_bottlenecks(reranker, paths: list[Path], embed_for, on_progress=None) -> np.ndarray:
-    """(N, ...) tower outputs of every image: from the encoder's cached embeddings, or from pixels in chunks."""
-    spec = reranker.spec
-    if spec.input == "encoder":
-        return reranker.bottleneck(embed_for(spec.encoder)(paths, "reranker input"))
-    parts = []
-    for i in range(0, len(paths), 512):
-        parts.append(reranker.bottleneck(pixels(paths[i:i + 512], spec.image_size)))
-        if on_progress:
-            on_progress(min(i + 512, len(paths)), len(paths))
-    return np.concatenate(parts)
 
 
 def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
@@ -261,15 +258,17 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
     def stage(label: str):
         return (lambda done, total: progress(f"{name}: {label}", done, total)) if progress else None
 
-    b = reranker_bottlenecks(reranker, ds.paths, embed_for, stage("tower of every image"))
+    # every image's representation once (the encoder's cached embeddings or its pixels), reused in every pair
+    reps = reranker.represent_images(ds.paths, lambda: embed_for(reranker.spec.encoder)(ds.paths, "reranker input"),
+                                     on_progress=stage("tower of every image"))
     vectors = embed_for(search_encoder)(ds.paths, config.split)
     entry = {"encoder": f"{search_encoder} + {name}@{config.rerank_depth}", "kind": "reranker", "reranker": name,
-             "key": name, "card": reranker.spec.card.get("onnx_sha256"), "embedded": 0,
+             "key": name, "card": reranker.spec.card.onnx_sha256, "embedded": 0,
              "seconds": {"inputs": time.perf_counter() - t}, "hits": None, "pairs": None}
     if "pairs" in config.tasks:
         t = time.perf_counter()
         sets = datasets.make_pair_sets(ds.labels, config.seed)
-        before, after, n_sets = rerank_ranks(vectors, b, sets, reranker, config.rerank_depth,
+        before, after, n_sets = rerank_ranks(vectors, reps, sets, reranker, config.rerank_depth,
                                              60 * config.reranker_minutes,
                                              stage(f"reranking the top {config.rerank_depth} (pair sets)"))
         gallery = len(sets[0].right_idx)
@@ -281,7 +280,7 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
     if "classes" in config.tasks:
         t = time.perf_counter()
         i, j, same = datasets.balanced_pairs(ds.labels, config.balanced_pairs, config.seed)
-        probs = reranker.score(b[i], b[j])
+        probs = reranker.score(reps[i], reps[j])
         per_second = len(i) / (time.perf_counter() - t)
         fpr, tpr, _ = metrics.roc_curve(probs, same)
         balanced = {"pairs": int(len(i)), **metrics.confusion(probs, same, 0.5).to_dict(),
@@ -295,7 +294,7 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
         subset = datasets.class_balanced_subset(ds.labels, per_class, config.seed)
         t = time.perf_counter()
         tracemalloc.start()
-        bs = b[subset]  # (n, ...) tower outputs of the subset, gathered once
+        bs = reps[subset]  # (n, ...) representations of the subset, gathered once
         hist = metrics.all_pairs_scored(len(subset), ds.labels[subset],
                                         lambda r, c: reranker.score_block(bs[r], bs[c]), 0.5,
                                         block=16, bins_range=(0.0, 1.0), on_progress=stage("all pairs (rows)"))

@@ -13,61 +13,65 @@ classifier; every candidate image is read and decoded again).
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from simsearch.devices import Device
+from simsearch.encoders.cards import CARD, METRIC, TOWER, Card
 from simsearch.errors import ModelError, UnknownNameError
 from simsearch.paths import rerankers_dir
 
 log = logging.getLogger(__name__)
 
-TOWER, METRIC, CARD = "tower.onnx", "metric.onnx", "card.json"
-
 
 @dataclass(frozen=True)
 class RerankerSpec:
+    """A registered reranker: its folder, and its card (encoders/cards.py), which says what its tower reads."""
+
     name: str
     folder: Path
-    input: str  # "encoder" | "pixels"
-    encoder: str  # input "encoder": whose embeddings it reads
-    image_size: int  # input "pixels": side of the square RGB input, pixels scaled to [0, 1]
-    card: dict
+    card: Card
 
     @property
-    def summary(self) -> str:
-        ev = self.card.get("validation", {})
-        src = f"on {self.encoder} embeddings" if self.input == "encoder" else f"on {self.image_size}px pixels"
-        if self.card.get("source"):  # BEiT: what its tokens come from and what was trained
-            src += f" ({self.card['source']})"
-        return (f"{self.card.get('arch', 'matchnet')} {src}, trained on {Path(self.card.get('data', '?')).name}; "
-                f"held-out balanced accuracy {ev.get('balanced_accuracy', float('nan')):.3f}")
+    def input(self) -> str:
+        """"encoder" (an encoder's stored embedding) | "pixels" (the image at image_size)."""
+        return self.card.details.input
+
+    @property
+    def encoder(self) -> str:
+        """Input "encoder": whose embeddings it reads."""
+        return self.card.base if self.input == "encoder" else ""
+
+    @property
+    def image_size(self) -> int:
+        """Input "pixels": side of the square RGB input, pixels scaled to [0, 1]."""
+        return self.card.details.image_size
 
 
 def list_rerankers(models_dir: Path | None = None) -> list[RerankerSpec]:
+    """Every reranker in models_dir; one whose card cannot be read (or is from a newer simsearch) is logged and left out."""
     root = rerankers_dir(models_dir)
     specs = []
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         if folder.name.startswith(".") or not (folder / CARD).is_file():
             continue
         try:
-            card = json.loads((folder / CARD).read_text())
-            specs.append(RerankerSpec(folder.name, folder, card["input"], card.get("encoder", ""),
-                                      int(card.get("image_size", 0)), card))
-        except (OSError, ValueError, KeyError) as e:
+            specs.append(RerankerSpec(folder.name, folder, Card.load(folder / CARD, "reranker")))
+        except ModelError as e:
             log.warning("ignoring reranker %s: %s", folder, e)
     return specs
 
 
 def get_reranker(name: str, models_dir: Path | None = None) -> RerankerSpec:
+    """A reranker by name; one whose card cannot be used raises that card's ModelError rather than "unknown"."""
+    folder = rerankers_dir(models_dir) / name
+    if folder.name == name and not name.startswith(".") and (folder / CARD).is_file():  # a folder of the registry
+        return RerankerSpec(name, folder, Card.load(folder / CARD, "reranker"))
     specs = list_rerankers(models_dir)
-    for spec in specs:
-        if spec.name == name:
-            return spec
     raise UnknownNameError(f"unknown reranker {name!r}; trained rerankers: {', '.join(s.name for s in specs) or 'none'} "
                            f"(train one with `simsearch train matchnet` or `simsearch train beit`)")
 
@@ -83,7 +87,11 @@ def pixels(paths: list[str | Path], size: int) -> np.ndarray:
 
 
 class Reranker:
-    """P(same) for pairs, through ONNX Runtime: bottlenecks once per item, the metric network per pair."""
+    """P(same) for pairs, through ONNX Runtime: the tower once per image, the metric network per pair.
+
+    `represent_images` and `rerank` are the one way a query's candidates are reordered: `simsearch query
+    --rerank` (`Searcher.rerank`) and `simsearch bench --reranker` (the harness) both go through them.
+    """
 
     def __init__(self, spec: RerankerSpec, device: Device = Device.auto, threads: int | None = None):
         from simsearch.encoders.runtime import ort_session
@@ -95,14 +103,41 @@ class Reranker:
         except Exception as e:  # onnxruntime raises its own types for missing/corrupt files
             raise ModelError(f"reranker {spec.name!r}: cannot load its ONNX models from {spec.folder} ({e})") from None
 
-    def bottleneck(self, inputs: np.ndarray, block: int = 256) -> np.ndarray:
-        """(N, ...) tower inputs (embeddings or pixels) -> (N, ...) tower outputs (MatchNet: 256-d bottlenecks)."""
+    def represent(self, inputs: np.ndarray, block: int = 256) -> np.ndarray:
+        """(N, ...) tower inputs (embeddings or pixels) -> (N, ...) representations, the tower's outputs
+        (MatchNet: (N, 256) bottlenecks; BEiT pair classifier: (N, C, h, w) token grids)."""
         name = self.tower.get_inputs()[0].name
         return np.concatenate([self.tower.run(None, {name: np.ascontiguousarray(inputs[i:i + block], np.float32)})[0]
                                for i in range(0, max(len(inputs), 1), block)])[: len(inputs)]
 
+    def represent_images(self, paths: list[str | Path], embeddings: Callable[[], np.ndarray], block: int = 512,
+                         on_progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """(N, ...) representations of N images, one per image: compute them once, reuse them in every pair.
+
+        The tower reads what `spec.input` says: "encoder", the images' embeddings by `spec.encoder`, which
+        `embeddings()` returns as (N, dim) from wherever the caller keeps them (the db, the bench cache);
+        "pixels", the images themselves, decoded here `block` at a time so memory stays bounded
+        (on_progress(done, N) after each block).
+        """
+        if self.spec.input == "encoder":
+            return self.represent(embeddings())
+        parts = []
+        for i in range(0, len(paths), block):
+            parts.append(self.represent(pixels(paths[i:i + block], self.spec.image_size)))  # (b, 3, S, S) -> (b, ...)
+            if on_progress:
+                on_progress(min(i + block, len(paths)), len(paths))
+        return np.concatenate(parts)
+
+    def rerank(self, query: np.ndarray, candidates: np.ndarray, vector_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One query's candidates reordered: query (...) and candidates (D, ...) representations, (D,) their
+        vector scores -> (D,) candidate indices, best first (P(same) descending, ties: vector score), and
+        (D,) P(same) of each candidate (in the candidates' order)."""
+        # a read-only view (D, ...) of the query: `score` copies only one bounded block of it at a time
+        probs = self.score(np.broadcast_to(query, candidates.shape), candidates)
+        return rerank_order(probs, vector_scores), probs
+
     def score(self, a: np.ndarray, b: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
-        """(N, ...) , (N, ...) tower outputs (MatchNet: (N, 256); BEiT: (N, C, h, w) token grids) -> (N,) P(same).
+        """(N, ...), (N, ...) representations (MatchNet: (N, 256); BEiT: (N, C, h, w) token grids) -> (N,) P(same).
 
         Pairs go through the metric network in blocks of about block_bytes of input.
         """
@@ -114,7 +149,7 @@ class Reranker:
         return np.concatenate(out).reshape(-1) if out else np.empty(0, np.float32)
 
     def score_block(self, rows: np.ndarray, cols: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
-        """All (row, col) pairs of tower outputs: (R, ...), (C, ...) -> (R, C) P(same), in column chunks
+        """All (row, col) pairs of representations: (R, ...), (C, ...) -> (R, C) P(same), in column chunks
         so the repeated inputs stay near block_bytes (a BEiT token grid is 12 KiB, a MatchNet bottleneck 1 KiB)."""
         r, c = len(rows), len(cols)
         out = np.empty((r, c), np.float32)

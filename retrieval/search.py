@@ -18,7 +18,7 @@ from simsearch.indexer.images import load_rgb
 from simsearch.indexer.lock import writer_active
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import LoadedIndex, load_index
-from simsearch.retrieval.rerank import Reranker, pixels, rerank_order
+from simsearch.retrieval.rerank import Reranker
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class Searcher:
     The index and the id -> path mapping are one consistent snapshot: ids are resolved in one LMDB
     read transaction, and the store keeps the path of every id a published index can return. An id
     that cannot be resolved means a writer has published a newer index since: it is loaded and the
-    search repeated.
+    search repeated. It holds its store open until `close()` (or the end of a `with Searcher.open(...)` block).
     """
 
     def __init__(self, store: Store, encoder: OnnxEncoder, index: LoadedIndex, name: str | None = None,
@@ -84,6 +84,15 @@ class Searcher:
         except BaseException:
             store.close()
             raise
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> Searcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def search_vectors(self, vectors: np.ndarray, k: int, attempts: int = 3) -> list[list[Hit]]:
         if k < 1:
@@ -157,17 +166,14 @@ class Searcher:
     def rerank(self, reranker: Reranker, query: str, vector: np.ndarray, hits: list[Hit], k: int) -> list[Hit]:
         """Reorder candidates by the reranker's P(same) (ties: vector score), keep k.
 
-        An "encoder" reranker reads the candidates' embeddings stored in the db: no image is decoded again.
+        An "encoder" reranker reads the query's `vector` (dim,) and the candidates' embeddings stored in the
+        db: no image is decoded again.
         """
         if not hits:
             return hits
-        paths = [h.path for h in hits]
-        if reranker.spec.input == "encoder":
-            spec = self.encoder.spec
-            q, cands = vector[None], self.store.vectors_of_ids(spec.key, [h.id for h in hits], spec.dim)  # (1, d), (D, d)
-        else:
-            q, cands = pixels([query], reranker.spec.image_size), pixels(paths, reranker.spec.image_size)
-        bq, bc = reranker.bottleneck(q), reranker.bottleneck(cands)  # (1, 256), (D, 256)
-        probs = reranker.score(np.repeat(bq, len(bc), axis=0), bc)  # (D,)
-        order = rerank_order(probs, np.array([h.score for h in hits]))
+        spec = self.encoder.spec
+        q = reranker.represent_images([query], lambda: vector[None])  # (1, ...)
+        cands = reranker.represent_images([h.path for h in hits],  # (D, ...)
+                                          lambda: self.store.vectors_of_ids(spec.key, [h.id for h in hits], spec.dim))
+        order, probs = reranker.rerank(q[0], cands, np.array([h.score for h in hits]))
         return [Hit(r, hits[i].path, hits[i].score, float(probs[i]), hits[i].id) for r, i in enumerate(order[:k], 1)]

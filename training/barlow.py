@@ -12,38 +12,15 @@ The price: one fixed pair of views per image instead of fresh views every epoch,
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.devices import Device, torch_device
-from simsearch.encoders.trained import ModelCard
-from simsearch.paths import default_data_dir
+from simsearch.devices import torch_device
+from simsearch.encoders.cards import Card
+from simsearch.training.configs import BarlowConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BarlowConfig:
-    name: str
-    base: str = "efficientnet-lite0"
-    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
-    split: str = "train"
-    dim: int = 256  # projector output = the embedding
-    hidden: int = 2048  # projector hidden width (the paper: 8192; a frozen 1280-d trunk needs less)
-    lambda_offdiag: float = 5e-3
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 512
-    epochs: int = 30
-    patience: int = 8
-    max_images: int = 0  # 0: every image of the split
-    holdout_per_class: int = 10
-    max_minutes: float = 20.0
-    collapse_cosine: float = 0.9
-    seed: int = 0
-    device: Device = Device.auto
 
 
 def barlow_loss(z1, z2, lambda_offdiag: float):
@@ -59,20 +36,13 @@ def barlow_loss(z1, z2, lambda_offdiag: float):
     return on + lambda_offdiag * off
 
 
-def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=None) -> ModelCard:
+def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=None) -> Card:
     import torch
 
+    from simsearch.training.encoder_training import check_name, head_trainer, train_head
     from simsearch.training.features import train_and_holdout
     from simsearch.training.heads import HeadOnFeatures, build_head
-    from simsearch.training.loop import (
-        Budget,
-        LoopConfig,
-        check_name,
-        checkpoint_path,
-        export_and_install,
-        fit,
-        make_card,
-    )
+    from simsearch.training.loop import Budget, EpochPlan
     from simsearch.training.views import view_features
 
     check_name(cfg.name)
@@ -93,26 +63,16 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
     v1, v2 = torch.from_numpy(views[0]).to(device), torch.from_numpy(views[1]).to(device)
     batch = min(cfg.batch_size, len(v1))
 
-    def run_epoch(epoch: int) -> dict:
+    def plan(epoch: int) -> EpochPlan:
         order = torch.randperm(len(v1))
-        steps = len(order) // batch
-        total = 0.0
-        for step in range(steps):
-            idx = order[step * batch:(step + 1) * batch]
-            # The loss sees the projector's raw output (standardised per batch), not the normalised embedding.
-            loss = barlow_loss(model.head(v1[idx]), model.head(v2[idx]), cfg.lambda_offdiag)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            if on_progress:
-                on_progress(f"epoch {epoch + 1}/{cfg.epochs} loss {total / (step + 1):.1f}", step + 1, steps)
-        return {"loss": total / max(steps, 1)}
 
-    loop = LoopConfig(cfg.epochs, cfg.patience, budget, cfg.collapse_cosine, cfg.seed)
-    ckpt = checkpoint_path(models_dir, cfg)
-    result = fit(model, run_epoch, val, loop, optimizer=opt, checkpoint=ckpt)
-    card = make_card("barlow", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
-                     f"{len(val.y)} images of the {cfg.split} split ({val.kind}); trained on {views.shape[1]} others",
-                     budget.spent())
-    return export_and_install(card, model.head, models_dir, ckpt)
+        def step(i: int):
+            idx = order[i * batch:(i + 1) * batch]
+            # The loss sees the projector's raw output (standardised per batch), not the normalised embedding.
+            return barlow_loss(model.head(v1[idx]), model.head(v2[idx]), cfg.lambda_offdiag), {}
+
+        return EpochPlan(len(order) // batch, step)
+
+    trainer = head_trainer(model, opt, plan, val, cfg.seed, cfg.collapse_cosine)
+    return train_head(cfg, "barlow", base, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
+                      f"({val.kind}); trained on {views.shape[1]} others", budget, models_dir, on_progress)

@@ -19,45 +19,18 @@ metric.onnx = two token grids -> P(same) (once per pair). Imports torch and tran
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from simsearch.devices import Device, torch_device
+from simsearch.devices import Device
+from simsearch.encoders.cards import Card, RerankerDetails
 from simsearch.errors import ModelError
-from simsearch.paths import default_data_dir
+from simsearch.training.configs import BeitPairConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BeitPairConfig:
-    name: str
-    encoder: str = "efficientnet-lite0"  # default tokens: this encoder's trunk
-    weights: Path | None = None  # a user's BEiT checkpoint folder: pixel patches instead of trunk tokens
-    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
-    split: str = "train"
-    image_size: int = 160  # trunk input side: a 5x5 token grid per image (Tiny ImageNet is 64 px)
-    token_dim: int = 128  # trunk features (1280) -> token width, by a trained 1x1 conv
-    hidden: int = 128  # the small BEiT (ignored with --weights: the checkpoint's config rules)
-    layers: int = 3
-    heads: int = 4
-    mlp: int = 256
-    layer_scale: float = 0.1
-    dropout: float = 0.1
-    lr: float = 3e-4  # the research's 5e-5 fine-tuned a pretrained BEiT; this one starts from scratch
-    weight_decay: float = 0.05
-    batch_size: int = 64  # the research's
-    pairs_per_epoch: int = 32_000
-    epochs: int = 40
-    patience: int = 4
-    holdout_per_class: int = 10
-    max_minutes: float = 20.0
-    seed: int = 0
-    device: Device = Device.auto
 
 
 class PairBeit(nn.Module):
@@ -176,13 +149,13 @@ def trunk_features(tokens: TrunkTokens, pixels_u8: np.ndarray, device: Device, o
     return out
 
 
-def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=None) -> dict:
+def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=None) -> Card:
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
     from simsearch.encoders.trained import check_model_name
     from simsearch.evaluation import datasets
     from simsearch.training.loop import Budget
     from simsearch.training.matchnet import load_pixels, pixel_batches
-    from simsearch.training.pair_training import PairFitConfig, export_reranker, fit_pairs, holdout_split, make_card
+    from simsearch.training.pair_training import holdout_split, train_reranker
 
     check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
@@ -192,7 +165,7 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
         beit, size, mean, std = load_checkpoint(cfg.weights)
         metric = PairBeit(beit, interpolate=True)
         tower = Normalize(mean, std)  # nothing to train before the transformer: pixels go straight in
-        batch_of, export_tower = pixel_batches(load_pixels(ds.paths, size)), tower
+        batch_of, export_tower, base = pixel_batches(load_pixels(ds.paths, size)), tower, ""
         source = f"BEiT checkpoint {cfg.weights}"
     else:
         from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
@@ -201,7 +174,7 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
         spec = get_encoder(cfg.encoder, models_dir)
         if spec.trained or not spec.arch.startswith("efficientnet-lite"):
             raise ModelError(f"BEiT tokens come from a built-in EfficientNet-Lite trunk, not {cfg.encoder!r}")
-        size = cfg.image_size
+        size, base = cfg.image_size, cfg.encoder
         tokens = TrunkTokens(load_efficientnet_lite(spec.arch, str(spec.weights_path())), spec.mean, spec.std)
         feats = trunk_features(tokens, load_pixels(ds.paths, size), cfg.device, on_progress)  # (N, 1280, h, w) f16
         batch_of = lambda idx: torch.from_numpy(feats[idx].astype(np.float32))  # noqa: E731
@@ -213,11 +186,7 @@ def train_beit(cfg: BeitPairConfig, models_dir: Path | None = None, on_progress=
     n_params = sum(p.numel() for p in (*tower.parameters(), *metric.parameters()) if p.requires_grad)
     log.info("beit pair classifier (%s): %d training images, %d held out, %.2fM trainable parameters", source,
              len(train_idx), len(val_idx), n_params / 1e6)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), budget,
-                           on_progress,
-                           torch_device(cfg.device, torch.cuda.is_available()))
-    card = make_card(cfg, "beit", "pixels", size, validation, budget.spent(), source=source,
-                     encoder="", trainable_parameters=n_params)
-    export_reranker(card, export_tower, metric, (1, 3, size, size), models_dir,
-                    {"tower": tower.state_dict(), "metric": metric.state_dict()})
-    return card
+    details = RerankerDetails(input="pixels", image_size=size, representation=(), source=source,
+                              trainable_parameters=n_params)
+    return train_reranker(cfg, "beit", base, details, tower, metric, export_tower, (1, 3, size, size), batch_of,
+                          ds.labels, train_idx, val_idx, budget, models_dir, on_progress)

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simsearch.encoders.cards import HEAD, Card
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.spec import EncoderSpec
-from simsearch.encoders.trained import HEAD, ModelCard
 
 
 def build_head(arch: dict) -> nn.Module:
@@ -57,8 +57,8 @@ def torch_encoder(spec: EncoderSpec, models_dir: Path | None = None) -> nn.Modul
 
     if not spec.trained:
         return build_embedding_model(spec)
-    card = ModelCard.load(Path(spec.card))
-    head = build_head(card.head)
+    card = Card.load(Path(spec.card), "encoder")
+    head = build_head(card.details.head)
     head.load_state_dict(torch.load(Path(spec.card).parent / HEAD, map_location="cpu", weights_only=True))
     base = torch_encoder(get_encoder(card.base, models_dir), models_dir)
     # A new module starts in training mode: eval() so BatchNorm uses its running statistics.

@@ -1,8 +1,11 @@
-"""The epoch loop shared by every head trainer: held-out validation, keep-best, guards, budget, model card.
+"""The one training loop, for every trainer: encoder heads (triplet, Barlow Twins) and rerankers (MatchNet, BEiT).
 
-A trainer supplies one function that runs an epoch and returns its loss (and anything else worth
-logging); this loop validates on held-out pair sets after every epoch, keeps the best head by
-held-out hit@1 + hit@10, and stops on a guard, on patience, or on the time budget.
+A trainer hands the loop a `Trainer`: the module it trains, its optimizer, a plan per epoch (how many
+steps, and the loss of step i), and a validation function (scores on held-out data, and the one scalar
+to maximise). The loop owns everything else, the same way for all of them: seeding, the optimizer
+steps with the time budget checked after each one, validation after every epoch, keeping the best
+epoch, patience, the trainer's guards, per-epoch atomic checkpoints with exact resume; and `publish`
+is the one way a trained model and its card reach a registry.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,21 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from simsearch.devices import Device
-from simsearch.encoders.registry import get_encoder, is_builtin
-from simsearch.encoders.spec import EncoderSpec
-from simsearch.encoders.trained import ModelCard, check_model_name, install
+from simsearch.encoders.cards import CARD, Card, EncoderDetails, RerankerDetails
 from simsearch.errors import SimsearchError
-from simsearch.paths import trained_dir, training_cache
-from simsearch.training.features import FeatureSet, validation_ranks
-from simsearch.training.heads import HeadOnFeatures
+from simsearch.paths import training_cache
 
 log = logging.getLogger(__name__)
 
 
 class TrainingStopped(Exception):
-    """A guard fired; the message says which."""
+    """Raised by a trainer (its guard, epoch plan or validation) to stop training and keep the best epoch so far;
+    the message says why."""
 
 
 @dataclass(frozen=True)
@@ -52,37 +55,51 @@ class Budget:
 
 
 @dataclass(frozen=True)
+class EpochPlan:
+    """One epoch's optimizer steps: step(i) -> (loss of step i, counts summed over the epoch, e.g. triplets mined)."""
+
+    steps: int
+    step: Callable[[int], tuple[torch.Tensor, dict[str, int]]]
+
+
+def no_guard(history: list[dict]) -> None:
+    """A trainer without guards of its own."""
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """What a trainer gives the loop."""
+
+    module: nn.Module  # everything it trains: checkpointed, and left holding the best epoch
+    optimizer: torch.optim.Optimizer
+    plan: Callable[[int], EpochPlan]  # epoch (0-based) -> its steps; called after the epoch is seeded
+    validate: Callable[[], tuple[dict[str, float], float]]  # held-out scores (recorded) and the scalar to maximise
+    score_name: str  # what that scalar is, for messages: "held-out balanced accuracy"
+    guard: Callable[[list[dict]], None] = no_guard  # after each epoch is recorded; raises TrainingStopped to stop
+
+
+@dataclass(frozen=True)
 class LoopConfig:
     epochs: int
     patience: int  # epochs without a better held-out score before stopping
     budget: Budget
-    collapse_cosine: float = 0.9  # mean pairwise cosine of held-out embeddings above this = collapsed
     seed: int = 0
 
 
-@dataclass
-class LoopResult:
-    best: dict
-    history: list[dict] = field(default_factory=list)
-    stopped: str = "epochs done"
+@dataclass(frozen=True)
+class FitResult:
+    best: dict  # the kept epoch's row
+    history: list[dict]  # a row per epoch: epoch, loss, steps, the trainer's counts and scores, score, seconds
+    stopped: str
+
+    def validation(self, held_out: str) -> dict:
+        """The card's validation record; held_out: what the scores were measured on."""
+        return {"held_out": held_out, "history": self.history, "best": self.best, "stopped": self.stopped}
 
 
-def check_name(name: str) -> None:
-    check_model_name(name)
-    if is_builtin(name):
-        raise SimsearchError(f"{name!r} is a built-in encoder; choose another --name")
-
-
-def check_collapse(spread: float, initial_spread: float, limit: float) -> None:
-    """spread: mean pairwise cosine of held-out embeddings now; initial_spread: the same before training."""
-    limit = max(limit, initial_spread + 0.05)  # an untrained head may already be narrow
-    if spread > limit:
-        raise TrainingStopped(f"embeddings collapsing (mean pairwise cosine {spread:.3f} > {limit:.3f})")
-
-
-def checkpoint_path(models_dir: Path | None, config) -> Path:
+def checkpoint_path(config) -> Path:
     """Where a run's per-epoch checkpoint lives: keyed by the whole config, so only the same run resumes it."""
-    # Left out: a run may be resumed with a longer budget, or on another device.
+    # Left out: a run may be resumed with more epochs, a longer budget, or on another device.
     fields = {k: v for k, v in asdict(config).items() if k not in ("epochs", "max_minutes", "device")}
     key = hashlib.sha256(repr(sorted(fields.items())).encode()).hexdigest()[:16]
     return training_cache() / f"checkpoint-{config.name}-{key}.pt"
@@ -95,112 +112,137 @@ def save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # a run killed while saving keeps the previous epoch's checkpoint
 
 
-def fit(model: HeadOnFeatures, run_epoch: Callable[[int], dict], val: FeatureSet, cfg: LoopConfig,
-        guard: Callable[[list[dict]], None] = lambda history: None, optimizer: torch.optim.Optimizer | None = None,
-        checkpoint: Path | None = None) -> LoopResult:
-    """Train epoch by epoch; leaves `model` holding the best epoch's head.
+def _clone(state: dict) -> dict:
+    return {k: v.detach().clone() for k, v in state.items()}
 
-    checkpoint: saved after every epoch (head, optimizer, history, best so far); a run that finds one
-    resumes after its last epoch. Epochs are seeded by their number, so a resumed run trains as an
-    uninterrupted one would.
+
+def _run_steps(trainer: Trainer, plan: EpochPlan, budget: Budget, label: str, on_progress) -> dict:
+    """One epoch's optimizer steps; stops early when the budget is spent (an epoch may be long)."""
+    total, done, counts = 0.0, 0, {}
+    for i in range(plan.steps):
+        loss, step_counts = plan.step(i)
+        trainer.optimizer.zero_grad()
+        loss.backward()
+        trainer.optimizer.step()
+        total += loss.item()
+        done += 1
+        for k, v in step_counts.items():
+            counts[k] = counts.get(k, 0) + int(v)
+        if on_progress and (i % 20 == 0 or i + 1 == plan.steps):
+            on_progress(f"{label} loss {total / done:.4f}", i + 1, plan.steps)
+        if budget.over():
+            break
+    return {"loss": total / max(done, 1), "steps": done, **counts}
+
+
+def fit(trainer: Trainer, cfg: LoopConfig, checkpoint: Path | None = None, on_progress=None) -> FitResult:
+    """Train epoch by epoch; leaves trainer.module holding the best epoch, in eval mode, on the CPU.
+
+    Every epoch is seeded by its number (torch's generator: shuffles, dropout; numpy's global one, which
+    pytorch-metric-learning's sampler draws from), so a trainer whose plan depends only on the epoch number
+    trains the same however often the run was interrupted. checkpoint: written after every epoch (module,
+    optimizer, history, best epoch so far, and a guard's or patience's stop); a run that finds one resumes
+    after its last epoch, or goes straight to the end when it had stopped.
     """
-    device = next(model.parameters()).device  # the trainer put the model where it trains
-
-    def embed(feats: np.ndarray) -> np.ndarray:
-        model.eval()
-        with torch.no_grad():
-            return model(torch.from_numpy(feats).to(device)).cpu().numpy()
-
-    def mean_cosine() -> float:
-        e = embed(val.x[:1000])  # (n, dim)
-        return float((e @ e.T).mean())
-
-    initial_spread = mean_cosine()
-    result = LoopResult(best={"score": -1.0})
-    best_state = None
-    start = 0
+    module, budget = trainer.module, cfg.budget
+    history: list[dict] = []
+    best, best_state, stopped = None, None, ""  # stopped: a final stop (guard, patience), kept in the checkpoint
     if checkpoint is not None and checkpoint.is_file():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.head.load_state_dict(state["head"])
-        if optimizer is not None:
-            optimizer.load_state_dict(state["optimizer"])
-        result.history, result.best, best_state = state["history"], state["best"], state["best_state"]
-        initial_spread, start = state["initial_spread"], len(state["history"])
-        log.info("resuming from %s after epoch %d", checkpoint, start)
-    for epoch in range(start, cfg.epochs):
-        # Reproducible epochs: torch's generator (shuffles, dropout) and numpy's legacy global one, which
-        # pytorch-metric-learning's MPerClassSampler draws from.
+        module.load_state_dict(state["module"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        history, best, best_state, stopped = state["history"], state["best"], state["best_state"], state["stopped"]
+        log.info("resuming from %s after epoch %d", checkpoint, len(history))
+    out_of_time = False
+    while not stopped and not out_of_time and len(history) < cfg.epochs:
+        epoch = len(history)
         torch.manual_seed(cfg.seed + epoch)
         np.random.seed(cfg.seed + epoch)
-        model.train()
-        row = {"epoch": epoch + 1, **run_epoch(epoch)}
-        ranks = validation_ranks(embed, val, cfg.seed)
-        row.update(mean_cosine=mean_cosine(), hit1=float(np.mean(ranks < 1)), hit10=float(np.mean(ranks < 10)),
-                   seconds=cfg.budget.spent())
-        # Kept by hit@1 + hit@10: on ~1,000 held-out queries hit@10 alone peaks early and noisily while
-        # hit@1 still climbs (measured with triplet: epoch 7 24%/62% vs epoch 13 27%/62%).
-        row["score"] = row["hit1"] + row["hit10"]
-        result.history.append(row)
-        log.info("epoch %d: loss %.4f, held-out hit@1 %.3f hit@10 %.3f, mean cosine %.3f", row["epoch"], row["loss"],
-                 row["hit1"], row["hit10"], row["mean_cosine"])
-        if row["score"] > result.best["score"]:
-            result.best = row
-            best_state = {k: v.clone() for k, v in model.head.state_dict().items()}
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, {"head": model.head.state_dict(), "history": result.history, "best": result.best,
-                                         "best_state": best_state, "initial_spread": initial_spread,
-                                         "optimizer": optimizer.state_dict() if optimizer is not None else {}})
         try:
-            check_collapse(row["mean_cosine"], initial_spread, cfg.collapse_cosine)
-            guard(result.history)
-        except TrainingStopped as stopped:
-            log.warning("stopping early: %s; keeping epoch %d", stopped, result.best["epoch"])
-            result.stopped = str(stopped)
-            break
-        if row["epoch"] - result.best["epoch"] >= cfg.patience:
-            result.stopped = f"no better held-out hit@1 + hit@10 for {cfg.patience} epochs"
-            break
-        if cfg.budget.over():
-            result.stopped = f"time budget of {cfg.budget.minutes} minutes reached"
-            log.warning("time budget reached after epoch %d", row["epoch"])
-            break
-    model.head.load_state_dict(best_state)
-    model.cpu().eval()  # exported from the CPU
-    return result
+            module.train()
+            row = {"epoch": epoch + 1, **_run_steps(trainer, trainer.plan(epoch), budget,
+                                                   f"epoch {epoch + 1}/{cfg.epochs}", on_progress)}
+            scores, score = trainer.validate()
+        except TrainingStopped as e:  # within the epoch: it is not recorded
+            stopped = str(e)
+        else:
+            # Plain floats: the checkpoint is read back with weights_only, and the card is JSON.
+            row.update({k: float(v) for k, v in scores.items()}, score=float(score), seconds=budget.spent())
+            history.append(row)
+            log.info("epoch %d: loss %.4f, %s (%d steps)", row["epoch"], row["loss"],
+                     ", ".join(f"{k} {v:.4f}" for k, v in scores.items()), row["steps"])
+            if best is None or row["score"] > best["score"]:
+                best, best_state = row, _clone(module.state_dict())
+            try:
+                trainer.guard(history)
+            except TrainingStopped as e:
+                stopped = str(e)
+            if not stopped and row["epoch"] - best["epoch"] >= cfg.patience:
+                stopped = f"no better {trainer.score_name} for {cfg.patience} epochs"
+            out_of_time = budget.over()
+        if stopped:
+            log.warning("stopping after epoch %d: %s; keeping epoch %s", len(history), stopped,
+                        best["epoch"] if best else "none")
+        if checkpoint is not None and best is not None:
+            save_checkpoint(checkpoint, {"module": module.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                                         "history": history, "best": best, "best_state": best_state,
+                                         "stopped": stopped})
+    if best is None:
+        raise SimsearchError(f"training stopped before any epoch was validated: {stopped}")
+    if out_of_time and not stopped:
+        stopped = f"time budget of {budget.minutes} minutes reached"
+        log.warning("time budget reached in epoch %d", history[-1]["epoch"])
+    module.load_state_dict(best_state)
+    module.cpu().eval()  # exported and saved from the CPU
+    return FitResult(best, history, stopped or "epochs done")
 
 
-def make_card(method: str, name: str, base: EncoderSpec, head_arch: dict, data: Path, split: str, config,
-              result: LoopResult, held_out: str, seconds: float) -> ModelCard:
-    return ModelCard(
-        name=name, method=method, base=base.name, base_key=base.key, dim=head_arch["out"],
-        image_size=base.image_size, mean=base.mean, std=base.std, crop_fraction=base.crop_fraction, head=head_arch,
-        data=str(data), split=split,
-        hyper_parameters={k: (str(v) if isinstance(v, (Path, Device)) else v) for k, v in asdict(config).items()},
-        train_seconds=seconds,
-        validation={"held_out": held_out, "best": result.best, "history": result.history, "stopped": result.stopped},
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    )
+def hyper_parameters(config) -> dict:
+    """A trainer's config as JSON values: paths and devices as strings."""
+    return {k: str(v) if isinstance(v, (Path, Device)) else v for k, v in asdict(config).items()}
 
 
-def export_and_install(card: ModelCard, head, models_dir: Path | None, checkpoint: Path | None = None) -> ModelCard:
-    """Export base + head as one ONNX model (eval mode), register it under card.name, drop the run's checkpoint."""
-    import tempfile
+def replace_dir(staging: Path, final: Path) -> None:
+    """Put a finished folder in place of `final`: a reader sees the old folder or the new one, never half."""
+    if final.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
+        os.replace(final, old / final.name)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
 
+
+def publish(config, method: str, base: str, details: EncoderDetails | RerankerDetails, result: FitResult,
+            held_out: str, budget: Budget, root: Path, write_files: Callable[[Path], None],
+            checkpoint: Path | None) -> Card:
+    """The one way a trained model reaches its registry (root: trained_dir or rerankers_dir).
+
+    write_files(folder) writes the model's files into a staging folder beside root/<name>; the card, with
+    the sha256 of every ONNX file there, is written beside them, the folder swapped in atomically, and the
+    run's checkpoint removed (only now: a run killed while exporting resumes from it).
+    """
     from simsearch import __version__
-    from simsearch.encoders.export import export_module
-    from simsearch.training.heads import StackedEncoder, torch_encoder
+    from simsearch.encoders.export import sha256_file
 
-    card.simsearch_version = __version__
-    base = torch_encoder(get_encoder(card.base, models_dir), models_dir)
-    full = StackedEncoder(base, head).eval()  # eval: BatchNorm must use running statistics in the export
-    root = trained_dir(models_dir)
+    seconds = budget.spent()
     root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".work-{card.name}-", dir=root))
-    export_module(full, (1, 3, card.image_size, card.image_size), work / "model.onnx")
-    torch.save(head.state_dict(), work / "head.pt")
-    install(models_dir, card, work / "model.onnx", work / "head.pt")
-    work.rmdir()
+    work = Path(tempfile.mkdtemp(prefix=f".work-{config.name}-", dir=root))
+    try:
+        write_files(work)
+        card = Card(
+            kind="encoder" if isinstance(details, EncoderDetails) else "reranker", name=config.name, method=method,
+            base=base, data=str(config.data), split=config.split, hyper_parameters=hyper_parameters(config),
+            validation=result.validation(held_out), train_seconds=seconds,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), simsearch_version=__version__,
+            onnx_sha256={p.name: sha256_file(p) for p in sorted(work.glob("*.onnx"))}, details=details,
+        )
+        (work / CARD).write_text(card.to_json())
+        replace_dir(work, root / config.name)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
-    log.info("trained encoder %s registered (best held-out hit@10 %.3f)", card.name, card.validation["best"]["hit10"])
+    log.info("%s %s registered: %s", card.kind, card.name, card.summary())
     return card

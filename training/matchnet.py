@@ -13,48 +13,19 @@ Imports torch: only `simsearch train matchnet` and tests import this module.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from simsearch.devices import Device, torch_device
+from simsearch.encoders.cards import Card, RerankerDetails
 from simsearch.errors import SimsearchError
-from simsearch.paths import default_data_dir
+from simsearch.training.configs import MatchNetConfig
 
 log = logging.getLogger(__name__)
 
 TOWERS = ("pretrained", "scratch")
-
-
-@dataclass(frozen=True)
-class MatchNetConfig:
-    name: str
-    tower: str = "pretrained"
-    encoder: str = "efficientnet-lite0"  # tower "pretrained": whose embeddings it reads
-    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
-    split: str = "train"
-    image_size: int = 64  # tower "scratch"
-    bottleneck: int = 256
-    hidden: int = 256
-    dropout: float = 0.3
-    lr: float = 1e-4
-    batch_size: int = 32
-    pairs_per_epoch: int = 64_000
-    # Share of training pairs that are (image, one of its 50 nearest neighbours under the encoder): what a
-    # reranker meets at query time. 0 = the research's balanced random pairs.
-    hard_fraction: float = 0.0
-    # Train for reranking: each image against its 50 nearest neighbours and a same-class image, softmax
-    # cross-entropy over them (tower "pretrained"); batch_size then counts queries.
-    listwise: bool = False
-    epochs: int = 40
-    patience: int = 5
-    holdout_per_class: int = 10
-    max_minutes: float = 20.0
-    seed: int = 0
-    device: Device = Device.auto
 
 
 def conv_tower(bottleneck: int) -> nn.Module:
@@ -104,19 +75,12 @@ def pixel_batches(data: np.ndarray):
     return lambda idx: torch.from_numpy(data[idx].astype(np.float32) / 255.0)
 
 
-def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progress=None) -> dict:
+def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progress=None) -> Card:
     """Train, keep the best epoch by held-out balanced accuracy, export tower + metric to ONNX, register."""
     from simsearch.encoders.trained import check_model_name
     from simsearch.evaluation import datasets
     from simsearch.training.loop import Budget
-    from simsearch.training.pair_training import (
-        PairFitConfig,
-        export_reranker,
-        fit_pairs,
-        holdout_split,
-        make_card,
-        nearest_neighbours,
-    )
+    from simsearch.training.pair_training import holdout_split, nearest_neighbours, train_reranker
 
     if cfg.tower not in TOWERS:
         raise SimsearchError(f"unknown tower {cfg.tower!r} (towers: {', '.join(TOWERS)})")
@@ -125,7 +89,8 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     check_model_name(cfg.name)
     budget = Budget(cfg.max_minutes)  # the whole command: data preparation counts too
     ds = datasets.load_class_dataset(cfg.data, cfg.split)
-    if cfg.tower == "scratch":
+    scratch = cfg.tower == "scratch"
+    if scratch:
         data = load_pixels(ds.paths, cfg.image_size)
         batch_of = pixel_batches(data)
     else:
@@ -140,15 +105,10 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     neighbours = nearest_neighbours(data[train_idx], 50) if cfg.hard_fraction or cfg.listwise else None  # (n_train, 50)
 
     torch.manual_seed(cfg.seed)
-    tower = conv_tower(cfg.bottleneck) if cfg.tower == "scratch" else feature_tower(data.shape[1], cfg.bottleneck)
+    tower = conv_tower(cfg.bottleneck) if scratch else feature_tower(data.shape[1], cfg.bottleneck)
     metric = Metric(cfg.bottleneck, cfg.hidden, cfg.dropout)
-    validation = fit_pairs(tower, metric, batch_of, ds.labels, train_idx, val_idx, PairFitConfig.of(cfg), budget,
-                           on_progress,
-                           torch_device(cfg.device, torch.cuda.is_available()), neighbours)
-    scratch = cfg.tower == "scratch"
-    card = make_card(cfg, "matchnet", "pixels" if scratch else "encoder", cfg.image_size if scratch else 0, validation,
-                     budget.spent(), tower=cfg.tower, encoder="" if scratch else cfg.encoder)
+    details = RerankerDetails(input="pixels" if scratch else "encoder", image_size=cfg.image_size if scratch else 0,
+                              representation=(), tower=cfg.tower)
     tower_shape = (1, 3, cfg.image_size, cfg.image_size) if scratch else (1, data.shape[1])
-    export_reranker(card, tower, metric, tower_shape, models_dir,
-                    {"tower": tower.state_dict(), "metric": metric.state_dict()})
-    return card
+    return train_reranker(cfg, "matchnet", "" if scratch else cfg.encoder, details, tower, metric, tower, tower_shape,
+                          batch_of, ds.labels, train_idx, val_idx, budget, models_dir, on_progress, neighbours)

@@ -1,29 +1,28 @@
-"""What every pair-classifier reranker shares: balanced-pair epochs, held-out validation, keep-best, budget, export.
+"""What every pair-classifier reranker shares: balanced-pair epochs, held-out validation, export.
 
 A reranker is a `tower` (one image's input -> its representation) and a `metric` network (two
 representations -> logit of P(same)). Training draws fresh balanced same/different pairs of the train
 split every epoch (optionally part of them from each image's nearest neighbours, or a listwise
-objective over them), validates on pairs of held-out images, keeps the epoch with the best held-out
-balanced accuracy, and stops on patience or the time budget. Imports torch: training only.
+objective over them) and validates on pairs of held-out images; the loop (training/loop.py) keeps the
+epoch with the best held-out balanced accuracy, stops on patience or the time budget, checkpoints
+and resumes. Imports torch: training only.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from datetime import datetime, timezone
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from simsearch.devices import Device
+from simsearch.devices import torch_device
+from simsearch.encoders.cards import METRIC, TOWER, WEIGHTS, Card, RerankerDetails
 from simsearch.paths import rerankers_dir
-from simsearch.training.loop import Budget
+from simsearch.training.loop import Budget, EpochPlan, LoopConfig, Trainer, checkpoint_path, fit, publish
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +31,11 @@ BatchOf = Callable[[np.ndarray], torch.Tensor]  # image indices (n,) -> tower in
 
 @dataclass(frozen=True)
 class PairFitConfig:
+    """What a reranker's epochs are made of (the loop's own settings, epochs and patience, are in LoopConfig)."""
+
     lr: float
     batch_size: int
     pairs_per_epoch: int
-    epochs: int
-    patience: int
     seed: int
     weight_decay: float = 0.0
     val_pairs: int = 10_000
@@ -45,7 +44,7 @@ class PairFitConfig:
 
     @classmethod
     def of(cls, trainer_config) -> PairFitConfig:
-        """The loop's settings, read off a reranker's config (MatchNetConfig, BeitPairConfig) by field name."""
+        """The settings, read off a reranker's config (MatchNetConfig, BeitPairConfig) by field name."""
         return cls(**{f.name: getattr(trainer_config, f.name) for f in fields(cls) if hasattr(trainer_config, f.name)})
 
 
@@ -119,97 +118,86 @@ def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.
     return {"balanced_accuracy": metrics.confusion(p, same, 0.5).balanced_accuracy, "roc_auc": metrics.roc_auc(p, same)}
 
 
-def fit_pairs(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, train_idx: np.ndarray,
-              val_idx: np.ndarray, cfg: PairFitConfig, budget: Budget, on_progress=None, device: str = "cpu",
-              neighbours: np.ndarray | None = None) -> dict:
-    """Train tower + metric (BCE on labelled pairs, or cfg.listwise); leaves both holding the best epoch, on the CPU.
+def pair_trainer(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, train_idx: np.ndarray,
+                 val_idx: np.ndarray, cfg: PairFitConfig, device: str, neighbours: np.ndarray | None = None) -> Trainer:
+    """The loop's view of tower + metric: BCE on labelled pairs (or cfg.listwise), validated on held-out pairs.
 
     device: where torch trains ("cuda" or "cpu", from devices.torch_device).
     neighbours: (len(train_idx), k) nearest neighbours among the training images (indices into train_idx),
-    for cfg.hard_fraction of the pairs or for cfg.listwise. Returns the validation record.
+    for cfg.hard_fraction of the pairs or for cfg.listwise.
     """
     from simsearch.evaluation import datasets
 
-    tower.to(device)
-    metric.to(device)
+    module = nn.ModuleDict({"tower": tower, "metric": metric}).to(device)
     params = [p for p in (*tower.parameters(), *metric.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     bce = nn.BCEWithLogitsLoss()
-    history, best, best_state = [], {"balanced_accuracy": -1.0}, None
-    stopped = "epochs done"
-    for epoch in range(cfg.epochs):
-        torch.manual_seed(cfg.seed + epoch)  # dropout: the same run gives the same model
+
+    def plan(epoch: int) -> EpochPlan:
         rng = np.random.default_rng(cfg.seed + epoch)
         if cfg.listwise:  # batches of queries, each against its neighbours and a positive
             queries = rng.permutation(len(train_idx))[: max(1, cfg.pairs_per_epoch // (1 + 2 * neighbours.shape[1]))]
-            steps = max(1, len(queries) // cfg.batch_size)
 
-            def step_loss(step: int) -> torch.Tensor:
+            def listwise_step(step: int):
                 sel = queries[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 return listwise_loss(tower, metric, batch_of, train_idx, labels[train_idx], sel, neighbours, rng,
-                                     device)
-        else:  # batches of labelled pairs
-            n_hard = int(cfg.pairs_per_epoch * cfg.hard_fraction) if neighbours is not None else 0
-            i, j, same = datasets.balanced_pairs(labels[train_idx], cfg.pairs_per_epoch - n_hard, cfg.seed + 1 + epoch)
-            if n_hard:
-                hi, hj, hs = hard_pairs(neighbours, labels[train_idx], n_hard, cfg.seed + 1 + epoch)
-                i, j, same = np.r_[i, hi], np.r_[j, hj], np.r_[same, hs]
-            order = rng.permutation(len(i))
-            steps = len(order) // cfg.batch_size
+                                     device), {}
 
-            def step_loss(step: int) -> torch.Tensor:
-                sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                a = tower(batch_of(train_idx[i[sel]]).to(device))  # (B, ...) one representation per image
-                b = tower(batch_of(train_idx[j[sel]]).to(device))
-                return bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)).to(device))
-        tower.train()
-        metric.train()
-        total, done = 0.0, 0
-        for step in range(steps):
-            loss = step_loss(step)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            done += 1
-            if on_progress and (step % 20 == 0 or step + 1 == steps):
-                on_progress(f"epoch {epoch + 1}/{cfg.epochs} loss {total / (step + 1):.4f}", step + 1, steps)
-            if budget.over():
-                break  # an epoch may be long: the budget is checked per step, and this epoch is still validated
-        row = {"epoch": epoch + 1, "loss": total / max(done, 1), "steps": done,
-               **evaluate(tower, metric, lambda idx: batch_of(val_idx[idx]), labels[val_idx], cfg.val_pairs, cfg.seed),
-               "seconds": budget.spent()}
-        history.append(row)
-        log.info("epoch %d: loss %.4f, held-out balanced accuracy %.4f, AUC %.4f", row["epoch"], row["loss"],
-                 row["balanced_accuracy"], row["roc_auc"])
-        if row["balanced_accuracy"] > best["balanced_accuracy"]:
-            best = row
-            best_state = ({k: v.clone() for k, v in tower.state_dict().items()},
-                          {k: v.clone() for k, v in metric.state_dict().items()})
-        if row["epoch"] - best["epoch"] >= cfg.patience:
-            stopped = f"no better held-out balanced accuracy for {cfg.patience} epochs"
-            break
-        if budget.over():
-            stopped = f"time budget of {budget.minutes} minutes reached"
-            log.warning("time budget reached in epoch %d", row["epoch"])
-            break
-    tower.load_state_dict(best_state[0])
-    metric.load_state_dict(best_state[1])
-    tower.cpu().eval()  # exported and saved from the CPU
-    metric.cpu().eval()
-    return {**best, "held_out": f"{len(val_idx)} held-out images, {cfg.val_pairs:,} balanced pairs",
-            "history": history, "stopped": stopped}
+            return EpochPlan(max(1, len(queries) // cfg.batch_size), listwise_step)
+        # batches of labelled pairs
+        n_hard = int(cfg.pairs_per_epoch * cfg.hard_fraction) if neighbours is not None else 0
+        i, j, same = datasets.balanced_pairs(labels[train_idx], cfg.pairs_per_epoch - n_hard, cfg.seed + 1 + epoch)
+        if n_hard:
+            hi, hj, hs = hard_pairs(neighbours, labels[train_idx], n_hard, cfg.seed + 1 + epoch)
+            i, j, same = np.r_[i, hi], np.r_[j, hj], np.r_[same, hs]
+        order = rng.permutation(len(i))
+
+        def pair_step(step: int):
+            sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            a = tower(batch_of(train_idx[i[sel]]).to(device))  # (B, ...) one representation per image
+            b = tower(batch_of(train_idx[j[sel]]).to(device))
+            return bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)).to(device)), {}
+
+        return EpochPlan(len(order) // cfg.batch_size, pair_step)
+
+    def validate() -> tuple[dict, float]:
+        scores = evaluate(tower, metric, lambda idx: batch_of(val_idx[idx]), labels[val_idx], cfg.val_pairs, cfg.seed)
+        return scores, scores["balanced_accuracy"]
+
+    return Trainer(module, opt, plan, validate, "held-out balanced accuracy")
 
 
-def make_card(cfg, arch: str, input_kind: str, image_size: int, validation: dict, seconds: float, **extra) -> dict:
-    return {
-        "name": cfg.name, "arch": arch, "input": input_kind, "image_size": image_size,
-        "data": str(cfg.data), "split": cfg.split,
-        "hyper_parameters": {k: str(v) if isinstance(v, (Path, Device)) or v is None else v
-                             for k, v in asdict(cfg).items()},
-        "train_seconds": seconds, "validation": validation,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **extra,
-    }
+def train_reranker(cfg, method: str, base: str, details: RerankerDetails, tower: nn.Module, metric: nn.Module,
+                   export_tower: nn.Module, tower_shape: tuple[int, ...], batch_of: BatchOf, labels: np.ndarray,
+                   train_idx: np.ndarray, val_idx: np.ndarray, budget: Budget, models_dir: Path | None,
+                   on_progress=None, neighbours: np.ndarray | None = None) -> Card:
+    """Run the loop on tower + metric; export the best epoch and register it under cfg.name.
+
+    cfg: the trainer's config (MatchNetConfig, BeitPairConfig); details: its card's reranker fields, the
+    representation left to be read off the tower here. export_tower: what runs at query time in front of
+    the metric network (the trained tower, or a frozen trunk followed by it); tower_shape: one image's
+    input to it, batch 1 (its output's shape is the metric network's input).
+    """
+    loop_cfg = PairFitConfig.of(cfg)
+    trainer = pair_trainer(tower, metric, batch_of, labels, train_idx, val_idx, loop_cfg,
+                           torch_device(cfg.device, torch.cuda.is_available()), neighbours)
+    ckpt = checkpoint_path(cfg)
+    result = fit(trainer, LoopConfig(cfg.epochs, cfg.patience, budget, cfg.seed), ckpt, on_progress)
+    # eval(): dropout off and BatchNorm on running statistics, or the export bakes in batch statistics.
+    export_tower.eval()
+    with torch.no_grad():
+        rep_shape = tuple(export_tower(torch.zeros(tower_shape)).shape)  # (1, ...) one image's representation
+
+    def write_files(folder: Path) -> None:
+        from simsearch.encoders.export import export_module
+
+        export_module(export_tower, tower_shape, folder / TOWER)
+        export_module(_Probability(metric).eval(), rep_shape, folder / METRIC, n_inputs=2)
+        torch.save({"tower": tower.state_dict(), "metric": metric.state_dict()}, folder / WEIGHTS)  # to fine-tune further
+
+    return publish(cfg, method, base, replace(details, representation=rep_shape[1:]), result,
+                   f"{len(val_idx)} held-out images, {loop_cfg.val_pairs:,} balanced pairs", budget,
+                   rerankers_dir(models_dir), write_files, ckpt)
 
 
 class _Probability(nn.Module):
@@ -221,31 +209,3 @@ class _Probability(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.metric.logits(a, b))
-
-
-def export_reranker(card: dict, tower: nn.Module, metric: nn.Module, tower_shape: tuple[int, ...],
-                    models_dir: Path | None, weights: dict) -> Path:
-    """tower.onnx + metric.onnx + weights.pt + card.json into <models_dir>/rerankers/<name>/, swapped in atomically.
-
-    tower_shape: one image's tower input, batch 1; the metric's input shape is read off the tower's output.
-    """
-    from simsearch.encoders.export import export_module, sha256_file
-    from simsearch.encoders.trained import replace_dir
-    from simsearch.retrieval.rerank import CARD, METRIC, TOWER
-
-    root = rerankers_dir(models_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".work-{card['name']}-", dir=root))
-    # eval(): dropout off and BatchNorm on running statistics, or the export bakes in batch statistics.
-    tower.eval()
-    with torch.no_grad():
-        rep_shape = tuple(tower(torch.zeros(tower_shape)).shape)
-    export_module(tower, tower_shape, work / TOWER)
-    export_module(_Probability(metric).eval(), rep_shape, work / METRIC, n_inputs=2)
-    torch.save(weights, work / "weights.pt")  # to fine-tune further
-    card["representation"] = list(rep_shape[1:])
-    card["onnx_sha256"] = {TOWER: sha256_file(work / TOWER), METRIC: sha256_file(work / METRIC)}
-    (work / CARD).write_text(json.dumps(card, indent=1))
-    final = replace_dir(work, root / card["name"])
-    log.info("reranker %s registered", card["name"])
-    return final

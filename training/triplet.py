@@ -5,7 +5,7 @@ Anchors and positives are same-class images (class dataset) or the two sides of 
 "semihard": negatives farther than the positive but inside the margin, which avoids the collapse
 batch-hard mining is known for). Batches hold `m_per_class` images of each of batch/m classes.
 
-Guards against the known failure modes, checked every epoch (training/loop.py): embeddings
+Guards against the known failure modes, checked every epoch (training/encoder_training.py): embeddings
 collapsing to one point (mean pairwise cosine of held-out embeddings), the loss stuck at the margin
 (nothing learnt) or at zero with no triplets mined (nothing left to learn). On any of them training
 stops with a warning and the best epoch so far is kept.
@@ -14,43 +14,16 @@ stops with a warning and the best epoch so far is kept.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.devices import Device, torch_device
-from simsearch.encoders.trained import ModelCard
-from simsearch.paths import default_data_dir
+from simsearch.devices import torch_device
+from simsearch.encoders.cards import Card
+from simsearch.training.configs import TripletConfig
 from simsearch.training.loop import TrainingStopped
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TripletConfig:
-    name: str
-    base: str = "efficientnet-lite0"
-    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
-    split: str = "train"
-    dim: int = 256
-    hidden: int = 1024  # 0: a linear projection
-    margin: float = 0.1  # held-out sweep on Tiny ImageNet train: 0.1 gave hit@1 28.5% / hit@10 64.5%, 0.2 27.6% / 63.0%
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 256
-    m_per_class: int = 4
-    epochs: int = 30
-    patience: int = 8
-    holdout_per_class: int = 10
-    max_minutes: float = 20.0
-    collapse_cosine: float = 0.9
-    # Two augmented views of every training image (the Barlow Twins augmentations, cached and shared with
-    # `train barlow`) join the training set as extra samples of their class or pair. Off by default: on
-    # Tiny ImageNet they lowered held-out hit@1 from 28% to 21% (the views are too strong as positives).
-    views: bool = False
-    seed: int = 0
-    device: Device = Device.auto
 
 
 def check_triplet_loss(history: list[dict], margin: float) -> None:
@@ -61,22 +34,15 @@ def check_triplet_loss(history: list[dict], margin: float) -> None:
         raise TrainingStopped(f"loss stuck at the margin ({margin}) for 3 epochs")
 
 
-def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progress=None) -> ModelCard:
+def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progress=None) -> Card:
     """Train, keep the best epoch by held-out hit@1 + hit@10, export to ONNX and register. Returns the model card."""
     import torch
     from pytorch_metric_learning import losses, miners, samplers
 
+    from simsearch.training.encoder_training import check_name, head_trainer, train_head
     from simsearch.training.features import train_and_holdout
     from simsearch.training.heads import HeadOnFeatures, build_head
-    from simsearch.training.loop import (
-        Budget,
-        LoopConfig,
-        check_name,
-        checkpoint_path,
-        export_and_install,
-        fit,
-        make_card,
-    )
+    from simsearch.training.loop import Budget, EpochPlan
 
     check_name(cfg.name)
     budget = Budget(cfg.max_minutes)
@@ -96,34 +62,25 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     loss_fn = losses.TripletMarginLoss(margin=cfg.margin)
     miner = miners.TripletMarginMiner(margin=cfg.margin, type_of_triplets="semihard")
     m = 2 if train.kind == "pairs" else cfg.m_per_class  # a pair has exactly two images
-    batch = min(cfg.batch_size, len(y_train)) // m * m
+    # m images of batch/m groups: a dataset with fewer groups gets smaller batches (the sampler refuses more)
+    batch = min(cfg.batch_size, len(y_train), m * len(np.unique(y_train))) // m * m
     x, y = torch.from_numpy(x_train).to(device), torch.from_numpy(y_train).to(device)
 
-    def run_epoch(epoch: int) -> dict:
+    def plan(epoch: int) -> EpochPlan:
         # A fresh sampler per epoch: it shuffles its own label list in place, so a long-lived one would
         # make epoch e depend on every earlier epoch, and a resumed run would train differently.
         sampler = samplers.MPerClassSampler(y_train, m=m, batch_size=batch, length_before_new_iter=len(y_train))
         order = torch.tensor(list(sampler))
-        steps = len(order) // batch
-        total, mined = 0.0, 0
-        for step in range(steps):
-            idx = order[step * batch:(step + 1) * batch]
-            emb = model(x[idx])  # (batch, dim)
-            triplets = miner(emb, y[idx])
-            loss = loss_fn(emb, y[idx], triplets)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item()
-            mined += len(triplets[0])
-            if on_progress:
-                on_progress(f"epoch {epoch + 1}/{cfg.epochs} loss {total / (step + 1):.4f}", step + 1, steps)
-        return {"loss": total / max(steps, 1), "triplets": mined}
 
-    loop = LoopConfig(cfg.epochs, cfg.patience, budget, cfg.collapse_cosine, cfg.seed)
-    ckpt = checkpoint_path(models_dir, cfg)
-    result = fit(model, run_epoch, val, loop, lambda history: check_triplet_loss(history, cfg.margin),
-                 optimizer=opt, checkpoint=ckpt)
-    card = make_card("triplet", cfg.name, base, head_arch, cfg.data, cfg.split, cfg, result,
-                     f"{len(val.y)} images of the {cfg.split} split ({val.kind})", budget.spent())
-    return export_and_install(card, model.head, models_dir, ckpt)
+        def step(i: int):
+            idx = order[i * batch:(i + 1) * batch]
+            emb = model(x[idx])  # (batch, dim)
+            triplets = miner(emb, y[idx])  # (anchors, positives, negatives) indices into the batch
+            return loss_fn(emb, y[idx], triplets), {"triplets": len(triplets[0])}
+
+        return EpochPlan(len(order) // batch, step)
+
+    trainer = head_trainer(model, opt, plan, val, cfg.seed, cfg.collapse_cosine,
+                           lambda history: check_triplet_loss(history, cfg.margin))
+    return train_head(cfg, "triplet", base, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
+                      f"({val.kind})", budget, models_dir, on_progress)

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 from simsearch.cli import app
 from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.errors import DatasetError
-from simsearch.evaluation import datasets, harness
+from simsearch.benchmarks import harness
+from simsearch.evaluation import datasets
 from simsearch.indexer.images import load_rgb
 
 from ..conftest import TINY, sample_paths

@@ -69,8 +69,7 @@ def test_queries_during_index_runs_always_answer(tmp_path, encoder, caplog):
     deadline = time.monotonic() + 240
     while writer.poll() is None and time.monotonic() < deadline:
         try:
-            searcher = Searcher.open(tmp_path / "db", encoder)  # what every `simsearch query` does
-            with searcher.store:
+            with Searcher.open(tmp_path / "db", encoder) as searcher:  # what every `simsearch query` does
                 for _ in range(5):
                     for photo, hits in zip(stable, searcher.search_vectors(vectors, 3)):
                         queries += 1

@@ -29,7 +29,7 @@ def test_tiny_barlow_run_lowers_the_loss_exports_and_resumes(classes, models_dir
     card = train_barlow(cfg, models_dir)
     history = card.validation["history"]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert card.method == "barlow" and card.dim == 16 and card.head["hidden"] == [64, 64]
+    assert card.method == "barlow" and card.details.dim == 16 and card.details.head["hidden"] == [64, 64]
 
     spec = get_encoder("tiny-bt", models_dir)
     photos = sorted(classes.rglob("*.JPEG"))[::12][:4]

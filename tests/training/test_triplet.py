@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from simsearch.cli import app
+from simsearch.encoders.cards import HEAD, Card
 from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.encoders.registry import get_encoder, list_encoders
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.errors import SimsearchError
 from simsearch.indexer.images import load_rgb
-from simsearch.training.loop import TrainingStopped, check_collapse
+from simsearch.training.encoder_training import check_collapse
+from simsearch.training.loop import TrainingStopped
 from simsearch.training.triplet import TripletConfig, check_triplet_loss, train_triplet
+
+from .conftest import interrupted_and_resumed
 
 runner = CliRunner()
 
@@ -25,13 +31,16 @@ def trained(classes, models_dir):
     return train_triplet(cfg, models_dir)
 
 
-def test_training_lowers_the_loss_and_writes_a_card(trained):
+def test_training_lowers_the_loss_and_writes_a_card(trained, models_dir):
     history = trained.validation["history"]
     assert len(history) >= 3
     assert history[-1]["loss"] < history[0]["loss"]
-    assert trained.base == "efficientnet-lite0" and trained.dim == 16 and len(trained.onnx_sha256) == 64
-    assert trained.validation["best"]["hit10"] > 0
-    assert trained.hyper_parameters["margin"] == 0.1
+    assert trained.kind == "encoder" and trained.base == "efficientnet-lite0" and trained.details.dim == 16
+    assert len(trained.onnx_sha256["model.onnx"]) == 64 and trained.hyper_parameters["margin"] == 0.1
+    assert trained.validation["best"] in history and all(h["steps"] == 2 for h in history)  # 80 images, batch 32
+    # what was written is what was returned, and what the registry reads
+    assert Card.load(Path(get_encoder("tiny-triplet", models_dir).card), "encoder") == trained
+    assert trained.summary().startswith("16-d triplet from efficientnet-lite0, trained on ")
 
 
 def test_trained_encoder_is_registered_and_matches_torch_on_real_images(trained, models_dir, classes):
@@ -62,7 +71,7 @@ def test_trained_encoder_indexes_and_queries_through_the_cli(trained, classes, t
     assert result.exit_code == 0, result.output
     assert '"path": "%s"' % query in result.stdout  # an indexed photo finds itself
     listing = runner.invoke(app, ["encoders"])
-    assert "tiny-triplet" in listing.output and "trained:" in listing.output  # name and card summary
+    assert "tiny-triplet" in listing.output and "hit@10" in listing.output  # name and card summary
 
 
 def test_guards_stop_collapse_stuck_and_empty_training():
@@ -83,28 +92,11 @@ def test_a_built_in_name_is_refused(classes, models_dir):
         train_triplet(TripletConfig(name="efficientnet-lite0", data=classes), models_dir)
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint(classes, models_dir, monkeypatch):
-    from simsearch.training import loop
-
-    common = dict(data=classes, dim=16, hidden=64, batch_size=32, patience=9, holdout_per_class=2, lr=3e-3)
-    straight = train_triplet(TripletConfig(name="straight", epochs=4, **common), models_dir)
-
-    class Killed(Exception):
-        pass
-
-    def killed(*args, **kwargs):
-        raise Killed
-
-    monkeypatch.setattr(loop, "export_and_install", killed)  # the run dies after epoch 2, before export
-    with pytest.raises(Killed):
-        train_triplet(TripletConfig(name="resumed", epochs=2, **common), models_dir)
-    ckpt = loop.checkpoint_path(models_dir, TripletConfig(name="resumed", epochs=4, **common))
-    assert ckpt.is_file()
-    monkeypatch.undo()
-    resumed = train_triplet(TripletConfig(name="resumed", epochs=4, **common), models_dir)
-    losses = [[h["loss"] for h in c.validation["history"]] for c in (straight, resumed)]
-    np.testing.assert_allclose(losses[1], losses[0], rtol=1e-5)  # epochs 3-4 continue exactly where 2 stopped
-    assert not ckpt.exists()  # a finished run leaves no checkpoint
+def test_an_interrupted_run_resumes_from_its_checkpoint(classes, models_dir):
+    common = dict(data=classes, dim=16, hidden=64, batch_size=32, patience=9, holdout_per_class=2, lr=3e-3, epochs=4)
+    _, resumed = interrupted_and_resumed(train_triplet, TripletConfig(name="straight", **common),
+                                         TripletConfig(name="resumed", **common), models_dir)
+    assert len(resumed.validation["history"]) == 4
 
 
 def test_the_budget_counts_from_the_command_start_and_keeps_time_for_the_export():
@@ -115,3 +107,47 @@ def test_the_budget_counts_from_the_command_start_and_keeps_time_for_the_export(
     assert not Budget(20).over()
     assert Budget(20, started=time.perf_counter() - 19.5 * 60).over()  # 30 s left: less than the export reserve
     assert not Budget(20, started=time.perf_counter() - 18 * 60).over()
+
+
+def test_the_budget_is_checked_after_every_step(classes, models_dir):
+    # 80 training images in batches of 16: 5 steps an epoch. A budget already spent by the data preparation
+    # allows one step; that epoch is still validated, and the model registered.
+    cfg = TripletConfig(name="no-time", data=classes, dim=16, hidden=64, batch_size=16, epochs=5, holdout_per_class=2,
+                        max_minutes=1e-6)
+    card = train_triplet(cfg, models_dir)
+    history = card.validation["history"]
+    assert [h["steps"] for h in history] == [1]
+    assert card.validation["stopped"] == "time budget of 1e-06 minutes reached"
+    assert get_encoder("no-time", models_dir).dim == 16
+
+
+def test_a_trained_encoder_beats_its_base_on_held_out_photos(subset, held_out_features, models_dir):
+    """Learning, not a falling loss: on val photos of the classes it was trained on (never trained on, never
+    used to pick the epoch), hit@1 on pair sets (each photo's one partner of its class among one photo of
+    every class, as `simsearch bench` ranks) is far above the base encoder's. Measured here: base 0.508,
+    trained 0.668 (500 queries; the difference is 7.2 of its standard errors)."""
+    import torch
+
+    from simsearch.training.features import FeatureSet, validation_ranks
+    from simsearch.training.heads import HeadOnFeatures, build_head
+
+    card = train_triplet(TripletConfig(name="subset-triplet", data=subset.train, batch_size=64, holdout_per_class=5),
+                         models_dir)  # the default head and loss; batches of 16 classes x 4 (there are 20 classes)
+    spec = get_encoder("subset-triplet", models_dir)
+    head = build_head(card.details.head)
+    head.load_state_dict(torch.load(Path(spec.card).parent / HEAD, weights_only=True))
+    model = HeadOnFeatures(head).eval()  # the exported encoder is base + this head (its parity: test above)
+
+    def trained(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(x)).numpy()  # (N, 1280) -> (N, 256)
+
+    held_out = FeatureSet(held_out_features, subset.test_labels, "classes")
+    base_hits = validation_ranks(lambda x: x, held_out, seed=0) < 1  # (500,) one query per left photo
+    trained_hits = validation_ranks(trained, held_out, seed=0) < 1
+    diff = trained_hits.astype(float) - base_hits
+    margin = diff.mean() / (diff.std() / np.sqrt(len(diff)))
+    print(f"held-out hit@1: base {base_hits.mean():.3f}, trained {trained_hits.mean():.3f} "
+          f"({len(diff)} queries, {margin:.1f} standard errors)")
+    assert len(diff) == 500
+    assert trained_hits.mean() > base_hits.mean() + 0.10 and margin > 4
