@@ -25,6 +25,7 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from simsearch.devices import Device
+from simsearch.encoders.registry import DEFAULT_ENCODER
 from simsearch.errors import SimsearchError
 from simsearch.training.configs import BarlowConfig, BeitPairConfig, MatchNetConfig, TripletConfig
 
@@ -149,7 +150,7 @@ NoWaitOption = Annotated[bool, typer.Option(
 def index(
     folder: Annotated[Path, typer.Argument(help="folder of images (searched recursively).")],
     db: DbOption = DEFAULT_DB,
-    encoder: Annotated[str, typer.Option(help="encoder name (see `simsearch encoders`).")] = "efficientnet-lite0",
+    encoder: Annotated[str, typer.Option(help="encoder name (see `simsearch encoders`).")] = DEFAULT_ENCODER,
     batch_size: Annotated[int, typer.Option(min=1, help="images per encoder batch.")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="decode threads (0 = one per core).")] = 0,
     index_kind: Annotated[str, typer.Option(
@@ -427,7 +428,7 @@ def prune(
 def bench(
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="split to measure: val or train.")] = "val",
-    encoder: Annotated[str, typer.Option(help="encoder name(s), comma-separated.")] = "efficientnet-lite0",
+    encoder: Annotated[str, typer.Option(help="encoder name(s), comma-separated.")] = DEFAULT_ENCODER,
     reranker: Annotated[Optional[str], typer.Option(
         help="reranker name(s), comma-separated: each reorders the first encoder's top --rerank-depth.")] = None,
     rerank_depth: Annotated[int, typer.Option(min=1)] = 100,

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from simsearch.encoders.registry import DEFAULT_ENCODER
 from simsearch.paths import shared_data
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 class SpeedConfig:
     images: Path = field(default_factory=lambda: shared_data() / "imagenet-samples")
     max_images: int = 1000  # photos indexed in (b); also the source of the real batch in (a)
-    encoder: str = "efficientnet-lite0"
+    encoder: str = DEFAULT_ENCODER
     batch_size: int = 32
     min_seconds: float = 8.0  # each throughput is timed for at least this long (after one warm-up batch)
     vectors: int = 100_000

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simsearch.devices import Device
+from simsearch.encoders.registry import DEFAULT_ENCODER
 from simsearch.paths import default_data_dir
 
 
@@ -31,7 +32,7 @@ class TrainingConfig:
 
 @dataclass(frozen=True)
 class BarlowConfig(TrainingConfig):
-    base: str = "efficientnet-lite0"
+    base: str = DEFAULT_ENCODER
     dim: int = 256  # projector output = the embedding
     hidden: int = 2048  # projector hidden width (the paper: 8192; a frozen 1280-d trunk needs less)
     lambda_offdiag: float = 5e-3
@@ -43,7 +44,7 @@ class BarlowConfig(TrainingConfig):
 
 @dataclass(frozen=True)
 class TripletConfig(TrainingConfig):
-    base: str = "efficientnet-lite0"
+    base: str = DEFAULT_ENCODER
     dim: int = 256
     hidden: int = 1024  # 0: a linear projection
     margin: float = 0.1  # held-out sweep on Tiny ImageNet train: 0.1 gave hit@1 28.5% / hit@10 64.5%, 0.2 27.6% / 63.0%
@@ -60,7 +61,7 @@ class TripletConfig(TrainingConfig):
 @dataclass(frozen=True)
 class MatchNetConfig(TrainingConfig):
     tower: str = "pretrained"
-    encoder: str = "efficientnet-lite0"  # tower "pretrained": whose embeddings it reads
+    encoder: str = DEFAULT_ENCODER  # tower "pretrained": whose embeddings it reads
     image_size: int = 64  # tower "scratch"
     bottleneck: int = 256
     hidden: int = 256
@@ -80,7 +81,7 @@ class MatchNetConfig(TrainingConfig):
 
 @dataclass(frozen=True)
 class BeitPairConfig(TrainingConfig):
-    encoder: str = "efficientnet-lite0"  # default tokens: this encoder's trunk
+    encoder: str = DEFAULT_ENCODER  # default tokens: this encoder's trunk
     weights: Path | None = None  # a user's BEiT checkpoint folder: pixel patches instead of trunk tokens
     image_size: int = 160  # trunk input side: a 5x5 token grid per image (Tiny ImageNet is 64 px)
     token_dim: int = 128  # trunk features (1280) -> token width, by a trained 1x1 conv

@@ -12,10 +12,10 @@ import pytest
 from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
+from simsearch.benchmarks import harness
 from simsearch.cli import app
 from simsearch.encoders.preprocess import resize_side, to_input
 from simsearch.errors import DatasetError
-from simsearch.benchmarks import harness
 from simsearch.evaluation import datasets
 from simsearch.indexer.images import load_rgb
 

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from simsearch.cli import app
@@ -138,7 +139,8 @@ def test_scratch_tower_on_pixels_and_cuda_falls_back_to_cpu(classes, models_dir,
                          holdout_per_class=2, lr=1e-3, device=Device.cuda)
     with caplog.at_level(logging.WARNING):
         card = train_matchnet(cfg, models_dir)
-    assert any("training on the CPU" in r.message for r in caplog.records)  # no GPU here, never in CI
+    # CUDA when torch really has it, else the CPU with a warning (this project's machines and CI have no GPU).
+    assert any("training on the CPU" in r.message for r in caplog.records) != torch.cuda.is_available()
     assert card.details.input == "pixels" and card.details.image_size == 64 and card.base == ""
     rr = Reranker(get_reranker("tiny-scratch", models_dir))
     photos = sorted(classes.rglob("*.JPEG"))[:4]
@@ -274,8 +276,9 @@ def test_a_slow_reranker_is_measured_on_whole_pair_sets_within_its_budget(matchn
     sets = datasets.make_pair_sets(datasets.load_class_dataset(classes, "train").labels, cfg.seed)  # 5 sets
     assert rr["hits"]["sets"] == 1 < rr["hits"]["sets_available"] == len(sets)
     assert rr["hits"]["queries"] == rr["hits"]["before"]["queries"] == len(sets[0].left_idx)
-    labels = [row[0] for row in zip(*[c._cells for c in report.hits_table(result).columns])]
-    assert any("without reranking, same" in label for label in labels)
+    console = Console(record=True, width=250)
+    console.print(report.hits_table(result))
+    assert "without reranking, same" in console.export_text()  # the table says what "before" was measured on
 
 
 def test_listwise_and_hard_negative_training_on_nearest_neighbours(classes, models_dir):
