@@ -15,9 +15,10 @@ import faiss
 import lmdb
 import numpy as np
 
+from simsearch.devices import Device
 from simsearch.errors import DbCorruptError, SchemaError
 from simsearch.indexer.store import REBUILD_HINT, Store
-from simsearch.retrieval.faiss_index import REPAIR_HINT, IndexConfig, index_problem, refresh_index
+from simsearch.retrieval.faiss_index import REPAIR_HINT, IndexConfig, load_index, refresh_index
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def check_db(root: str | Path) -> tuple[list[Finding], dict]:
         findings: list[Finding] = []
         facts: dict = {"items": 0, "removed_pending": 0, "indexes": {}}
         try:
-            live_ids = _check_items(store, findings, facts)
+            known_ids = _check_items(store, findings, facts)
         except (lmdb.Error, ValueError, KeyError) as e:
             return findings + [Finding("error", f"{store.root / 'store.lmdb'}: unreadable ({e}); {REBUILD_HINT}")], facts
         generation = store.generation
@@ -47,18 +48,18 @@ def check_db(root: str | Path) -> tuple[list[Finding], dict]:
                 findings.append(Finding("warning", f"the index of {name} was never built (an interrupted first "
                                                    f"`index`?): {REPAIR_HINT}"))
                 continue
-            problem = index_problem(store, name, entry)
-            if problem:
-                findings.append(Finding("error", f"{problem}; {REPAIR_HINT}"))
+            try:  # one read of the file: verified against the manifest's sha256, then deserialized
+                index = load_index(store, name, Device.cpu)[0].cpu_index
+            except DbCorruptError as e:
+                findings.append(Finding("error", str(e)))
                 continue
-            index = faiss.read_index(str(store.index_file(entry)))
             ids = faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.empty(0, np.int64)
             facts["indexes"][name] = {"vectors": int(index.ntotal), "file": entry.index_file}
             if index.ntotal != entry.count or index.d != entry.dim:
                 findings.append(Finding("error", f"{store.index_file(entry)}: holds {index.ntotal} vectors of {index.d} "
                                                  f"dimensions, the manifest says {entry.count} of {entry.dim}; {REPAIR_HINT}"))
             elif entry.index_generation != generation:
-                unknown = set(ids.tolist()) - live_ids["all"]
+                unknown = set(ids.tolist()) - known_ids
                 if unknown:
                     findings.append(Finding("error", f"the index of {name} returns {len(unknown)} ids the store does not "
                                                      f"know; {REPAIR_HINT}"))
@@ -74,16 +75,15 @@ def check_db(root: str | Path) -> tuple[list[Finding], dict]:
     return findings, facts
 
 
-def _check_items(store: Store, findings: list[Finding], facts: dict) -> dict[str, set[int]]:
-    """Items and the id table agree both ways; returns the live ids and all resolvable ids."""
+def _check_items(store: Store, findings: list[Finding], facts: dict) -> set[int]:
+    """Items and the id table agree both ways; returns every id the store can resolve (tombstones included)."""
     by_id = {}
     for path, rec in store.iter_items():
         by_id[rec.id] = path
-    known, live = set(), set()
+    known = set()
     for item_id, path, is_live in store.iter_ids():
         known.add(item_id)
         if is_live:
-            live.add(item_id)
             if by_id.get(item_id) != path:
                 findings.append(Finding("error", f"{path}: the id table and the items disagree (id {item_id}); {REBUILD_HINT}"))
         else:
@@ -92,7 +92,7 @@ def _check_items(store: Store, findings: list[Finding], facts: dict) -> dict[str
     if missing:
         findings.append(Finding("error", f"{len(missing)} items have no entry in the id table; {REBUILD_HINT}"))
     facts["items"] = len(by_id)
-    return {"live": live, "all": known}
+    return known
 
 
 def repair_db(root: str | Path, config: IndexConfig = IndexConfig(), wait: bool = True) -> list[str]:

@@ -57,14 +57,18 @@ def encoder(lite0, models_dir):
     return OnnxEncoder(lite0, models_dir=models_dir)
 
 
-@pytest.fixture(scope="session")
-def classes(tmp_path_factory) -> Path:
-    """<class>/<image>: 8 real Tiny ImageNet classes, 12 photos each (for tiny training runs)."""
+def class_folder(root: Path, n_classes: int, per_class: int) -> Path:
+    """<class>/<image> in `root`: the first n_classes real Tiny ImageNet classes, per_class train photos each."""
     if not (TINY / "wnids.txt").is_file():
         pytest.skip(f"shared data missing: {TINY}")
-    root = tmp_path_factory.mktemp("classes")
-    for w in (TINY / "wnids.txt").read_text().split()[:8]:
+    for w in (TINY / "wnids.txt").read_text().split()[:n_classes]:
         (root / w).mkdir()
-        for i in range(12):
+        for i in range(per_class):
             shutil.copy2(TINY / "train" / w / "images" / f"{w}_{i}.JPEG", root / w)
     return root
+
+
+@pytest.fixture(scope="session")
+def classes(tmp_path_factory) -> Path:
+    """8 classes, 12 photos each (for tiny training runs)."""
+    return class_folder(tmp_path_factory.mktemp("classes"), 8, 12)

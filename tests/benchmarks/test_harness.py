@@ -19,7 +19,7 @@ from simsearch.errors import DatasetError
 from simsearch.evaluation import datasets
 from simsearch.indexer.images import load_rgb
 
-from ..conftest import TINY, sample_paths
+from ..conftest import TINY, class_folder, sample_paths
 
 CLASSES = 6
 
@@ -53,14 +53,7 @@ def tiny(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def ten_per_class(tmp_path_factory) -> Path:
     """<class>/<image>: 3 real Tiny ImageNet classes, 10 train photos each."""
-    if not (TINY / "wnids.txt").is_file():
-        pytest.skip(f"shared data missing: {TINY}")
-    root = tmp_path_factory.mktemp("ten")
-    for w in (TINY / "wnids.txt").read_text().split()[:3]:
-        (root / w).mkdir()
-        for i in range(10):
-            shutil.copy2(TINY / "train" / w / "images" / f"{w}_{i}.JPEG", root / w)
-    return root
+    return class_folder(tmp_path_factory.mktemp("ten"), 3, 10)
 
 
 def brute_force_vectors(encoder, paths) -> np.ndarray:
