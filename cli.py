@@ -26,6 +26,7 @@ from rich.table import Column, Table
 
 from simsearch.devices import Device
 from simsearch.encoders.registry import DEFAULT_ENCODER
+from simsearch.encoders.spec import Preprocess
 from simsearch.errors import SimsearchError
 from simsearch.training.configs import BarlowConfig, BeitPairConfig, MatchNetConfig, TripletConfig
 
@@ -141,6 +142,10 @@ class _ProgressReporter:
         self(done, total)
 
 
+PreprocessOption = Annotated[Optional[Preprocess], typer.Option(
+    help="how an image becomes the encoder's square input: resize (the whole image, stretched), pad (the whole "
+         "image, letterboxed), crop (the centre); default: the encoder's own (`simsearch encoders`).")]
+
 NoWaitOption = Annotated[bool, typer.Option(
     "--no-wait", help="fail at once if another simsearch is writing to the db (default: wait for it).")]
 
@@ -151,6 +156,7 @@ def index(
     folder: Annotated[Path, typer.Argument(help="folder of images (searched recursively).")],
     db: DbOption = DEFAULT_DB,
     encoder: Annotated[str, typer.Option(help="encoder name (see `simsearch encoders`).")] = DEFAULT_ENCODER,
+    preprocess: PreprocessOption = None,
     batch_size: Annotated[int, typer.Option(min=1, help="images per encoder batch.")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="decode threads (0 = one per core).")] = 0,
     index_kind: Annotated[str, typer.Option(
@@ -176,7 +182,7 @@ def index(
     config = IndexerConfig(batch_size=batch_size, workers=workers)
     index_config = IndexConfig(kind=index_kind)
     index_config.resolve(0)  # an unknown kind fails before any work
-    spec = get_encoder(encoder, models_dir)
+    spec = get_encoder(encoder, models_dir).with_preprocess(preprocess)
     enc = OnnxEncoder(spec, device, models_dir)
     with Store(db, create=True, wait=not no_wait, rebuild=rebuild) as store:
         if store.moved_to:
@@ -429,6 +435,7 @@ def bench(
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="split to measure: val or train.")] = "val",
     encoder: Annotated[str, typer.Option(help="encoder name(s), comma-separated.")] = DEFAULT_ENCODER,
+    preprocess: PreprocessOption = None,
     reranker: Annotated[Optional[str], typer.Option(
         help="reranker name(s), comma-separated: each reorders the first encoder's top --rerank-depth.")] = None,
     rerank_depth: Annotated[int, typer.Option(min=1)] = 100,
@@ -468,7 +475,7 @@ def bench(
     tasks = tuple(task.split(",")) if task else (("pairs",) if detect_layout(data) == "pairs" else harness.TASKS)
     config = harness.BenchConfig(data=data, split=split, tasks=tasks, ks=k_values, seed=seed, val_fraction=val_fraction,
                                  balanced_pairs=balanced_pairs, all_pairs_per_class=all_pairs_per_class,
-                                 device=device, models_dir=models_dir, cache_db=cache_db,
+                                 device=device, models_dir=models_dir, cache_db=cache_db, preprocess=preprocess,
                                  rerankers=tuple(r.strip() for r in (reranker or "").split(",") if r.strip()),
                                  rerank_depth=rerank_depth, reranker_minutes=reranker_minutes)
     with _ProgressReporter("bench") as progress:
@@ -576,6 +583,7 @@ RerankerName = Annotated[str, typer.Option(help="name of the new reranker (use i
 def train_barlow(
     name: EncoderName,
     base: Annotated[str, typer.Option("--from", help="encoder to start from.")] = BarlowConfig.base,
+    preprocess: PreprocessOption = BarlowConfig.preprocess,
     dim: Annotated[int, typer.Option(min=2, help="projector output width = embedding width.")] = BarlowConfig.dim,
     max_images: Annotated[int, typer.Option(
         min=0, help="train on at most this many images (0 = all).")] = BarlowConfig.max_images,
@@ -584,13 +592,14 @@ def train_barlow(
     """Self-supervised Barlow Twins (projector on a frozen encoder) on your images."""
     from simsearch.training.barlow import train_barlow
 
-    return train_barlow, BarlowConfig(name=name, base=base, dim=dim, max_images=max_images, **run)
+    return train_barlow, BarlowConfig(name=name, base=base, preprocess=preprocess, dim=dim, max_images=max_images, **run)
 
 
 @_training_command("triplet", TripletConfig, "encoder")
 def train_triplet(
     name: EncoderName,
     base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")] = TripletConfig.base,
+    preprocess: PreprocessOption = TripletConfig.preprocess,
     dim: Annotated[int, typer.Option(min=2, help="embedding width.")] = TripletConfig.dim,
     margin: Annotated[float, typer.Option(min=0.0, help="triplet loss margin.")] = TripletConfig.margin,
     views: Annotated[bool, typer.Option(
@@ -601,7 +610,7 @@ def train_triplet(
     """Fine-tune an encoder with triplet loss on matched pairs or same-class images."""
     from simsearch.training.triplet import train_triplet
 
-    return train_triplet, TripletConfig(name=name, base=base, dim=dim, margin=margin, views=views, **run)
+    return train_triplet, TripletConfig(name=name, base=base, preprocess=preprocess, dim=dim, margin=margin, views=views, **run)
 
 
 @_training_command("matchnet", MatchNetConfig, "reranker")

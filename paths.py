@@ -10,6 +10,8 @@ called, never at import, so a variable set later (by a shell, a test) counts.
     embedding_cache()    <cache>/embeddings            a db of encoder vectors shared by bench and training
     training_cache()     <cache>/training              checkpoints and augmented views (never in a registry)
     shared_data()        the shared/data folder beside the checkout (tests, benchmarks, the demo)
+    calibration_dir()    $SIMSEARCH_CALIBRATION_DIR, else shared_data()/imagenet-samples: the photos the built-in
+                         encoders' int8 variants are calibrated on
     default_data_dir()   $SIMSEARCH_DATA, else shared_data()/tiny-imagenet-200
 """
 
@@ -57,6 +59,11 @@ def training_cache() -> Path:
 def shared_data() -> Path:
     """The project's shared data, beside the checkout (the `simsearch` package folder is the repository root)."""
     return Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+def calibration_dir() -> Path:
+    env = os.environ.get("SIMSEARCH_CALIBRATION_DIR")
+    return Path(env).expanduser() if env else shared_data() / "imagenet-samples"
 
 
 def default_data_dir(environ: Mapping[str, str] = os.environ, shared: Path | None = None) -> Path:

@@ -20,7 +20,7 @@ import numpy as np
 from simsearch.devices import Device
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
-from simsearch.encoders.spec import EncoderSpec
+from simsearch.encoders.spec import EncoderSpec, Preprocess
 from simsearch.errors import DatasetError
 from simsearch.evaluation import datasets, metrics
 from simsearch.indexer.cached import CachedEmbedder
@@ -70,7 +70,8 @@ class BenchConfig:
     batch_size: int = 32
     device: Device = Device.auto
     models_dir: Path | None = None
-    cache_db: Path | None = None  # None: <models_dir>/../bench-cache
+    preprocess: Preprocess | None = None  # every encoder under this policy (None: each its own)
+    cache_db: Path | None = None  # None: paths.embedding_cache()
     rerankers: tuple[str, ...] = ()
     rerank_depth: int = 100  # candidates of the vector search each reranker reorders
     # A slow reranker (a CPU transformer) is measured on the largest part that fits in this budget, stated in
@@ -81,8 +82,9 @@ class BenchConfig:
 @dataclass
 class EncoderResult:
     encoder: str
-    key: str  # name@weights-sha: the exact weights measured
+    key: str  # EncoderSpec.key: the exact weights, precision and policy measured
     dim: int
+    preprocess: str
     seconds: dict[str, float] = field(default_factory=dict)
     embedded: int = 0  # images embedded in this run (0 when everything came from the cache)
     hits: dict | None = None
@@ -169,9 +171,9 @@ def pair_accuracy(vectors: np.ndarray, labels: np.ndarray, threshold: float, con
 
 
 def run_encoder(name: str, config: BenchConfig, store: Store, progress: ProgressFn | None = None) -> EncoderResult:
-    spec = get_encoder(name, config.models_dir)
+    spec = get_encoder(name, config.models_dir).with_preprocess(config.preprocess)
     embed = Embedder(spec, store, config, progress)
-    result = EncoderResult(encoder=spec.name, key=spec.key, dim=spec.dim)
+    result = EncoderResult(encoder=spec.name, key=spec.key, dim=spec.dim, preprocess=spec.preprocess.value)
     layout = datasets.detect_layout(config.data)
     t = time.perf_counter()
     if layout == "pairs":
@@ -327,7 +329,8 @@ def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = 
 
         def embed_for(name: str) -> Embedder:
             if name not in embedders:
-                embedders[name] = Embedder(get_encoder(name, config.models_dir), store, config, progress)
+                spec = get_encoder(name, config.models_dir).with_preprocess(config.preprocess)
+                embedders[name] = Embedder(spec, store, config, progress)
             return embedders[name]
 
         results += [run_reranker(name, encoders[0], config, embed_for, progress) for name in config.rerankers]

@@ -1,7 +1,8 @@
-"""Build pair folders (left/NAME.jpg <-> right/NAME.jpg) for two checks of trained encoders:
+"""Build the benchmark's extra domains from the shared data:
 
     python -m simsearch.benchmarks.pair_folders low-data OUT    # 1,225 same-class pairs from Tiny ImageNet train
     python -m simsearch.benchmarks.pair_folders ood OUT         # imagenet-samples photos <-> augmented copies
+    python -m simsearch.benchmarks.pair_folders aspect OUT      # Tiny ImageNet with 2:3 and 3:2 val images
 
 low-data: the research's regime — a triplet fine-tune on 900 matched pairs (the pair folder's default
 train split; the other 325 are its val). Train on it with `simsearch train triplet --data OUT`, then
@@ -61,13 +62,46 @@ def ood(out: Path, root: Path | None = None, seed: int = 0) -> None:
         augmented_copy(Image.open(p).convert("RGB"), rng).save(out / "left" / f"{p.stem}.jpg", quality=90)
 
 
+def aspect_window(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The largest 2:3 (portrait) or 3:2 (landscape) window of the image, at a random place; a coin flip picks which."""
+    w, h = im.size
+    ratio = 2 / 3 if rng.random() < 0.5 else 3 / 2  # width / height
+    ch = min(h, round(w / ratio))
+    cw = min(w, round(ch * ratio))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    return im.crop((x, y, x + cw, y + ch))
+
+
+def aspect(out: Path, root: Path | None = None, seed: int = 0) -> None:
+    """Tiny ImageNet whose val images are cut to non-square windows, so that the preprocessing policy matters.
+
+    Same layout (wnids.txt, val_annotations.txt, train linked unchanged), so `simsearch bench --data OUT
+    --task pairs` draws the same pair sets from the same val images as on the original.
+    """
+    root = root or shared_data() / "tiny-imagenet-200"
+    rng = np.random.default_rng(seed)
+    (out / "val" / "images").mkdir(parents=True, exist_ok=True)
+    for name in ("wnids.txt", "words.txt"):
+        if (root / name).is_file():
+            (out / name).write_bytes((root / name).read_bytes())
+    if not (out / "train").exists():
+        os.symlink(os.path.abspath(root / "train"), out / "train")
+    (out / "val" / "val_annotations.txt").write_bytes((root / "val" / "val_annotations.txt").read_bytes())
+    for p in sorted((root / "val" / "images").iterdir()):
+        with Image.open(p) as im:
+            aspect_window(im.convert("RGB"), rng).save(out / "val" / "images" / p.name, quality=95)
+
+
+KINDS = {"low-data": low_data, "ood": ood, "aspect": aspect}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=("low-data", "ood"))
+    p.add_argument("kind", choices=tuple(KINDS))
     p.add_argument("out", type=Path)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    (low_data if a.kind == "low-data" else ood)(a.out, seed=a.seed)
+    KINDS[a.kind](a.out, seed=a.seed)
 
 
 if __name__ == "__main__":

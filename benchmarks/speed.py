@@ -76,11 +76,11 @@ def _throughput(fn: Callable[[], None], items_per_call: int, min_seconds: float)
 
 
 def _real_batch(cfg: SpeedConfig, spec) -> np.ndarray:
-    from simsearch.encoders.preprocess import resize_side, to_input
+    from simsearch.encoders.preprocess import decode_side, to_input
     from simsearch.indexer.images import load_rgb
 
     paths = sorted(cfg.images.glob("*.JPEG"))[: cfg.batch_size]
-    return np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in paths])  # (B, 3, S, S)
+    return np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in paths])  # (B, 3, S, S)
 
 
 def encoder_throughput(cfg: SpeedConfig) -> tuple[Measure, float]:

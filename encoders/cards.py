@@ -12,7 +12,8 @@ Card versions (0 and 1 are what simsearch 0.1.0 wrote until card version 2):
      held_out/history/stopped, and onnx_sha256 as {file: sha256}
   1  an encoder's card: base_key/dim/image_size/mean/std/crop_fraction/head beside the common fields,
      onnx_sha256 the sha256 of model.onnx, and a `notes` list nothing ever filled
-  2  this one: the common fields, and the kind's own in `details`
+  2  the common fields, and the kind's own in `details`
+  3  this one: an encoder's details add `preprocess` (version 2 encoders all used "crop") and `calibration`
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from simsearch.errors import ModelError
 
-CARD_VERSION = 2
+CARD_VERSION = 3
 CARD = "card.json"
 # The other files of a model's folder, named here because a card names its ONNX files.
 MODEL, HEAD = "model.onnx", "head.pt"  # an encoder: the whole encoder; its trained head's state dict
@@ -44,6 +45,8 @@ class EncoderDetails:
     std: tuple[float, float, float]
     crop_fraction: float
     head: dict  # the trained head's architecture, {"in": 1280, "hidden": [1024], "out": 256} (training/heads.py)
+    preprocess: str = "crop"  # the policy it was trained with, and is used with (spec.Preprocess)
+    calibration: tuple[str, ...] = ()  # a seeded sample of its training images: what its int8 variant is calibrated on
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ class RerankerDetails:
 
 
 _DETAILS = {"encoder": EncoderDetails, "reranker": RerankerDetails}
-_TUPLES = {"mean", "std", "representation"}
+_TUPLES = {"mean", "std", "representation", "calibration"}
 
 
 @dataclass(frozen=True)
@@ -174,6 +177,8 @@ def _from_v1(old: dict) -> dict:
 
 def _migrate(old: dict, version: int) -> dict:
     """An older card in this version's layout."""
+    if version == 2:  # version 3 only added fields whose defaults say what version 2 meant
+        return old
     if version not in (0, 1):
         raise ModelError(f"unknown model card version {version}")
     try:

@@ -1,4 +1,5 @@
-"""Export an encoder to ONNX once, and cache the file keyed by the weights' sha256.
+"""Export an encoder to ONNX once, and cache the file keyed by the weights' sha256; quantise an int8
+variant once, cached by the fp32 weights, the quantisation settings, the policy and the calibration images.
 
 Imports torch lazily: only the first use of an encoder on a machine pays for it.
 """
@@ -13,8 +14,11 @@ import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
+
 from simsearch import paths
-from simsearch.encoders.spec import EncoderSpec
+from simsearch.encoders.quantize import QuantSettings, pick_calibration, quantize_onnx
+from simsearch.encoders.spec import EncoderSpec, Precision
 from simsearch.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -35,7 +39,9 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
-    """The cached ONNX file of `spec`, exporting it first if needed."""
+    """The cached ONNX file of `spec`, exporting (or quantising) it first if needed."""
+    if spec.precision is Precision.int8:
+        return ensure_int8(spec, models_dir)
     if spec.trained:  # its model was exported when it was trained
         if not Path(spec.onnx_file).is_file():
             raise ModelError(f"the ONNX model of {spec.name!r} is missing: {spec.onnx_file}")
@@ -53,6 +59,68 @@ def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     log.info("exporting %s to ONNX (once per machine) -> %s", spec.name, path)
     model = build_embedding_model(spec)
     export_module(model, (1, 3, spec.image_size, spec.image_size), path)
+    return path
+
+
+def calibration_images(spec: EncoderSpec, settings: QuantSettings) -> list[Path]:
+    """The photos spec's int8 variant is calibrated on: a trained encoder's own training images (its card
+    lists a seeded sample), else a seeded sample of paths.calibration_dir()."""
+    if spec.trained:
+        from simsearch.encoders.cards import Card
+
+        listed = [Path(p) for p in Card.load(Path(spec.card), "encoder").details.calibration]
+        found = [p for p in listed if p.is_file()]
+        if listed and len(found) == len(listed):
+            return found
+        log.warning("%s: %s of its %d training images listed for int8 calibration are here; calibrating on %s instead",
+                    spec.name, len(found), len(listed), paths.calibration_dir())
+    from PIL import Image
+
+    folder = paths.calibration_dir()
+    extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
+    files = [p for p in folder.rglob("*") if p.suffix.lower() in extensions] if folder.is_dir() else []
+    if len(files) < settings.calibration_images:
+        raise ModelError(f"the int8 variant of {spec.fp32().name} is calibrated on {settings.calibration_images} photos, "
+                         f"and {folder} has {len(files)}: set SIMSEARCH_CALIBRATION_DIR to a folder of photos like yours")
+    return pick_calibration(files, settings)
+
+
+def _calibration_batches(spec: EncoderSpec, images: list[Path], batch: int = 16):
+    """(B, 3, S, S) inputs of the calibration photos, made exactly as the encoder's inputs are."""
+    from PIL import Image, ImageOps
+
+    from simsearch.encoders.preprocess import decode_side, to_input
+
+    for b0 in range(0, len(images), batch):
+        arrays = []
+        for p in images[b0:b0 + batch]:
+            try:
+                with Image.open(p) as im:
+                    im.draft("RGB", (decode_side(spec),) * 2)
+                    arrays.append(to_input(ImageOps.exif_transpose(im).convert("RGB"), spec))
+            except (OSError, ValueError) as e:
+                raise ModelError(f"{p}: cannot read this calibration photo ({e})") from None
+        yield np.stack(arrays)
+
+
+def ensure_int8(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
+    """The cached int8 model of `spec` (an int8 variant), quantised from its fp32 model on first use."""
+    settings = QuantSettings()
+    if spec.quant_tag != settings.tag():
+        raise ModelError(f"{spec.name}: quantisation settings {spec.quant_tag!r} are not this simsearch's "
+                         f"({settings.tag()!r})")
+    fp32 = ensure_onnx(spec.fp32(), models_dir)
+    images = calibration_images(spec, settings)
+    # The file depends on everything that changes its numbers: weights, settings, policy and calibration set.
+    # (names, not paths: the same photos in another checkout give the same file)
+    calibration = hashlib.sha256("\n".join(p.name for p in images).encode()).hexdigest()[:8]
+    path = (paths.models_dir(models_dir) / "int8" /
+            f"{spec.name}-{spec.weights_sha256[:16]}.{spec.quant_tag}.{spec.preprocess.value}.{calibration}.onnx")
+    if path.is_file():
+        return path
+    log.info("quantising %s to int8 (once per machine) on %d photos -> %s", spec.name, len(images), path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quantize_onnx(fp32, path, _calibration_batches(spec, images), settings)
     return path
 
 

@@ -1,12 +1,14 @@
-"""The one encoder registry: the built-in encoders (spec.BUILTIN), then those trained into the models dir.
+"""The one encoder registry: the built-in encoders (spec.BUILTIN), then those trained into the models dir,
+each followed by its int8 variant `<name>-int8`.
 
-A spec says which it is (`EncoderSpec.trained`); names are unique across both.
+A spec says which it is (`EncoderSpec.trained`, `EncoderSpec.precision`); names are unique across all.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from simsearch.encoders.quantize import QuantSettings
 from simsearch.encoders.spec import BUILTIN, EncoderSpec
 from simsearch.encoders.trained import trained_specs
 from simsearch.errors import UnknownNameError
@@ -15,8 +17,10 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 
 
 def list_encoders(models_dir: Path | None = None) -> list[EncoderSpec]:
-    """The built-in encoders, then those trained into `models_dir` (None: the default models dir)."""
-    return [*BUILTIN, *trained_specs(models_dir)]
+    """The built-in encoders, then those trained into `models_dir` (None: the default models dir), each
+    followed by its int8 variant."""
+    tag = QuantSettings().tag()
+    return [v for spec in (*BUILTIN, *trained_specs(models_dir)) for v in (spec, spec.int8(tag))]
 
 
 def is_builtin(name: str) -> bool:

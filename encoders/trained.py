@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 
 from simsearch.encoders.cards import CARD, MODEL, Card
-from simsearch.encoders.spec import TRAINED_ARCH, EncoderSpec
+from simsearch.encoders.spec import INT8_SUFFIX, TRAINED_ARCH, EncoderSpec
 from simsearch.errors import ModelError
 from simsearch.paths import trained_dir
 
@@ -28,6 +28,8 @@ def check_model_name(name: str) -> None:
     """A trained model's name is a folder name in the registry: letters, digits, '.', '_', '-'."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
         raise ModelError(f"invalid name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)")
+    if name.endswith(INT8_SUFFIX):
+        raise ModelError(f"invalid name {name!r}: names ending in {INT8_SUFFIX!r} are the int8 variants of other encoders")
 
 
 def spec_from_card(card: Card, folder: Path) -> EncoderSpec:
@@ -36,7 +38,7 @@ def spec_from_card(card: Card, folder: Path) -> EncoderSpec:
         name=card.name, arch=TRAINED_ARCH, dim=d.dim, image_size=d.image_size, mean=d.mean, std=d.std,
         crop_fraction=d.crop_fraction, weights_package="", weights_file="", weights_sha256=card.onnx_sha256[MODEL],
         source=f"trained: {card.method} from {card.base} on {Path(card.data).name} ({card.split})",
-        onnx_file=str(folder / MODEL), card=str(folder / CARD),
+        onnx_file=str(folder / MODEL), card=str(folder / CARD), preprocess=d.preprocess,
     )
 
 

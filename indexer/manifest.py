@@ -15,8 +15,9 @@ from pathlib import Path
 from simsearch.errors import DbCorruptError, SchemaError
 
 # 2: index files are named per build and carry their sha256 and size (schema 1 had one unverified
-# `index/<encoder>.faiss`); schema-1 manifests are read and upgraded on the next write.
-SCHEMA_VERSION = 2
+# `index/<encoder>.faiss`). 3: each encoder entry names its preprocessing policy (before: always "crop").
+# Older manifests are read and upgraded on the next write.
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -24,8 +25,9 @@ MANIFEST = "manifest.json"
 class EncoderEntry:
     """What the manifest says about one encoder's vectors and index in this db."""
 
-    key: str  # encoder name @ weights hash: vectors from other weights are never mixed in
+    key: str  # EncoderSpec.key (name, weights, precision, policy): vectors of another key are never mixed in
     dim: int
+    preprocess: str = "crop"  # the policy the vectors were made with; queries are embedded the same way
     metric: str = "inner_product"
     index_type: str = "none"
     count: int = 0  # vectors in the index file
@@ -47,7 +49,7 @@ class Manifest:
         return (json.dumps(data, indent=2) + "\n").encode()
 
 
-_TYPES = {"key": str, "dim": int, "metric": str, "index_type": str, "count": int, "index_generation": int,
+_TYPES = {"key": str, "dim": int, "preprocess": str, "metric": str, "index_type": str, "count": int, "index_generation": int,
           "index_file": (str, type(None)), "index_sha256": (str, type(None)), "index_bytes": int}
 _REQUIRED = ("key", "dim")
 

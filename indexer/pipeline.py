@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.runtime import OnnxEncoder, cpu_count
 from simsearch.errors import ImageLoadError
 from simsearch.indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
@@ -107,7 +107,11 @@ class Indexer:
         t0 = time.perf_counter()
         root = item_path(root)
         report = IndexReport(encoder=self.spec.name, root=root)
-        self.store.register_encoder(self.spec.name, self.spec.key, self.spec.dim)
+        old = self.store.manifest.encoders.get(self.spec.name)
+        if old is not None and old.key != self.spec.key:
+            log.warning("the db's %s vectors are %s, this encoder's are %s (other weights, precision or --preprocess): "
+                        "embedding every image again", self.spec.name, old.key, self.spec.key)
+        self.store.register_encoder(self.spec.name, self.spec.key, self.spec.dim, self.spec.preprocess.value)
         found = scan(root, self.config.extensions)
         entries = found.files
         report.scanned, report.ignored = len(entries), dict(found.ignored)
@@ -179,7 +183,7 @@ class Indexer:
                 raise ImageLoadError(f"{entry.path}: cannot read ({e.strerror})") from None
             out.sha256 = hashlib.sha256(data).hexdigest()
             if not self.store.has_vector(self.spec.key, out.sha256):
-                im = load_rgb(entry.path, resize_side(self.spec), self.config.max_pixels, data=data)
+                im = load_rgb(entry.path, decode_side(self.spec), self.config.max_pixels, data=data)
                 out.array = to_input(im, self.spec)
         except ImageLoadError as e:
             out.error = str(e)

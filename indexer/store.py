@@ -161,14 +161,14 @@ class Store:
             raise SimsearchError(f"{self.root}: the manifest is only written by the process holding the writer lock")
         write_atomic(self.root / MANIFEST, self.manifest.to_bytes())
 
-    def register_encoder(self, name: str, key: str, dim: int) -> EncoderEntry:
-        """The manifest entry of the encoder about to write vectors (a new entry if its weights changed).
+    def register_encoder(self, name: str, key: str, dim: int, preprocess: str) -> EncoderEntry:
+        """The manifest entry of the encoder about to write vectors (a new entry if its weights or policy changed).
 
         Saved at once, so even a run killed before its first index names the encoder it was building.
         """
         entry = self.manifest.encoders.get(name)
         if entry is None or entry.key != key or entry.dim != dim:
-            entry = EncoderEntry(key=key, dim=dim)
+            entry = EncoderEntry(key=key, dim=dim, preprocess=preprocess)
             self.manifest.encoders[name] = entry
             self.manifest.default_encoder = self.manifest.default_encoder or name
             self.save_manifest()

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.devices import Device
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.errors import ImageLoadError, SimsearchError
@@ -71,10 +71,12 @@ class Searcher:
             name = encoder.spec.name if isinstance(encoder, OnnxEncoder) else encoder or store.manifest.default_encoder
             if name is None:
                 raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
-            spec = get_encoder(name, models_dir) if not isinstance(encoder, OnnxEncoder) else encoder.spec
+            spec = encoder.spec if isinstance(encoder, OnnxEncoder) else get_encoder(name, models_dir)
             index, entry = load_index(store, name, device)
+            if not isinstance(encoder, OnnxEncoder):  # queries are embedded as the db's vectors were
+                spec = spec.with_preprocess(entry.preprocess)
             if entry.key != spec.key:
-                raise SimsearchError(f"the db's {name} vectors were made with other weights ({entry.key}); "
+                raise SimsearchError(f"the db's {name} vectors were made by {entry.key}, not by this encoder ({spec.key}): "
                                      f"re-run `simsearch index FOLDER --encoder {name}`")
             if entry.index_generation != store.generation and not writer_active(store.root):
                 log.warning("the index of %s is older than the db (an interrupted `index`?): re-run `simsearch index` "
@@ -139,7 +141,7 @@ class Searcher:
         for p in paths:
             results.append(QueryResult(str(p), []))
             try:
-                arrays.append(to_input(load_rgb(p, resize_side(spec)), spec))  # (3, S, S)
+                arrays.append(to_input(load_rgb(p, decode_side(spec)), spec))  # (3, S, S)
             except ImageLoadError as e:
                 results[-1].error = str(e)
         ok = [r for r in results if r.error is None]

@@ -75,4 +75,4 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
 
     trainer = head_trainer(model, opt, plan, val, cfg.seed, cfg.collapse_cosine)
     return train_head(cfg, "barlow", base, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
-                      f"({val.kind}); trained on {views.shape[1]} others", budget, models_dir, on_progress)
+                      f"({val.kind}); trained on {views.shape[1]} others", budget, models_dir, train_paths, on_progress)

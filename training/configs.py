@@ -11,6 +11,7 @@ from pathlib import Path
 
 from simsearch.devices import Device
 from simsearch.encoders.registry import DEFAULT_ENCODER
+from simsearch.encoders.spec import Preprocess
 from simsearch.paths import default_data_dir
 
 
@@ -31,8 +32,16 @@ class TrainingConfig:
 
 
 @dataclass(frozen=True)
-class BarlowConfig(TrainingConfig):
+class HeadConfig(TrainingConfig):
+    """What the encoder trainers (a head on a frozen base encoder) add."""
+
     base: str = DEFAULT_ENCODER
+    # The policy the base sees the training images with (None: the base's own); the trained encoder keeps it.
+    preprocess: Preprocess | None = None
+
+
+@dataclass(frozen=True)
+class BarlowConfig(HeadConfig):
     dim: int = 256  # projector output = the embedding
     hidden: int = 2048  # projector hidden width (the paper: 8192; a frozen 1280-d trunk needs less)
     lambda_offdiag: float = 5e-3
@@ -43,8 +52,7 @@ class BarlowConfig(TrainingConfig):
 
 
 @dataclass(frozen=True)
-class TripletConfig(TrainingConfig):
-    base: str = DEFAULT_ENCODER
+class TripletConfig(HeadConfig):
     dim: int = 256
     hidden: int = 1024  # 0: a linear projection
     margin: float = 0.1  # held-out sweep on Tiny ImageNet train: 0.1 gave hit@1 28.5% / hit@10 64.5%, 0.2 27.6% / 63.0%

@@ -84,9 +84,13 @@ def head_trainer(model: HeadOnFeatures, optimizer: torch.optim.Optimizer, plan: 
 
 
 def train_head(cfg, method: str, base: EncoderSpec, head_arch: dict, trainer: Trainer, held_out: str, budget: Budget,
-               models_dir: Path | None, on_progress=None) -> Card:
-    """Run the loop, export base + the best head as one ONNX model (eval mode), register it under cfg.name."""
+               models_dir: Path | None, train_paths: list[Path], on_progress=None) -> Card:
+    """Run the loop, export base + the best head as one ONNX model (eval mode), register it under cfg.name.
+
+    train_paths: the images it trained on; a seeded sample of them is what its int8 variant is calibrated on.
+    """
     from simsearch.encoders.export import export_module
+    from simsearch.encoders.quantize import pick_calibration
     from simsearch.training.heads import StackedEncoder, torch_encoder
 
     ckpt = checkpoint_path(cfg)
@@ -99,7 +103,9 @@ def train_head(cfg, method: str, base: EncoderSpec, head_arch: dict, trainer: Tr
         export_module(full, (1, 3, base.image_size, base.image_size), folder / MODEL)
         torch.save(head.state_dict(), folder / HEAD)
 
+    calibration = tuple(str(Path(p).resolve()) for p in pick_calibration(train_paths))
     details = EncoderDetails(base_key=base.key, dim=head_arch["out"], image_size=base.image_size, mean=base.mean,
-                             std=base.std, crop_fraction=base.crop_fraction, head=head_arch)
+                             std=base.std, crop_fraction=base.crop_fraction, head=head_arch,
+                             preprocess=base.preprocess.value, calibration=calibration)
     return publish(cfg, method, base.name, details, result, held_out, budget, trained_dir(models_dir), write_files,
                    ckpt)

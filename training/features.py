@@ -96,7 +96,7 @@ def train_and_holdout(cfg, models_dir: Path | None, on_progress=None) -> tuple[E
     split into the part it trains on and the held-out part it is validated on (cfg: any trainer config)."""
     from simsearch.encoders.registry import get_encoder
 
-    base = get_encoder(cfg.base, models_dir)
+    base = get_encoder(cfg.base, models_dir).with_preprocess(cfg.preprocess)
     data = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,
                              on_progress and (lambda d, t: on_progress("embedding training images", d, t)),
                              seed=cfg.seed)

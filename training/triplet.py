@@ -83,4 +83,4 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
     trainer = head_trainer(model, opt, plan, val, cfg.seed, cfg.collapse_cosine,
                            lambda history: check_triplet_loss(history, cfg.margin))
     return train_head(cfg, "triplet", base, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
-                      f"({val.kind})", budget, models_dir, on_progress)
+                      f"({val.kind})", budget, models_dir, train.paths, on_progress)

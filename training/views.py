@@ -43,7 +43,7 @@ def view_features(spec: EncoderSpec, paths: list[Path], models_dir: Path | None,
     """(2, N, dim) embeddings of two augmented views per image, cached per chunk of images."""
     import torch
 
-    from simsearch.encoders.preprocess import resize_side, to_input
+    from simsearch.encoders.preprocess import decode_side, to_input
     from simsearch.encoders.runtime import OnnxEncoder
     from simsearch.indexer.images import load_rgb
 
@@ -62,7 +62,7 @@ def view_features(spec: EncoderSpec, paths: list[Path], models_dir: Path | None,
             out = np.empty((2, min(chunk, len(paths) - c0), spec.dim), dtype=np.float32)
             for b0 in range(0, out.shape[1], 64):
                 batch = paths[c0 + b0:c0 + b0 + 64]
-                x = torch.from_numpy(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in batch]))
+                x = torch.from_numpy(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in batch]))
                 pixels = (x * std + mean) / 255.0  # (B, 3, S, S) back to [0, 1] for kornia
                 for v, aug in enumerate((aug1, aug2)):
                     with torch.no_grad():

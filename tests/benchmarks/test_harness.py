@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from simsearch.benchmarks import harness
 from simsearch.cli import app
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.errors import DatasetError
 from simsearch.evaluation import datasets
 from simsearch.indexer.images import load_rgb
@@ -58,7 +58,7 @@ def ten_per_class(tmp_path_factory) -> Path:
 
 def brute_force_vectors(encoder, paths) -> np.ndarray:
     spec = encoder.spec
-    return encoder.embed(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in paths]))
+    return encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in paths]))
 
 
 def config(tiny, tmp_path, **kw) -> harness.BenchConfig:

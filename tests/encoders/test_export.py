@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from simsearch.encoders.efficientnet_lite import load_efficientnet_lite
 from simsearch.encoders.export import build_embedding_model, ensure_onnx, export_module, onnx_path
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder, list_encoders
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.errors import ModelError, UnknownNameError
@@ -23,7 +23,7 @@ from ..conftest import sample_paths
 
 
 def _batch(spec, paths):
-    return np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in paths])
+    return np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in paths])
 
 
 @pytest.mark.parametrize("name", ["efficientnet-lite0", "efficientnet-lite2"])
@@ -69,11 +69,13 @@ def test_onnx_is_cached_by_weights_hash(tmp_path, lite0):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
 
 
-def test_registry_lists_builtins_and_rejects_unknown_names():
+def test_registry_lists_builtins_each_with_its_int8_variant_and_rejects_unknown_names():
     names = [s.name for s in list_encoders()]
-    assert names[:2] == ["efficientnet-lite0", "efficientnet-lite2"]
-    assert get_encoder("efficientnet-lite2").image_size == 260
-    with pytest.raises(UnknownNameError, match="efficientnet-lite0, efficientnet-lite2"):
+    assert names[:4] == ["efficientnet-lite0", "efficientnet-lite0-int8", "efficientnet-lite2", "efficientnet-lite2-int8"]
+    lite2, lite2_int8 = get_encoder("efficientnet-lite2"), get_encoder("efficientnet-lite2-int8")
+    assert lite2.image_size == lite2_int8.image_size == 260 and lite2_int8.fp32() == lite2
+    assert lite2_int8.precision.value == "int8" and lite2_int8.key != lite2.key
+    with pytest.raises(UnknownNameError, match="efficientnet-lite0, efficientnet-lite0-int8, efficientnet-lite2"):
         get_encoder("resnet-9000")
 
 

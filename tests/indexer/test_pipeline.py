@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer, IndexerConfig
 from simsearch.indexer.store import Store
@@ -39,7 +39,7 @@ def test_index_matches_brute_force_embedding(tmp_path, encoder):
     report = _run(encoder, tmp_path / "db", tmp_path / "imgs")
     assert (report.scanned, report.embedded, len(report.skipped)) == (10, 10, 0)
     spec = encoder.spec
-    ref = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos]))
+    ref = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in photos]))
     with Store(tmp_path / "db") as store:
         index, _ = load_index(store, spec.name)
         scores, ids = index.search(ref, 10)
@@ -138,5 +138,5 @@ def test_embed_files_caches_by_content_and_returns_vectors_in_order(tmp_path, en
         assert spec.name not in store.manifest.encoders  # a file list is not an indexed collection
         with pytest.raises(Exception, match="no vector"):
             store.vectors_of(spec.key, [str(tmp_path / "other.jpg")], spec.dim)
-    ref = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos[::-1]]))
+    ref = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in photos[::-1]]))
     np.testing.assert_allclose(got, ref, atol=1e-5)

@@ -110,7 +110,7 @@ _HOLD = """
 import sys, time
 from simsearch.indexer.store import Store
 with Store(sys.argv[1], create=True) as s:
-    s.register_encoder("first", "first@1", 8)
+    s.register_encoder("first", "first@1", 8, "crop")
     print("locked", flush=True)
     time.sleep(float(sys.argv[2]))
 """
@@ -126,7 +126,7 @@ def test_second_writer_waits_or_fails_fast(tmp_path):
         t = time.monotonic()
         with Store(tmp_path) as s:  # waits for the holder, then reads the manifest it wrote
             assert time.monotonic() - t > 0.5 and s.manifest.default_encoder == "first"
-            s.register_encoder("second", "second@1", 4)
+            s.register_encoder("second", "second@1", 4, "crop")
     finally:
         holder.wait(10)
     assert not writer_active(tmp_path)

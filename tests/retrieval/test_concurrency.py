@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
@@ -60,7 +60,7 @@ def test_queries_during_index_runs_always_answer(tmp_path, encoder, caplog):
         Indexer(encoder, store).run(folder)
         refresh_index(store, encoder.spec.name)
     spec = encoder.spec
-    vectors = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in stable]))
+    vectors = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in stable]))
 
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "db"), str(folder), str(pool), "6"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -49,7 +49,7 @@ def test_auto_switches_to_ivf_with_high_recall(tmp_path):
     kind = index_kind(built)
     assert kind == "ivf512,nprobe16"  # 4*sqrt(n) = 565, capped at n / 39 points per centroid
     with Store(tmp_path, create=True) as store:
-        store.register_encoder("x", "x@1", 64)
+        store.register_encoder("x", "x@1", 64, "crop")
         publish_index(store, "x", built, store.generation)
         index, _ = load_index(store, "x")  # nprobe survives the round trip
     assert index_kind(index.cpu_index) == kind and index.ntotal == len(vecs)
@@ -68,7 +68,7 @@ def test_unknown_kind_is_an_error():
 def _store_with_vectors(root, n=50, dim=8):
     vecs = clustered(n, dim, 5)
     store = Store(root, create=True)
-    store.register_encoder("x", "x@1", dim)
+    store.register_encoder("x", "x@1", dim, "crop")
     store.put_items("x@1", [(f"/img/{i}.jpg", f"h{i}", 1, 1, v) for i, v in enumerate(vecs)])
     return store, vecs
 

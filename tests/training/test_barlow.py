@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from simsearch import paths
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.indexer.images import load_rgb
@@ -33,7 +33,7 @@ def test_tiny_barlow_run_lowers_the_loss_exports_and_resumes(classes, models_dir
 
     spec = get_encoder("tiny-bt", models_dir)
     photos = sorted(classes.rglob("*.JPEG"))[::12][:4]
-    batch = np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos])
+    batch = np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in photos])
     from simsearch.training.heads import torch_encoder
 
     with torch.no_grad():

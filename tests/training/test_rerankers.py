@@ -54,13 +54,13 @@ def test_training_lowers_the_loss_and_registers(matchnet, models_dir):
 
 
 def test_onnx_matches_torch_on_real_pairs(matchnet, classes, models_dir, encoder):
-    from simsearch.encoders.preprocess import resize_side, to_input
+    from simsearch.encoders.preprocess import decode_side, to_input
     from simsearch.indexer.images import load_rgb
     from simsearch.training.matchnet import Metric, feature_tower
 
     spec = get_reranker("tiny-matchnet", models_dir)
     photos = sorted(classes.rglob("*.JPEG"))[::7][:8]
-    emb = encoder.embed(np.stack([to_input(load_rgb(p, resize_side(encoder.spec)), encoder.spec) for p in photos]))
+    emb = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(encoder.spec)), encoder.spec) for p in photos]))
     rr = Reranker(spec)
     got = rr.score_block(rr.represent(emb), rr.represent(emb))  # (8, 8) P(same), ONNX Runtime
     weights = torch.load(spec.folder / "weights.pt", weights_only=True)

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.encoders.cards import HEAD, Card
-from simsearch.encoders.preprocess import resize_side, to_input
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder, list_encoders
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.errors import SimsearchError
@@ -52,7 +52,7 @@ def test_trained_encoder_is_registered_and_matches_torch_on_real_images(trained,
     assert spec.dim == 16 and spec.image_size == 224 and spec.onnx_file
     assert "tiny-triplet" in [s.name for s in list_encoders(models_dir)]
     photos = sorted(classes.rglob("*.JPEG"))[::12][:6]
-    batch = np.stack([to_input(load_rgb(p, resize_side(spec)), spec) for p in photos])
+    batch = np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in photos])
     got = OnnxEncoder(spec, models_dir=models_dir).embed(batch)
     model = torch_encoder(spec, models_dir)
     assert not model.training

@@ -1,0 +1,304 @@
+"""fp32 ONNX encoder -> int8 ONNX encoder, by ONNX Runtime static quantisation (QDQ format).
+
+The default QuantSettings are measured (EfficientNet-Lite0 / Lite2, 64 calibration photos, 200 other held-out
+imagenet-samples photos; cosine of each int8 vector to its fp32 vector; top-10 neighbour overlap within those
+200; img/s at batch 32, 2 threads, int8 and fp32 timed in the same run, AMD EPYC with AVX2 and no VNNI):
+
+    settings (per-channel int8 weights, uint8 activations, MinMax)   lite0 cos mean/min top10  lite2 cos mean/min top10
+    8-bit weights everywhere (plain ORT defaults)                    0.914 / 0.691  0.669       0.966 / 0.826  0.756
+    7-bit weights everywhere (reduce_range)                          0.977 / 0.908  0.824       0.985 / 0.899  0.857
+    chosen: 7-bit base, 8-bit depthwise, pair-safe 1x1, fp32 stem    0.994 / 0.973  0.906       0.995 / 0.967  0.905
+    (the exact arithmetic of 8-bit weights everywhere, as VNNI runs it 0.994 / 0.978  0.907       0.995 / 0.978  0.908)
+
+at 1.62x the fp32 speed on lite0 (254 vs 157 img/s) and 1.57x on lite2 (123 vs 79); 8-bit or 7-bit weights
+everywhere run at the same speed (1.66x / 1.65x on lite0): the fp32 stem costs ~2%. 99% of photos are above
+cosine 0.98; not all, but even exact 8-bit weights everywhere leave a worst photo at 0.978: what is left is the
+per-tensor 8-bit activations.
+Entropy / Percentile calibration, 128 or 256 photos, a moving-average MinMax, or the head conv in fp32 moved
+nothing by more than 0.001 (Distribution calibration breaks the model: cosine 0.29); u8 weights (u8u8) are
+exact but 8x slower than fp32 on x86 (no fast kernel).
+
+Why not plain 8-bit weights: on x86 without VNNI (AVX2, AVX-512 without VNNI) ORT's u8*s8 kernels multiply with
+vpmaddubsw, which adds each pair of adjacent products in int16 *with saturation*: 255 * 127 * 2 overflows, so
+the vectors are wrong (cosine 0.69 on lite0) and differ from those a VNNI or ARM machine computes from the same
+file. A db built on one machine is queried from another, so an int8 file must give the same vectors everywhere:
+its weights must be such that no pair can overflow, whatever the activations. The rules, per conv:
+
+* depthwise: 8-bit weights. Their kernel accumulates in int32 (checked: fused kernels == exact QDQ arithmetic).
+* 1x1 (the bulk of the compute): per output channel, the finest scale at which any two adjacent input channels'
+  same-signed int8 weights sum to at most 128 in magnitude (pair_safe_scales): 255 * 128 fits int16. Most
+  channels keep ~7.8 bits instead of reduce_range's 7.
+* anything else (k x k full convs, Gemm/MatMul of trained encoders): 7-bit weights (ORT reduce_range).
+* the first conv (the stem, 3 input channels: a small share of the compute) stays fp32: at 7 bits it alone cost
+  0.03 of the worst photo's cosine.
+
+The int8 kernels are fast (and saturation-free anyway) where int8_fast_here(): there the same file simply runs
+faster still.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import itertools
+import json
+import logging
+import os
+import platform
+import random
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import numpy as np
+
+from simsearch.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# ORT's "distribution" calibration is left out: it wrecks these models (cosine 0.29 to fp32)
+METHODS = ("minmax", "entropy", "percentile")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class QuantSettings:
+    """Every choice that changes the int8 file. The defaults are the measured choice (module docstring)."""
+
+    calibration_images: int = 64  # photos the activation ranges are calibrated on
+    seed: int = 0  # which photos: pick_calibration(paths, settings)
+    method: str = "minmax"  # activation range calibration: minmax | entropy | percentile
+    percentile: float = 99.999  # method="percentile" only
+    moving_average: bool = False  # method="minmax" only: moving average of per-batch ranges (ORT CalibMovingAverage)
+    per_channel: bool = True  # one weight scale per output channel
+    reduce_range: bool = True  # 7-bit weights: no int16 saturation in AVX2's u8*s8 kernels (see module docstring)
+    depthwise_full_range: bool = True  # with reduce_range: 8-bit weights on depthwise convs (int32 kernels)
+    pointwise_pair_scales: bool = True  # with reduce_range + per_channel: 1x1 convs get pair-safe scales
+    fp32_first_convs: int = 1  # leave the first N convs (graph order) in fp32
+    fp32_last_convs: int = 0  # leave the last N convs (graph order) in fp32
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown calibration method {self.method!r}; one of {', '.join(METHODS)}")
+        if self.calibration_images < 1:
+            raise ValueError("calibration_images must be at least 1")
+        if self.fp32_first_convs < 0 or self.fp32_last_convs < 0:
+            raise ValueError("fp32_first_convs and fp32_last_convs cannot be negative")
+
+    def tag(self) -> str:
+        """A short stable hash of the settings, for cache file names and vector keys."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def pick_calibration(paths: Sequence[T], settings: QuantSettings = QuantSettings()) -> list[T]:
+    """The calibration photos: settings.calibration_images of `paths` (sorted first), chosen by settings.seed."""
+    ordered = sorted(paths)
+    n = min(settings.calibration_images, len(ordered))
+    return random.Random(settings.seed).sample(ordered, n)
+
+
+PAIR_LIMIT = 128  # |q0| + |q1| for two same-signed adjacent int8 weights: 255 * 128 = 32640 fits int16
+
+
+def pair_safe_scales(w: np.ndarray) -> np.ndarray:
+    """Per-output-channel scales for the (O, I) weights of a 1x1 conv: the finest at which no two adjacent
+    input channels (2j, 2j+1) quantise to same-signed int8 values summing past PAIR_LIMIT in magnitude.
+
+    AVX2's u8*s8 kernel (vpmaddubsw) adds such a pair of products in int16 with saturation; with these scales
+    it cannot saturate for any uint8 activation (255 * 128 = 32640 <= 32767), so the result is exact. The pairs
+    are adjacent elements of the reduction axis, which for a 1x1 conv is the input channels in any layout (MLAS
+    packs it in groups of 4); tests/test_quantize.py checks both that and the bound on this machine's kernels.
+    """
+    w = np.asarray(w, dtype=np.float64).reshape(len(w), -1)
+    top = np.abs(w).max(axis=1)
+    if w.shape[1] >= 2:
+        k = w.shape[1] // 2 * 2
+        a, b = w[:, 0:k:2], w[:, 1:k:2]
+        same = np.sign(a) == np.sign(b)
+        top = np.maximum(top, np.where(same, np.abs(a) + np.abs(b), 0).max(axis=1))
+    scale = np.where(top > 0, top / (PAIR_LIMIT - 1), 1.0).astype(np.float32)
+    # rounding adds at most 1 to a pair sum (<= 127 + 1); check it on the float32 scales ORT will use
+    q = np.clip(np.rint(w / scale[:, None]), -127, 127)
+    if w.shape[1] >= 2:
+        pair = np.abs(q[:, 0:k:2] + q[:, 1:k:2])
+        if pair.size and pair.max() > PAIR_LIMIT:  # pragma: no cover - guaranteed by the bound above
+            raise ModelError("internal error: pair-safe weight scales overflow")
+    return scale
+
+
+def _conv_rules(model, settings: QuantSettings) -> tuple[list[str], dict]:
+    """(node names to leave in fp32, tensor overrides) that the settings' rules resolve to for this graph."""
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    exclude = [n.name for n in convs[: settings.fp32_first_convs]]
+    if settings.fp32_last_convs:
+        exclude += [n.name for n in convs[-settings.fp32_last_convs :]]
+    overrides: dict = {}
+    if not (settings.reduce_range and settings.per_channel):
+        return exclude, overrides
+    for n in convs:
+        w = inits.get(n.input[1]) if len(n.input) > 1 else None
+        if n.name in exclude or w is None or len(w.dims) != 4:
+            continue
+        group = next((a.i for a in n.attribute if a.name == "group"), 1)
+        if settings.depthwise_full_range and group > 1 and w.dims[1] == 1:
+            # depthwise kernels accumulate u8*s8 products in int32: no saturation, 8-bit weights are exact
+            overrides[n.input[1]] = [{"axis": 0, "reduce_range": False}]
+        elif settings.pointwise_pair_scales and group == 1 and w.dims[2] == w.dims[3] == 1:
+            scales = pair_safe_scales(numpy_helper.to_array(w))
+            overrides[n.input[1]] = [
+                {"axis": 0, "scale": float(sc), "zero_point": 0} if i == 0 else {"scale": float(sc), "zero_point": 0}
+                for i, sc in enumerate(scales)
+            ]
+    return exclude, overrides
+
+
+def _first_images(batches: Iterable[np.ndarray], n: int) -> Iterator[np.ndarray]:
+    """The batches, cut so that exactly the first n images (or all there are, if fewer) come out."""
+    left = n
+    for b in batches:
+        if left <= 0:
+            return
+        b = np.ascontiguousarray(b[:left], dtype=np.float32)
+        if b.ndim != 4:
+            raise ModelError(f"calibration batches must be (B, 3, S, S) arrays, got shape {b.shape}")
+        left -= len(b)
+        if len(b):
+            yield b
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantiser prints progress and logs INFO/WARNING chatter on the root logger; drop it (keep errors)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR or "onnxruntime" not in record.pathname
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(keep)
+
+
+def quantize_onnx(
+    fp32: Path, out: Path, batches: Iterable[np.ndarray], settings: QuantSettings = QuantSettings()
+) -> None:
+    """Write the int8 model of fp32 to out atomically (temp file in out's folder + os.replace); batches: (B,3,S,S)
+    float32 calibration inputs already preprocessed (the first settings.calibration_images images are used)."""
+    fp32, out = Path(fp32), Path(out)
+    if not fp32.is_file():
+        raise ModelError(f"cannot quantise {fp32}: no such file")
+    try:
+        import onnx
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quant_pre_process,
+            quantize_static,
+        )
+    except ImportError as e:  # pragma: no cover - onnxruntime is a dependency
+        raise ModelError(f"int8 quantisation needs onnxruntime's quantization tools: {e}") from None
+
+    method = {
+        "minmax": CalibrationMethod.MinMax,
+        "entropy": CalibrationMethod.Entropy,
+        "percentile": CalibrationMethod.Percentile,
+    }[settings.method]
+    log.info("quantising %s to int8 (settings %s) -> %s", fp32.name, settings.tag(), out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp_out = Path(tmp_name)
+    try:
+        with tempfile.TemporaryDirectory(prefix="simsearch-quant-") as work, _quiet():
+            pre = Path(work) / "pre.onnx"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            model = onnx.load(str(pre))
+            input_name = model.graph.input[0].name
+            exclude, overrides = _conv_rules(model, settings)
+            del model
+            images = _first_images(batches, settings.calibration_images)
+            first = next(images, None)
+            if first is None:
+                raise ModelError(f"cannot quantise {fp32.name}: no calibration images")
+            images = itertools.chain([first], images)
+
+            class Reader(CalibrationDataReader):
+                def get_next(self):
+                    b = next(images, None)
+                    return None if b is None else {input_name: b}
+
+            extra = {
+                "CalibMovingAverage": settings.moving_average,
+                "TensorQuantOverrides": overrides,
+            }
+            if settings.method == "percentile":
+                extra["CalibPercentile"] = settings.percentile
+            quantize_static(
+                str(pre),
+                str(tmp_out),
+                Reader(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=settings.per_channel,
+                reduce_range=settings.reduce_range,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=exclude,
+                calibrate_method=method,
+                extra_options=extra,
+            )
+        os.replace(tmp_out, out)
+    except ModelError:
+        raise
+    except Exception as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise ModelError(f"int8 quantisation of {fp32.name} failed: {reason}") from e
+    finally:
+        tmp_out.unlink(missing_ok=True)
+
+
+VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"})
+
+
+def int8_fast_flags(machine: str, flags: Iterable[str]) -> bool:
+    """True where the CPU's feature flags include an int8 dot-product instruction ORT's kernels use."""
+    machine = machine.lower()
+    flags = {f.lower() for f in flags}
+    if machine in ("x86_64", "amd64", "i686", "i386", "x86"):
+        return bool(flags & VNNI_FLAGS)
+    if machine in ("aarch64", "arm64"):
+        return "asimddp" in flags
+    return False
+
+
+def parse_cpuinfo_flags(text: str) -> set[str]:
+    """The CPU feature flags in a /proc/cpuinfo text: x86 'flags' lines, ARM 'Features' lines."""
+    flags: set[str] = set()
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return flags
+
+
+def int8_fast_here() -> bool:
+    """True where int8 kernels are known to be fast: x86 with AVX-512 VNNI or AVX-VNNI (read /proc/cpuinfo flags on
+    Linux), or aarch64 with dotprod ('asimddp'); False when unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return int8_fast_flags(platform.machine(), parse_cpuinfo_flags(text))
