@@ -85,3 +85,20 @@ def test_preprocessing_is_lite_scaling_not_imagenet_mean_std(lite0):
     x = to_input(Image.new("RGB", (300, 200), (127, 255, 0)), lite0)
     assert x.shape == (3, 224, 224) and x.dtype == np.float32
     np.testing.assert_allclose(x[:, 100, 100], [0.0, 128 / 128, -127 / 128])
+
+
+def test_int8_variant_is_quantised_once_and_cached_by_its_identity(tmp_path, monkeypatch):
+    from simsearch.errors import ModelError
+
+    int8 = get_encoder("efficientnet-lite0-int8")
+    monkeypatch.setenv("SIMSEARCH_CALIBRATION_DIR", str(tmp_path / "empty"))
+    with pytest.raises(ModelError, match="calibrated on 64 photos, and .*empty has 0: set SIMSEARCH_CALIBRATION_DIR"):
+        ensure_onnx(int8, tmp_path / "models")
+    monkeypatch.delenv("SIMSEARCH_CALIBRATION_DIR")
+    path = ensure_onnx(int8, tmp_path / "models")
+    assert path.parent == tmp_path / "models" / "int8"
+    assert f".{int8.quant_tag}.resize." in path.name and int8.weights_sha256[:16] in path.name
+    mtime = path.stat().st_mtime_ns
+    assert ensure_onnx(int8, tmp_path / "models") == path and path.stat().st_mtime_ns == mtime  # not quantised again
+    pad = ensure_onnx(int8.with_preprocess("pad"), tmp_path / "models")  # calibrated on what the encoder sees
+    assert pad != path and ".pad." in pad.name

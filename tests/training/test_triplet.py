@@ -74,6 +74,25 @@ def test_trained_encoder_indexes_and_queries_through_the_cli(trained, classes, t
     assert "tiny-triplet" in listing.output and "hit@10" in listing.output  # name and card summary
 
 
+def test_trained_encoder_keeps_its_policy_and_has_an_int8_variant_calibrated_on_its_training_images(
+        trained, models_dir, classes):
+    from simsearch.encoders.export import ensure_onnx
+
+    d = trained.details
+    assert d.preprocess == get_encoder("efficientnet-lite0").preprocess.value == "resize"
+    assert d.calibration and all(Path(p).is_file() and Path(p).is_relative_to(classes.resolve()) for p in d.calibration)
+    spec, int8 = get_encoder("tiny-triplet", models_dir), get_encoder("tiny-triplet-int8", models_dir)
+    assert spec.preprocess.value == int8.preprocess.value == "resize" and int8.fp32() == spec
+    path = ensure_onnx(int8, models_dir)
+    assert path.parent == models_dir / "int8" and path.name.startswith("tiny-triplet-int8-")
+    photos = sorted(classes.rglob("*.JPEG"))[1::12][:6]
+    batch = np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in photos])
+    got, want = (OnnxEncoder(s, models_dir=models_dir).embed(batch) for s in (int8, spec))
+    assert np.all(np.einsum("nd,nd->n", got, want) > 0.95)  # a 16-d head on 80 images: a looser bound than lite0's
+    with pytest.raises(SimsearchError, match="'-int8' are the int8 variants"):
+        train_triplet(TripletConfig(name="mine-int8", data=classes), models_dir)
+
+
 def test_guards_stop_collapse_stuck_and_empty_training():
     with pytest.raises(TrainingStopped, match="collapsing"):
         check_collapse(0.95, 0.3, 0.9)
