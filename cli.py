@@ -344,7 +344,8 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
             "default_encoder": store.manifest.default_encoder,
             "writer_active": writer_active(store.root),
             "encoders": {
-                name: {"dim": e.dim, "metric": e.metric, "index_type": e.index_type, "vectors_in_index": e.count,
+                name: {"dim": e.dim, "preprocess": e.preprocess, "metric": e.metric, "index_type": e.index_type,
+                       "vectors_in_index": e.count,
                        "weights": e.key, "index_file": e.index_file,
                        "index_up_to_date": e.index_generation == generation and e.index_file is not None,
                        "index_problem": index_problem(store, name, e)}
@@ -358,12 +359,13 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
     busy = " [yellow](an `index` is writing to it now)[/yellow]" if doc["writer_active"] else ""
     out.print(f"db [bold]{shown(doc['db'])}[/bold] (schema {doc['schema_version']}): {doc['items']} items, "
               f"{doc['size_on_disk_bytes'] / 2**20:.1f} MiB on disk{busy}", highlight=False)
-    table = Table("dim", "metric", "index", "vectors", "up to date")
+    table = Table("dim", "preprocess", "metric", "index", "vectors", "up to date")
     table.columns.insert(0, Column("encoder", no_wrap=True))
     for name, e in doc["encoders"].items():
         default = " (default)" if name == doc["default_encoder"] else ""
         state = "yes" if e["index_up_to_date"] else "no: re-run index"
-        table.add_row(shown(name + default), str(e["dim"]), e["metric"], e["index_type"], str(e["vectors_in_index"]),
+        table.add_row(shown(name + default), str(e["dim"]), e["preprocess"], e["metric"], e["index_type"],
+                      str(e["vectors_in_index"]),
                       f"[red]{shown(e['index_problem'])}[/red]: run `simsearch check --repair`" if e["index_problem"]
                       else state)
     out.print(table)
@@ -500,19 +502,19 @@ def bench(
 
 @app.command()
 def encoders(models_dir: ModelsDirOption = None):
-    """The registered encoders: dimension, input size, source of the weights."""
-    from simsearch import paths
+    """The registered encoders: dimension, input (size, preprocessing), precision, source of the weights."""
     from simsearch.encoders.cards import Card
-    from simsearch.encoders.export import onnx_path
+    from simsearch.encoders.export import is_cached
     from simsearch.encoders.registry import list_encoders
 
-    table = Table("dim", "input", "weights sha256", "source", "ONNX cached")
+    table = Table("dim", "input", "precision", "weights sha256", "source", "ONNX cached")
     table.columns.insert(0, Column("name", no_wrap=True))
     for spec in list_encoders(models_dir):
-        cached = spec.trained or onnx_path(spec, paths.models_dir(models_dir)).is_file()
         source = Card.load(Path(spec.card), "encoder").summary() if spec.trained else spec.source
-        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px", spec.weights_sha256[:12], source,
-                      "yes" if cached else "on first use")
+        if spec.precision.value == "int8":
+            source = f"quantised from {spec.fp32().name} (settings {spec.quant_tag})"
+        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px, {spec.preprocess.value}", spec.precision.value,
+                      spec.weights_sha256[:12], source, "yes" if is_cached(spec, models_dir) else "on first use")
     out.print(table)
 
 

@@ -1,14 +1,25 @@
-"""Speed benchmark: encoder throughput, end-to-end indexing, warm query latency, cold start.
+"""Speed benchmark: encoder throughput (fp32 and int8), end-to-end indexing against the machine's limit,
+warm query latency, cold start.
 
-    python -m simsearch.benchmarks.speed [--out results/speed.json]
+    python -m simsearch.benchmarks.speed [--out results/speed.json] [--encoder efficientnet-lite0]
 
 Every figure is measured in this one run on this machine, and each is reported as a ratio against a
 baseline measured alongside it (timings on shared machines drift by tens of percent between runs):
-  (a) torch eager vs ONNX Runtime, same model, same real-photo batch        target: ORT >= 2x torch
+  (a) torch eager vs ONNX Runtime, same fp32 model, same real-photo batch   target: ORT >= 2x torch
   (b) `index` on a folder of real JPEGs (decode included) vs pure ORT img/s  target: >= 0.85x
   (c) warm FAISS search p50/p95 over 1,000 queries on 100,000 vectors        target: p50 <= 5 ms
       (the default "auto" index, i.e. IVF at this size, against exact search; recall@10 against exact)
   (d) cold `simsearch query` as a process vs `python -c pass`               target: <= 1.5 s
+  (e) ORT int8 (`<encoder>-int8`) vs fp32, same batch, same threads          target: int8 >= 3x fp32
+      (3x needs fast int8 kernels: AVX-512 VNNI / AVX-VNNI or ARM dotprod; without them ~1.6x)
+  (f) `index` with the int8 encoder vs pure int8 ORT img/s                  target: >= 0.85x
+  (g) `index` (b) and (f) vs the physical limit of this machine, fp32 and int8   target: >= 0.9x
+      limit = cores / (decode core-seconds per image + encoder core-seconds per image), where decode =
+      single-threaded read + load_rgb + to_input of the photos `index` reads, and encoder = 1 / img/s of
+      ORT at 1 thread: what `index` could reach if every core did nothing but decode and encode.
+
+--encoder names the model family: given an int8 name (`<name>-int8`), its fp32 encoder is the fp32 side of
+(a), (b) and (e), and the int8 name itself the int8 side.
 """
 
 from __future__ import annotations

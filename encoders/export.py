@@ -103,6 +103,18 @@ def _calibration_batches(spec: EncoderSpec, images: list[Path], batch: int = 16)
         yield np.stack(arrays)
 
 
+def int8_stem(spec: EncoderSpec) -> str:
+    """The int8 file's name up to its calibration set's hash."""
+    return f"{spec.name}-{spec.weights_sha256[:16]}.{spec.quant_tag}.{spec.preprocess.value}"
+
+
+def is_cached(spec: EncoderSpec, models_dir: Path | None = None) -> bool:
+    """Whether the ONNX model of spec is already here (else it is exported or quantised on first use)."""
+    if spec.precision is Precision.int8:
+        return any((paths.models_dir(models_dir) / "int8").glob(f"{int8_stem(spec)}.*.onnx"))
+    return spec.trained or onnx_path(spec, paths.models_dir(models_dir)).is_file()
+
+
 def ensure_int8(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     """The cached int8 model of `spec` (an int8 variant), quantised from its fp32 model on first use."""
     settings = QuantSettings()
@@ -114,8 +126,7 @@ def ensure_int8(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     # The file depends on everything that changes its numbers: weights, settings, policy and calibration set.
     # (names, not paths: the same photos in another checkout give the same file)
     calibration = hashlib.sha256("\n".join(p.name for p in images).encode()).hexdigest()[:8]
-    path = (paths.models_dir(models_dir) / "int8" /
-            f"{spec.name}-{spec.weights_sha256[:16]}.{spec.quant_tag}.{spec.preprocess.value}.{calibration}.onnx")
+    path = paths.models_dir(models_dir) / "int8" / f"{int8_stem(spec)}.{calibration}.onnx"
     if path.is_file():
         return path
     log.info("quantising %s to int8 (once per machine) on %d photos -> %s", spec.name, len(images), path)

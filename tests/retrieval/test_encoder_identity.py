@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 
-from ..conftest import copy_samples
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.errors import SimsearchError
@@ -17,6 +16,8 @@ from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import refresh_index
 from simsearch.retrieval.search import Searcher
+
+from ..conftest import copy_samples
 
 N = 8
 
