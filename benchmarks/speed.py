@@ -48,10 +48,11 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SpeedConfig:
     images: Path = field(default_factory=lambda: shared_data() / "imagenet-samples")
-    max_images: int = 1000  # photos indexed in (b); also the source of the real batch in (a)
+    max_images: int = 1000  # photos indexed in (b) and (f); also the source of the real batch in (a) and (e)
     encoder: str = DEFAULT_ENCODER
     batch_size: int = 32
     min_seconds: float = 8.0  # each throughput is timed for at least this long (after one warm-up batch)
+    decode_images: int = 300  # of the indexed photos, decoded one thread in (g)
     vectors: int = 100_000
     dim: int = 1280  # the baseline encoder's width
     queries: int = 1000
@@ -86,28 +87,47 @@ def _throughput(fn: Callable[[], None], items_per_call: int, min_seconds: float)
     return calls * items_per_call / elapsed
 
 
+def _photos(cfg: SpeedConfig) -> list[Path]:
+    """The photos `index` reads in (b) and (f), in order; the real batch is their first batch_size."""
+    return sorted(cfg.images.glob("*.JPEG"))[: cfg.max_images]
+
+
+def _specs(cfg: SpeedConfig):
+    """(fp32, int8) specs of the encoder cfg.encoder names (either of the two names works)."""
+    from simsearch.encoders.registry import get_encoder
+    from simsearch.encoders.spec import INT8_SUFFIX, Precision
+
+    spec = get_encoder(cfg.encoder, cfg.models_dir)
+    fp32 = spec.fp32()
+    int8 = spec if spec.precision is Precision.int8 else get_encoder(fp32.name + INT8_SUFFIX, cfg.models_dir)
+    return fp32, int8
+
+
 def _real_batch(cfg: SpeedConfig, spec) -> np.ndarray:
     from simsearch.encoders.preprocess import decode_side, to_input
     from simsearch.indexer.images import load_rgb
 
-    paths = sorted(cfg.images.glob("*.JPEG"))[: cfg.batch_size]
+    paths = _photos(cfg)[: cfg.batch_size]
     return np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in paths])  # (B, 3, S, S)
 
 
-def encoder_throughput(cfg: SpeedConfig) -> tuple[Measure, float]:
-    """(a): torch eager vs ONNX Runtime on the same batch; returns the measure and ORT img/s."""
+def _ort_throughput(cfg: SpeedConfig, spec, batch: np.ndarray, threads: int) -> float:
+    """img/s of ONNX Runtime on CPU with `threads` intra-op threads (int8: quantised first, untimed)."""
+    from simsearch.devices import Device
+    from simsearch.encoders.runtime import OnnxEncoder
+
+    encoder = OnnxEncoder(spec, Device.cpu, cfg.models_dir, threads=threads)
+    return _throughput(lambda: encoder.embed(batch), len(batch), cfg.min_seconds)
+
+
+def encoder_throughput(cfg: SpeedConfig, spec, batch: np.ndarray) -> tuple[Measure, float]:
+    """(a): torch eager vs ONNX Runtime (fp32) on the same batch; returns the measure and ORT img/s."""
     import torch
 
-    from simsearch.devices import Device
     from simsearch.encoders.export import build_embedding_model
-    from simsearch.encoders.registry import get_encoder
-    from simsearch.encoders.runtime import OnnxEncoder, cpu_count
+    from simsearch.encoders.runtime import cpu_count
 
-    spec = get_encoder(cfg.encoder)
-    batch = _real_batch(cfg, spec)
-    ort_encoder = OnnxEncoder(spec, Device.cpu, cfg.models_dir)
-    ort_ips = _throughput(lambda: ort_encoder.embed(batch), len(batch), cfg.min_seconds)
-
+    ort_ips = _ort_throughput(cfg, spec, batch, cpu_count())
     torch.set_num_threads(cpu_count())
     model = build_embedding_model(spec)
     x = torch.from_numpy(batch)
@@ -119,20 +139,31 @@ def encoder_throughput(cfg: SpeedConfig) -> tuple[Measure, float]:
     return m, ort_ips
 
 
-def index_throughput(cfg: SpeedConfig, ort_ips: float, db: Path) -> Measure:
-    """(b): a fresh `index` of real JPEGs (scan, read, hash, decode, embed, write, FAISS build)."""
+def int8_throughput(cfg: SpeedConfig, fp32, int8, batch: np.ndarray, fp32_ips: float) -> tuple[Measure, float]:
+    """(e): ORT int8 vs ORT fp32 (fp32_ips: (a)'s ORT figure), same batch, same threads; returns the measure
+    and int8 img/s."""
+    from simsearch.encoders.quantize import int8_fast_here
+    from simsearch.encoders.runtime import cpu_count
+
+    int8_ips = _ort_throughput(cfg, int8, batch, cpu_count())
+    fast = int8_fast_here()
+    m = Measure("(e) encoder, int8 vs fp32", int8_ips, "img/s", fp32_ips, "fp32 ORT", ">= 3x",
+                detail=f"{int8.name} vs {fp32.name}, batch {len(batch)} of real photos, {cpu_count()} threads; "
+                       f"fast int8 kernels on this CPU (VNNI/dotprod): {'yes' if fast else 'no'}")
+    m.met = m.ratio >= 3.0
+    return m, int8_ips
+
+
+def index_throughput(cfg: SpeedConfig, spec, ort_ips: float, folder: Path, db: Path,
+                     name: str = "(b) index, end to end", baseline_name: str = "pure ORT") -> Measure:
+    """(b), (f): a fresh `index` of real JPEGs (scan, read, hash, decode, embed, write, FAISS build)."""
     from simsearch.devices import Device
-    from simsearch.encoders.registry import get_encoder
     from simsearch.encoders.runtime import OnnxEncoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
     from simsearch.retrieval.faiss_index import refresh_index
 
-    folder = db.parent / "images"
-    folder.mkdir()
-    for p in sorted(cfg.images.glob("*.JPEG"))[: cfg.max_images]:
-        (folder / p.name).symlink_to(p)
-    encoder = OnnxEncoder(get_encoder(cfg.encoder), Device.cpu, cfg.models_dir)
+    encoder = OnnxEncoder(spec, Device.cpu, cfg.models_dir)
     t = time.perf_counter()
     with Store(db, create=True) as store:
         report = Indexer(encoder, store, IndexerConfig(batch_size=cfg.batch_size)).run(folder)
@@ -140,12 +171,61 @@ def index_throughput(cfg: SpeedConfig, ort_ips: float, db: Path) -> Measure:
         refresh_index(store, encoder.spec.name)
         report.seconds["index"] = time.perf_counter() - t_index
     report.wall = time.perf_counter() - t
-    log.info("index: %d images in %.1f s, stages %s", report.embedded,
+    log.info("index (%s): %d images in %.1f s, stages %s", spec.name, report.embedded,
              report.wall, {k: round(v, 2) for k, v in report.seconds.items()})
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
-    m = Measure("(b) index, end to end", report.images_per_second, "img/s", ort_ips, "pure ORT", ">= 0.85x",
-                detail=f"{report.embedded} JPEGs in {report.wall:.1f} s; stage seconds (decode summed over threads): {stages}")
+    m = Measure(name, report.images_per_second, "img/s", ort_ips, baseline_name, ">= 0.85x",
+                detail=f"{spec.name}: {report.embedded} JPEGs in {report.wall:.1f} s; "
+                       f"stage seconds (decode summed over threads): {stages}")
     m.met = m.ratio >= 0.85
+    return m
+
+
+def decode_core_seconds(cfg: SpeedConfig, spec) -> dict:
+    """Single-threaded wall (and CPU) seconds per image of what `index` does to a new photo before the encoder:
+    read the file, load_rgb at decode_side(spec), to_input; over up to cfg.decode_images of the photos `index`
+    reads (evenly spaced), after one untimed warm-up. Left out: sha256 (~0.07 ms of ~4.5 ms per photo here) and the
+    store write."""
+    from simsearch.encoders.preprocess import decode_side, to_input
+    from simsearch.indexer.images import load_rgb
+
+    photos = _photos(cfg)
+    sample = photos[:: max(1, len(photos) // cfg.decode_images)][: cfg.decode_images]
+    side = decode_side(spec)
+
+    def prepare(p: Path) -> None:
+        to_input(load_rgb(p, side, data=p.read_bytes()), spec)
+
+    prepare(sample[0])
+    wall, cpu = time.perf_counter(), time.thread_time()
+    for p in sample:
+        prepare(p)
+    return {"images": len(sample), "wall_seconds_per_image": (time.perf_counter() - wall) / len(sample),
+            "cpu_seconds_per_image": (time.thread_time() - cpu) / len(sample)}
+
+
+def physical_limit(cfg: SpeedConfig, spec, batch: np.ndarray, decode: dict) -> dict:
+    """The end-to-end img/s ceiling of this machine for `spec`: cores / (decode + encoder core-seconds per image)."""
+    from simsearch.encoders.runtime import cpu_count
+
+    one_thread_ips = _ort_throughput(cfg, spec, batch, threads=1)
+    encoder_s = 1.0 / one_thread_ips
+    decode_s = decode["wall_seconds_per_image"]
+    return {"encoder": spec.name, "cores": cpu_count(), "decode_core_seconds": decode_s,
+            "encoder_core_seconds": encoder_s, "encoder_1_thread_ips": one_thread_ips,
+            "limit_ips": cpu_count() / (decode_s + encoder_s)}
+
+
+def limit_measure(index: Measure, limit: dict, decode: dict, precision: str) -> Measure:
+    """(g): `index` img/s (index: (b) or (f)) as a fraction of the physical limit."""
+    m = Measure(f"(g) index vs physical limit, {precision}", index.value, "img/s", limit["limit_ips"],
+                "physical limit", ">= 0.9x",
+                detail=f"{precision}: limit = {limit['cores']} cores / (decode {limit['decode_core_seconds'] * 1e3:.2f} ms "
+                       f"+ encoder {limit['encoder_core_seconds'] * 1e3:.2f} ms core-seconds per image); decode: "
+                       f"read + load_rgb + to_input, 1 thread, {decode['images']} of the indexed photos "
+                       f"(CPU {decode['cpu_seconds_per_image'] * 1e3:.2f} ms); encoder: 1 / {limit['encoder']} ORT "
+                       f"at 1 thread ({limit['encoder_1_thread_ips']:.1f} img/s)")
+    m.met = m.ratio >= 0.9
     return m
 
 
@@ -224,20 +304,35 @@ def cold_query(cfg: SpeedConfig, db: Path) -> Measure:
 
 
 def run(cfg: SpeedConfig) -> dict:
+    from simsearch.encoders.quantize import int8_fast_here
     from simsearch.encoders.runtime import cpu_count
 
+    fp32, int8 = _specs(cfg)
+    batch = _real_batch(cfg, fp32)  # int8 variants share their fp32 encoder's preprocessing: the same batch
     with tempfile.TemporaryDirectory(prefix="simsearch-speed-") as tmp:
         db = Path(tmp) / "db"
-        a, ort_ips = encoder_throughput(cfg)
-        b = index_throughput(cfg, ort_ips, db)
+        folder = Path(tmp) / "images"
+        folder.mkdir()
+        for p in _photos(cfg):
+            (folder / p.name).symlink_to(p)
+        a, fp32_ips = encoder_throughput(cfg, fp32, batch)
+        e, int8_ips = int8_throughput(cfg, fp32, int8, batch, fp32_ips)
+        b = index_throughput(cfg, fp32, fp32_ips, folder, db)
+        f = index_throughput(cfg, int8, int8_ips, folder, Path(tmp) / "db-int8",
+                             "(f) index, end to end, int8", "pure int8 ORT")
+        decode = decode_core_seconds(cfg, fp32)  # after (b): the photos are in the page cache, as for (f)
+        limits = {"fp32": physical_limit(cfg, fp32, batch, decode), "int8": physical_limit(cfg, int8, batch, decode)}
+        g = [limit_measure(index, limits[precision], decode, precision) for index, precision in ((b, "fp32"), (f, "int8"))]
         c, search = query_latency(cfg)
         d = cold_query(cfg, db)
-    measures = [a, b, c, d]
+    measures = [a, b, c, d, e, f, *g]
     return {
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "machine": {"cores": cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": {"cores": cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+                    "int8_fast": int8_fast_here()},
         "measures": [{**asdict(m), "ratio": m.ratio} for m in measures],
         "search": search,
+        "limit": {"decode": decode, **limits},
     }
 
 
@@ -261,12 +356,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=Path("results/speed.json"))
     p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: the shared imagenet-samples)")
     p.add_argument("--max-images", type=int, default=SpeedConfig.max_images)
-    p.add_argument("--encoder", default=SpeedConfig.encoder)
+    p.add_argument("--encoder", default=SpeedConfig.encoder,
+                   help="fp32 or int8 name of one encoder: both precisions are measured")
     p.add_argument("--batch-size", type=int, default=SpeedConfig.batch_size)
     p.add_argument("--min-seconds", type=float, default=SpeedConfig.min_seconds)
     p.add_argument("--vectors", type=int, default=SpeedConfig.vectors)
     p.add_argument("--queries", type=int, default=SpeedConfig.queries)
     p.add_argument("--cold-runs", type=int, default=SpeedConfig.cold_runs)
+    p.add_argument("--decode-images", type=int, default=SpeedConfig.decode_images,
+                   help="photos decoded on one thread for the physical limit (g)")
     p.add_argument("--models-dir", type=Path, default=None)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -274,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
     images = {"images": a.images} if a.images else {}
     cfg = SpeedConfig(**images, max_images=a.max_images, encoder=a.encoder, batch_size=a.batch_size,
                       min_seconds=a.min_seconds, vectors=a.vectors, queries=a.queries, cold_runs=a.cold_runs,
-                      models_dir=a.models_dir)
+                      decode_images=a.decode_images, models_dir=a.models_dir)
     result = run(cfg)
     Console(width=max(Console().width, 120)).print(render(result))
     a.out.parent.mkdir(parents=True, exist_ok=True)
