@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.encoders.registry import DEFAULT_ENCODER
+from simsearch.encoders.registry import DEFAULT_BASE
 from simsearch.paths import shared_data
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 class SpeedConfig:
     images: Path = field(default_factory=lambda: shared_data() / "imagenet-samples")
     max_images: int = 1000  # photos indexed in (b) and (f); also the source of the real batch in (a) and (e)
-    encoder: str = DEFAULT_ENCODER
+    encoder: str = DEFAULT_BASE
     batch_size: int = 32
     min_seconds: float = 8.0  # each throughput is timed for at least this long (after one warm-up batch)
     decode_images: int = 300  # of the indexed photos, decoded one thread in (g)

@@ -271,17 +271,26 @@ def quantize_onnx(
 
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"})
+X86 = ("x86_64", "amd64", "i686", "i386", "x86")
 
 
 def int8_fast_flags(machine: str, flags: Iterable[str]) -> bool:
     """True where the CPU's feature flags include an int8 dot-product instruction ORT's kernels use."""
     machine = machine.lower()
     flags = {f.lower() for f in flags}
-    if machine in ("x86_64", "amd64", "i686", "i386", "x86"):
+    if machine in X86:
         return bool(flags & VNNI_FLAGS)
     if machine in ("aarch64", "arm64"):
         return "asimddp" in flags
     return False
+
+
+def int8_faster_flags(machine: str, flags: Iterable[str]) -> bool:
+    """True where int8 runs faster than fp32: a dot-product instruction, or x86 with AVX2, whose u8*s8 kernels ran
+    EfficientNet-Lite 1.6x faster than fp32 here (AMD EPYC, no VNNI; benchmarks/speed.py). Older x86 and unknown
+    CPUs: False, so that no user is made slower by default."""
+    flags = {f.lower() for f in flags}
+    return int8_fast_flags(machine, flags) or (machine.lower() in X86 and "avx2" in flags)
 
 
 def parse_cpuinfo_flags(text: str) -> set[str]:
@@ -294,11 +303,20 @@ def parse_cpuinfo_flags(text: str) -> set[str]:
     return flags
 
 
+def _flags_here() -> set[str]:
+    """This CPU's feature flags (Linux; empty elsewhere: unknown)."""
+    try:
+        return parse_cpuinfo_flags(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return set()
+
+
 def int8_fast_here() -> bool:
     """True where int8 kernels are known to be fast: x86 with AVX-512 VNNI or AVX-VNNI (read /proc/cpuinfo flags on
     Linux), or aarch64 with dotprod ('asimddp'); False when unknown."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(errors="replace")
-    except OSError:
-        return False
-    return int8_fast_flags(platform.machine(), parse_cpuinfo_flags(text))
+    return int8_fast_flags(platform.machine(), _flags_here())
+
+
+def int8_faster_here() -> bool:
+    """int8_faster_flags for this CPU."""
+    return int8_faster_flags(platform.machine(), _flags_here())

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from simsearch.devices import Device
-from simsearch.encoders.registry import DEFAULT_ENCODER
+from simsearch.encoders.registry import DEFAULT_BASE
 from simsearch.encoders.spec import Preprocess
 from simsearch.paths import default_data_dir
 
@@ -35,7 +35,7 @@ class TrainingConfig:
 class HeadConfig(TrainingConfig):
     """What the encoder trainers (a head on a frozen base encoder) add."""
 
-    base: str = DEFAULT_ENCODER
+    base: str = DEFAULT_BASE
     # The policy the base sees the training images with (None: the base's own); the trained encoder keeps it.
     preprocess: Preprocess | None = None
 
@@ -69,7 +69,7 @@ class TripletConfig(HeadConfig):
 @dataclass(frozen=True)
 class MatchNetConfig(TrainingConfig):
     tower: str = "pretrained"
-    encoder: str = DEFAULT_ENCODER  # tower "pretrained": whose embeddings it reads
+    encoder: str = DEFAULT_BASE  # tower "pretrained": whose embeddings it reads
     image_size: int = 64  # tower "scratch"
     bottleneck: int = 256
     hidden: int = 256
@@ -89,7 +89,7 @@ class MatchNetConfig(TrainingConfig):
 
 @dataclass(frozen=True)
 class BeitPairConfig(TrainingConfig):
-    encoder: str = DEFAULT_ENCODER  # default tokens: this encoder's trunk
+    encoder: str = DEFAULT_BASE  # default tokens: this encoder's trunk
     weights: Path | None = None  # a user's BEiT checkpoint folder: pixel patches instead of trunk tokens
     image_size: int = 160  # trunk input side: a 5x5 token grid per image (Tiny ImageNet is 64 px)
     token_dim: int = 128  # trunk features (1280) -> token width, by a trained 1x1 conv

@@ -97,8 +97,8 @@ def test_int8_variant_is_quantised_once_and_cached_by_its_identity(tmp_path, mon
     monkeypatch.delenv("SIMSEARCH_CALIBRATION_DIR")
     path = ensure_onnx(int8, tmp_path / "models")
     assert path.parent == tmp_path / "models" / "int8"
-    assert f".{int8.quant_tag}.resize." in path.name and int8.weights_sha256[:16] in path.name
+    assert f".{int8.quant_tag}.pad." in path.name and int8.weights_sha256[:16] in path.name
     mtime = path.stat().st_mtime_ns
     assert ensure_onnx(int8, tmp_path / "models") == path and path.stat().st_mtime_ns == mtime  # not quantised again
-    pad = ensure_onnx(int8.with_preprocess("pad"), tmp_path / "models")  # calibrated on what the encoder sees
-    assert pad != path and ".pad." in pad.name
+    other = ensure_onnx(int8.with_preprocess("resize"), tmp_path / "models")  # calibrated on what the encoder sees
+    assert other != path and ".resize." in other.name

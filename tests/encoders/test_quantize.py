@@ -15,6 +15,7 @@ from simsearch.encoders.quantize import (
     QuantSettings,
     int8_fast_flags,
     int8_fast_here,
+    int8_faster_flags,
     pair_safe_scales,
     parse_cpuinfo_flags,
     pick_calibration,
@@ -22,7 +23,7 @@ from simsearch.encoders.quantize import (
 )
 from simsearch.errors import ModelError
 
-from .conftest import SAMPLES
+from ..conftest import SAMPLES
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -237,21 +238,23 @@ ARM = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 atomics {extra}\nC
 
 
 @pytest.mark.parametrize(
-    ("machine", "text", "fast"),
+    ("machine", "text", "fast", "faster"),
     [
-        ("x86_64", X86.format(extra=""), False),  # AVX2 only: this project's reference machine
-        ("x86_64", X86.format(extra="avx512f avx512_vnni"), True),
-        ("x86_64", X86.format(extra="avx_vnni"), True),
-        ("AMD64", X86.format(extra="avx512_vnni"), True),
-        ("x86_64", X86.format(extra="avx512f avx512bw"), False),  # AVX-512 without VNNI
-        ("aarch64", ARM.format(extra="asimddp sve"), True),
-        ("aarch64", ARM.format(extra="asimdhp"), False),
-        ("riscv64", "isa\t: rv64imafdc\n", False),
-        ("x86_64", "", False),
+        ("x86_64", X86.format(extra=""), False, True),  # AVX2 only: this project's reference machine
+        ("x86_64", X86.format(extra="avx512f avx512_vnni"), True, True),
+        ("x86_64", X86.format(extra="avx_vnni"), True, True),
+        ("AMD64", X86.format(extra="avx512_vnni"), True, True),
+        ("x86_64", X86.format(extra="avx512f avx512bw"), False, True),  # AVX-512 without VNNI
+        ("x86_64", "flags\t: fpu sse sse2 sse4_1 sse4_2 avx\n", False, False),  # no AVX2: fp32 stays the default
+        ("aarch64", ARM.format(extra="asimddp sve"), True, True),
+        ("aarch64", ARM.format(extra="asimdhp"), False, False),
+        ("riscv64", "isa\t: rv64imafdc\n", False, False),
+        ("x86_64", "", False, False),
     ],
 )
-def test_int8_fast_flags(machine, text, fast):
-    assert int8_fast_flags(machine, parse_cpuinfo_flags(text)) is fast
+def test_int8_fast_flags(machine, text, fast, faster):
+    flags = parse_cpuinfo_flags(text)
+    assert int8_fast_flags(machine, flags) is fast and int8_faster_flags(machine, flags) is faster
 
 
 def test_parse_cpuinfo_flags():

@@ -50,16 +50,16 @@ def test_policy_change_re_embeds_and_queries_follow_the_dbs_policy(tmp_path, lit
     assert self_hits(db, photos)[0] == "crop"
     assert_finds_itself(self_hits(db, photos)[1], photos)
 
-    # The default policy differs (resize): indexing with it embeds every photo again, under a new key.
+    # The default policy differs (pad): indexing with it embeds every photo again, under a new key.
     report = index_with(db, photos, lite0, models_dir)
-    assert lite0.preprocess.value == "resize" and report.embedded == N and report.unchanged == 0
+    assert lite0.preprocess.value == "pad" and report.embedded == N and report.unchanged == 0
     entry = json.loads((db / MANIFEST).read_text())["encoders"]["efficientnet-lite0"]
-    assert entry["preprocess"] == "resize" and entry["key"] == lite0.key
+    assert entry["preprocess"] == "pad" and entry["key"] == lite0.key
     policy, hits = self_hits(db, photos)
-    assert policy == "resize"
+    assert policy == "pad"
     assert_finds_itself(hits, photos)
     # A session of the other policy cannot search these vectors.
-    with pytest.raises(SimsearchError, match="made by .*/resize, not by this encoder"):
+    with pytest.raises(SimsearchError, match="made by .*/pad, not by this encoder"):
         Searcher.open(db, OnnxEncoder(crop, models_dir=models_dir))
     assert index_with(db, photos, lite0, models_dir).embedded == 0  # the same identity again: nothing to do
 
@@ -91,7 +91,7 @@ def test_int8_variant_is_its_own_encoder_in_the_db(tmp_path, lite0, models_dir):
         paths = [str(p) for p in sorted(photos.iterdir())]
         v32 = store.vectors_of(lite0.key, paths, lite0.dim)
         v8 = store.vectors_of(int8.key, paths, int8.dim)
-    assert np.all(np.einsum("nd,nd->n", v32, v8) > 0.97)  # the same space, quantised (tests/encoders/test_quantize.py)
+    assert np.all(np.einsum("nd,nd->n", v32, v8) > 0.95)  # the same space (parity bounds: tests/encoders/test_quantize.py)
     assert_finds_itself(self_hits(db, photos, "efficientnet-lite0-int8")[1], photos)
-    with pytest.raises(SimsearchError, match="made by .*int8.*, not by this encoder .*/pad"):
-        Searcher.open(db, OnnxEncoder(int8.with_preprocess("pad"), models_dir=models_dir))
+    with pytest.raises(SimsearchError, match="made by .*int8.*, not by this encoder .*/resize"):
+        Searcher.open(db, OnnxEncoder(int8.with_preprocess("resize"), models_dir=models_dir))

@@ -79,10 +79,10 @@ def test_trained_encoder_keeps_its_policy_and_has_an_int8_variant_calibrated_on_
     from simsearch.encoders.export import ensure_onnx
 
     d = trained.details
-    assert d.preprocess == get_encoder("efficientnet-lite0").preprocess.value == "resize"
+    assert d.preprocess == get_encoder("efficientnet-lite0").preprocess.value == "pad"
     assert d.calibration and all(Path(p).is_file() and Path(p).is_relative_to(classes.resolve()) for p in d.calibration)
     spec, int8 = get_encoder("tiny-triplet", models_dir), get_encoder("tiny-triplet-int8", models_dir)
-    assert spec.preprocess.value == int8.preprocess.value == "resize" and int8.fp32() == spec
+    assert spec.preprocess.value == int8.preprocess.value == "pad" and int8.fp32() == spec
     path = ensure_onnx(int8, models_dir)
     assert path.parent == models_dir / "int8" and path.name.startswith("tiny-triplet-int8-")
     photos = sorted(classes.rglob("*.JPEG"))[1::12][:6]
