@@ -52,13 +52,26 @@ DataOption = Annotated[Optional[Path], typer.Option(
                    "tiny-imagenet-200 in the shared/data folder beside the checkout.")]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to sys.stderr as it is when a record is emitted: a caller that swaps stderr for a while (a test
+    runner, a notebook) and closes its stand-in never leaves logging writing to a closed file."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _setup_logging() -> None:
     if err.is_terminal:
         from rich.logging import RichHandler
 
         handler: logging.Handler = RichHandler(console=err, show_path=False, show_time=False)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
     logging.getLogger("simsearch").setLevel(logging.INFO)
@@ -513,8 +526,9 @@ def encoders(models_dir: ModelsDirOption = None):
     from simsearch.encoders.export import is_cached
     from simsearch.encoders.registry import list_encoders
 
-    table = Table("dim", "input", "precision", "weights sha256", "source", "ONNX cached")
+    table = Table("dim", "precision", "weights sha256", "source", "ONNX cached")
     table.columns.insert(0, Column("name", no_wrap=True))
+    table.columns.insert(2, Column("input", no_wrap=True))
     for spec in list_encoders(models_dir):
         source = Card.load(Path(spec.card), "encoder").summary() if spec.trained else spec.source
         if spec.precision.value == "int8":

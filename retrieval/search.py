@@ -13,6 +13,7 @@ from simsearch.devices import Device
 from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
+from simsearch.encoders.spec import INT8_SUFFIX
 from simsearch.errors import ImageLoadError, SimsearchError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.lock import writer_active
@@ -162,7 +163,8 @@ class Searcher:
 
     def _check_reranker(self, reranker: Reranker) -> None:
         spec = reranker.spec
-        if spec.input == "encoder" and spec.encoder != self.encoder.spec.name:
+        # An encoder's int8 variant approximates its embeddings (cosine ~0.99): a reranker of either reads both.
+        if spec.input == "encoder" and spec.encoder.removesuffix(INT8_SUFFIX) != self.encoder.spec.fp32().name:
             raise SimsearchError(f"reranker {spec.name!r} reads {spec.encoder} embeddings; query with --encoder {spec.encoder}")
 
     def rerank(self, reranker: Reranker, query: str, vector: np.ndarray, hits: list[Hit], k: int) -> list[Hit]:

@@ -96,7 +96,8 @@ def test_killed_run_resumes_without_re_embedding(tmp_path, encoder):
     copy_samples(folder, 120)
     db = tmp_path / "db"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simsearch.cli", "index", str(folder), "--db", str(db), "--batch-size", "2"],
+        [sys.executable, "-m", "simsearch.cli", "index", str(folder), "--db", str(db), "--batch-size", "2",
+         "--encoder", encoder.spec.name],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     stored = 0

@@ -101,9 +101,11 @@ def test_query_rerank_through_the_cli(matchnet, db, classes, models_dir):
     from simsearch.indexer.store import Store
 
     with Store(db, readonly=True) as store:
-        from simsearch.encoders.registry import get_encoder
+        from simsearch.encoders.registry import default_encoder, get_encoder
 
-        spec = get_encoder("efficientnet-lite0")
+        # the db's vectors: the default encoder's (efficientnet-lite0, or its int8 variant, which a reranker
+        # of efficientnet-lite0 embeddings also reads)
+        spec = get_encoder(default_encoder())
         cands = store.vectors_of(spec.key, paths, spec.dim)
         q = store.vectors_of(spec.key, [str(query)], spec.dim)
     rr = Reranker(get_reranker("tiny-matchnet", models_dir))
