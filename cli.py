@@ -521,20 +521,21 @@ def bench(
 
 @app.command()
 def encoders(models_dir: ModelsDirOption = None):
-    """The registered encoders: dimension, input (size, preprocessing), precision, source of the weights."""
+    """The registered encoders: dimension, input (size, preprocessing policy), source of the weights."""
     from simsearch.encoders.cards import Card
     from simsearch.encoders.export import is_cached
     from simsearch.encoders.registry import list_encoders
 
-    table = Table("dim", "precision", "weights sha256", "source", "ONNX cached")
+    table = Table("dim", "source", "ONNX cached")
     table.columns.insert(0, Column("name", no_wrap=True))
     table.columns.insert(2, Column("input", no_wrap=True))
     for spec in list_encoders(models_dir):
-        source = Card.load(Path(spec.card), "encoder").summary() if spec.trained else spec.source
         if spec.precision.value == "int8":
-            source = f"quantised from {spec.fp32().name} (settings {spec.quant_tag})"
-        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px, {spec.preprocess.value}", spec.precision.value,
-                      spec.weights_sha256[:12], source, "yes" if is_cached(spec, models_dir) else "on first use")
+            source = f"int8, quantised from {spec.fp32().name} (settings {spec.quant_tag})"
+        else:
+            source = Card.load(Path(spec.card), "encoder").summary() if spec.trained else spec.source
+        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px {spec.preprocess.value}", source,
+                      "yes" if is_cached(spec, models_dir) else "on first use")
     out.print(table)
 
 

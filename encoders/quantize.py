@@ -217,7 +217,7 @@ def quantize_onnx(
         "entropy": CalibrationMethod.Entropy,
         "percentile": CalibrationMethod.Percentile,
     }[settings.method]
-    log.info("quantising %s to int8 (settings %s) -> %s", fp32.name, settings.tag(), out)
+    log.debug("quantising %s to int8 (settings %s) -> %s", fp32.name, settings.tag(), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)

@@ -12,6 +12,7 @@ import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from simsearch.encoders.spec import Preprocess
 from simsearch.errors import DbCorruptError, SchemaError
 
 # 2: index files are named per build and carry their sha256 and size (schema 1 had one unverified
@@ -19,6 +20,7 @@ from simsearch.errors import DbCorruptError, SchemaError
 # Older manifests are read and upgraded on the next write.
 SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
+POLICIES = tuple(p.value for p in Preprocess)
 
 
 @dataclass
@@ -93,6 +95,8 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
                 raise bad(f"field 'encoders.{name}.{f}' has the wrong type ({type(value).__name__})")
         if entry["dim"] < 1:
             raise bad(f"field 'encoders.{name}.dim' must be positive (got {entry['dim']})")
+        if entry.get("preprocess", "crop") not in POLICIES:
+            raise bad(f"field 'encoders.{name}.preprocess' is not a policy ({', '.join(POLICIES)})")
         e = EncoderEntry(**entry)
         if version == 1 and e.index_type != "none":
             e.index_file = f"{name}.faiss"  # schema 1's single file, unverified until rebuilt

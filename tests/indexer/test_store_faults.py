@@ -33,6 +33,8 @@ def test_non_utf8_paths_round_trip_exactly(tmp_path):
     ({"schema_version": 2, "encoders": []}, "'encoders'"),
     ({"schema_version": 2, "encoders": {"lite": {"key": "k"}}}, "'encoders.lite.dim' is missing"),
     ({"schema_version": 2, "encoders": {"lite": {"key": "k", "dim": "8"}}}, "'encoders.lite.dim' has the wrong type"),
+    ({"schema_version": 3, "encoders": {"lite": {"key": "k", "dim": 8, "preprocess": "squash"}}},
+     r"'encoders.lite.preprocess' is not a policy \(resize, pad, crop\)"),
     ({"encoders": {}}, "'schema_version'"),
     ([1, 2], "expected a JSON object"),
 ])
