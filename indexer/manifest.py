@@ -51,8 +51,8 @@ class Manifest:
         return (json.dumps(data, indent=2) + "\n").encode()
 
 
-_TYPES = {"key": str, "dim": int, "preprocess": str, "metric": str, "index_type": str, "count": int, "index_generation": int,
-          "index_file": (str, type(None)), "index_sha256": (str, type(None)), "index_bytes": int}
+_TYPES = {"key": str, "dim": int, "preprocess": str, "metric": str, "index_type": str, "count": int,
+          "index_generation": int, "index_file": (str, type(None)), "index_sha256": (str, type(None)), "index_bytes": int}
 _REQUIRED = ("key", "dim")
 
 

@@ -77,8 +77,8 @@ class Searcher:
             if not isinstance(encoder, OnnxEncoder):  # queries are embedded as the db's vectors were
                 spec = spec.with_preprocess(entry.preprocess)
             if entry.key != spec.key:
-                raise SimsearchError(f"the db's {name} vectors were made by {entry.key}, not by this encoder ({spec.key}): "
-                                     f"re-run `simsearch index FOLDER --encoder {name}`")
+                raise SimsearchError(f"the db's {name} vectors were made by {entry.key}, not by this encoder "
+                                     f"({spec.key}): re-run `simsearch index FOLDER --encoder {name}`")
             if entry.index_generation != store.generation and not writer_active(store.root):
                 log.warning("the index of %s is older than the db (an interrupted `index`?): re-run `simsearch index` "
                             "or `simsearch check --repair` to refresh it", name)
