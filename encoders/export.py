@@ -1,5 +1,5 @@
 """Export an encoder to ONNX once, and cache the file keyed by the weights' sha256; quantise an int8
-variant once, cached by the fp32 weights, the quantisation settings, the policy and the calibration images.
+variant once, cached by the fp32 weights, the quantisation settings and the policy.
 
 Imports torch lazily: only the first use of an encoder on a machine pays for it.
 """
@@ -103,15 +103,17 @@ def _calibration_batches(spec: EncoderSpec, images: list[Path], batch: int = 16)
         yield np.stack(arrays)
 
 
-def int8_stem(spec: EncoderSpec) -> str:
-    """The int8 file's name up to its calibration set's hash."""
-    return f"{spec.name}-{spec.weights_sha256[:16]}.{spec.quant_tag}.{spec.preprocess.value}"
+def int8_path(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
+    """Where the int8 model of `spec` is cached: named by what its vectors' key names (the fp32 weights, the
+    quantisation settings, the policy), so a cached model is found without its calibration photos at hand."""
+    name = f"{spec.name}-{spec.weights_sha256[:16]}.{spec.quant_tag}.{spec.preprocess.value}.onnx"
+    return paths.models_dir(models_dir) / "int8" / name
 
 
 def is_cached(spec: EncoderSpec, models_dir: Path | None = None) -> bool:
     """Whether the ONNX model of spec is already here (else it is exported or quantised on first use)."""
     if spec.precision is Precision.int8:
-        return any((paths.models_dir(models_dir) / "int8").glob(f"{int8_stem(spec)}.*.onnx"))
+        return int8_path(spec, models_dir).is_file()
     return spec.trained or onnx_path(spec, paths.models_dir(models_dir)).is_file()
 
 
@@ -121,14 +123,11 @@ def ensure_int8(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     if spec.quant_tag != settings.tag():
         raise ModelError(f"{spec.name}: quantisation settings {spec.quant_tag!r} are not this simsearch's "
                          f"({settings.tag()!r})")
-    fp32 = ensure_onnx(spec.fp32(), models_dir)
-    images = calibration_images(spec, settings)
-    # The file depends on everything that changes its numbers: weights, settings, policy and calibration set.
-    # (names, not paths: the same photos in another checkout give the same file)
-    calibration = hashlib.sha256("\n".join(p.name for p in images).encode()).hexdigest()[:8]
-    path = paths.models_dir(models_dir) / "int8" / f"{int8_stem(spec)}.{calibration}.onnx"
+    path = int8_path(spec, models_dir)
     if path.is_file():
         return path
+    fp32 = ensure_onnx(spec.fp32(), models_dir)
+    images = calibration_images(spec, settings)  # read only now: a query never needs them
     log.info("quantising %s to int8 (once per machine) on %d photos -> %s", spec.name, len(images), path)
     path.parent.mkdir(parents=True, exist_ok=True)
     quantize_onnx(fp32, path, _calibration_batches(spec, images), settings)

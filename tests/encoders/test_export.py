@@ -100,5 +100,8 @@ def test_int8_variant_is_quantised_once_and_cached_by_its_identity(tmp_path, mon
     assert f".{int8.quant_tag}.pad." in path.name and int8.weights_sha256[:16] in path.name
     mtime = path.stat().st_mtime_ns
     assert ensure_onnx(int8, tmp_path / "models") == path and path.stat().st_mtime_ns == mtime  # not quantised again
+    monkeypatch.setenv("SIMSEARCH_CALIBRATION_DIR", str(tmp_path / "empty"))  # a cached model needs no photos
+    assert ensure_onnx(int8, tmp_path / "models") == path and path.stat().st_mtime_ns == mtime
+    monkeypatch.delenv("SIMSEARCH_CALIBRATION_DIR")
     other = ensure_onnx(int8.with_preprocess("resize"), tmp_path / "models")  # calibrated on what the encoder sees
     assert other != path and ".resize." in other.name
