@@ -170,8 +170,13 @@ def pair_accuracy(vectors: np.ndarray, labels: np.ndarray, threshold: float, con
     return {"balanced": balanced, "all_pairs": everything}
 
 
+def bench_spec(name: str, config: BenchConfig) -> EncoderSpec:
+    """The encoder `name` as the bench measures it: under config.preprocess when one is given."""
+    return get_encoder(name, config.models_dir).with_preprocess(config.preprocess)
+
+
 def run_encoder(name: str, config: BenchConfig, store: Store, progress: ProgressFn | None = None) -> EncoderResult:
-    spec = get_encoder(name, config.models_dir).with_preprocess(config.preprocess)
+    spec = bench_spec(name, config)
     embed = Embedder(spec, store, config, progress)
     result = EncoderResult(encoder=spec.name, key=spec.key, dim=spec.dim, preprocess=spec.preprocess.value)
     layout = datasets.detect_layout(config.data)
@@ -329,8 +334,7 @@ def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = 
 
         def embed_for(name: str) -> Embedder:
             if name not in embedders:
-                spec = get_encoder(name, config.models_dir).with_preprocess(config.preprocess)
-                embedders[name] = Embedder(spec, store, config, progress)
+                embedders[name] = Embedder(bench_spec(name, config), store, config, progress)
             return embedders[name]
 
         results += [run_reranker(name, encoders[0], config, embed_for, progress) for name in config.rerankers]
