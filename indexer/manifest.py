@@ -17,10 +17,13 @@ from simsearch.errors import DbCorruptError, SchemaError
 
 # 2: index files are named per build and carry their sha256 and size (schema 1 had one unverified
 # `index/<encoder>.faiss`). 3: each encoder entry names its preprocessing policy (before: always "crop").
+# 4: index kinds with tuned search parameters and the recall they were tuned to; the store logs changes
+# so an index is updated in place; an encoder's vectors may be served by Milvus instead of FAISS.
 # Older manifests are read and upgraded on the next write.
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 MANIFEST = "manifest.json"
 POLICIES = tuple(p.value for p in Preprocess)
+BACKENDS = ("faiss", "milvus")
 
 
 @dataclass
@@ -31,12 +34,18 @@ class EncoderEntry:
     dim: int
     preprocess: str = "crop"  # the policy the vectors were made with; queries are embedded the same way
     metric: str = "inner_product"
-    index_type: str = "none"
+    index_type: str = "none"  # flat | ivf | sq8 | ivfpq | hnsw (schema <= 3: "flat" or "ivf<nlist>,nprobe<p>")
+    index_params: dict = field(default_factory=dict)  # build and search parameters: nlist, nprobe, pq_m, ef_search...
+    recall: float | None = None  # recall@10 of the tuned search parameters against exact search, at build time
+    recall_target: float | None = None  # what they were tuned to reach
+    trained_count: int = 0  # vectors in the collection when the index was (re)trained: it is retrained at 2x
     count: int = 0  # vectors in the index file
     index_generation: int = -1  # store generation the index was built from (stale if different)
     index_file: str | None = None  # file name under index/; None: never built
     index_sha256: str | None = None  # None only for an index from schema 1 (not verifiable)
     index_bytes: int = 0
+    backend: str = "faiss"  # faiss: the index file above; milvus: vectors mirrored to a Milvus collection
+    backend_uri: str | None = None  # the Milvus URI (a Milvus Lite file or http://host:19530)
 
 
 @dataclass
@@ -52,7 +61,9 @@ class Manifest:
 
 
 _TYPES = {"key": str, "dim": int, "preprocess": str, "metric": str, "index_type": str, "count": int,
-          "index_generation": int, "index_file": (str, type(None)), "index_sha256": (str, type(None)), "index_bytes": int}
+          "index_generation": int, "index_file": (str, type(None)), "index_sha256": (str, type(None)), "index_bytes": int,
+          "index_params": dict, "recall": (float, int, type(None)), "recall_target": (float, int, type(None)),
+          "trained_count": int, "backend": str, "backend_uri": (str, type(None))}
 _REQUIRED = ("key", "dim")
 
 
@@ -97,6 +108,8 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
             raise bad(f"field 'encoders.{name}.dim' must be positive (got {entry['dim']})")
         if entry.get("preprocess", "crop") not in POLICIES:
             raise bad(f"field 'encoders.{name}.preprocess' is not a policy ({', '.join(POLICIES)})")
+        if entry.get("backend", "faiss") not in BACKENDS:
+            raise bad(f"field 'encoders.{name}.backend' is not a backend ({', '.join(BACKENDS)})")
         e = EncoderEntry(**entry)
         if version == 1 and e.index_type != "none":
             e.index_file = f"{name}.faiss"  # schema 1's single file, unverified until rebuilt

@@ -2,7 +2,7 @@
 
 Layout of one db folder:
     manifest.json                  schema version, per-encoder facts (dim, index file + sha256, counts)
-    store.lmdb/                    LMDB: items (path -> meta), ids (id -> path), removed, vectors, meta
+    store.lmdb/                    LMDB: items (path -> meta), ids (id -> path), removed, vectors, changes, meta
     index/<encoder>.<gen>.faiss    the search index of each encoder, one file per build (see retrieval/)
     lock                           the writer lock (see lock.py)
 
@@ -12,6 +12,9 @@ transaction (crash-safe); manifest.json is replaced atomically, only under the w
 
 Paths are stored as the file system's bytes (`os.fsencode`), so any file name round-trips exactly,
 including names that are not valid UTF-8 (they come back as str with surrogate escapes).
+
+Every write also logs the ids it touched under its generation (the `changes` table), so an index built
+at generation G is brought up to date by re-reading only the ids changed after G (`changed_ids`).
 
 A removed item leaves a tombstone (its id keeps its path, and its vector stays) until every
 encoder's index has been rebuilt without it: a reader holding an older index always finds the
@@ -109,12 +112,20 @@ class Store:
         if not self.readonly:
             (self.root / INDEX_DIR).mkdir(exist_ok=True)
         try:
-            self.env = lmdb.open(str(self.root / LMDB_DIR), map_size=MAP_SIZE, max_dbs=5, readonly=self.readonly)
+            self.env = lmdb.open(str(self.root / LMDB_DIR), map_size=MAP_SIZE, max_dbs=6, readonly=self.readonly)
             tables = [self.env.open_db(name, create=not self.readonly) for name in (b"items", b"ids", b"vectors", b"meta")]
             self._items, self._ids, self._vectors, self._meta = tables
             # Tombstones came with schema 2: a read-only open of an older db has none.
             no_tombstones = self.readonly and not self._has_table(b"removed")
             self._removed = None if no_tombstones else self.env.open_db(b"removed", create=not self.readonly)
+            # The change log came with schema 4; it covers the generations after `changes_since`.
+            self._changes = None
+            if not self.readonly or self._has_table(b"changes"):
+                self._changes = self.env.open_db(b"changes", create=not self.readonly)
+                if not self.readonly:
+                    with self.env.begin(write=True, db=self._meta) as txn:
+                        if txn.get(b"changes_since") is None:
+                            txn.put(b"changes_since", _ID.pack(self._counter(txn, b"generation")))
         except lmdb.Error as e:
             if self.readonly and not (self.root / LMDB_DIR / "data.mdb").is_file():
                 raise DbNotFoundError(f"the db at {self.root} is incomplete ({e}); re-run `simsearch index`") from None
@@ -285,6 +296,32 @@ class Store:
         if ids:
             yield np.asarray(ids, dtype=np.int64), vecs[: len(ids)].copy()
 
+    def changed_ids(self, since: int) -> np.ndarray | None:
+        """Ids added, changed or removed after generation `since` (sorted, unique), or None when the change
+        log does not reach back that far (a db from before schema 4, or a log pruned past it)."""
+        if self._changes is None:
+            return None
+        with self.env.begin() as txn:
+            if since < self._counter(txn, b"changes_since"):
+                return None
+            cur = txn.cursor(db=self._changes)
+            ids = [_ID.unpack(k[8:])[0] for k in cur.iternext(values=False)] if cur.set_range(_ID.pack(since + 1)) else []
+        return np.unique(np.asarray(ids, dtype=np.int64))
+
+    def vectors_by_id(self, encoder_key: str, ids: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids that are live items with a vector of this encoder (n,), their vectors (n, dim)): the rest
+        of `ids` (removed items, items without such a vector) are left out."""
+        found, vecs = [], []
+        with self.env.begin() as txn:
+            for i in ids:
+                path = txn.get(_ID.pack(int(i)), db=self._ids)
+                raw = path and txn.get(path, db=self._items)
+                v = raw and txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors)
+                if v:
+                    found.append(int(i))
+                    vecs.append(np.frombuffer(v, dtype="<f4"))
+        return np.asarray(found, dtype=np.int64), (np.stack(vecs) if vecs else np.empty((0, dim), np.float32))
+
     def iter_ids(self) -> Iterator[tuple[int, str, bool]]:
         """(id, path, live) of every id the db knows; live is False for a tombstone."""
         with self.env.begin() as txn:
@@ -299,6 +336,7 @@ class Store:
         """
         with self.env.begin(write=True) as txn:
             next_id = self._counter(txn, b"next_id")
+            generation = self._counter(txn, b"generation") + 1
             for path, sha, size, mtime_ns, vec in items:
                 key = _path_key(path)
                 old = txn.get(key, db=self._items)
@@ -309,10 +347,11 @@ class Store:
                     txn.put(_ID.pack(item_id), key, db=self._ids)
                 rec = ItemRecord(item_id, sha, size, mtime_ns)
                 txn.put(key, json.dumps(asdict(rec)).encode(), db=self._items)
+                txn.put(_ID.pack(generation) + _ID.pack(item_id), b"", db=self._changes)
                 if vec is not None:
                     txn.put(_vector_key(encoder_key, sha), np.asarray(vec, dtype="<f4").tobytes(), db=self._vectors)
             txn.put(b"next_id", _ID.pack(next_id), db=self._meta)
-            self._bump_generation(txn)
+            txn.put(b"generation", _ID.pack(generation), db=self._meta)
 
     def remove_items(self, paths: Iterable[str]) -> int:
         """Remove items; their ids stay resolvable (tombstones) until `collect_tombstones`."""
@@ -325,6 +364,7 @@ class Store:
                     rec = json.loads(raw)
                     txn.put(_ID.pack(rec["id"]), json.dumps({"generation": generation, "sha256": rec["sha256"]}).encode(),
                             db=self._removed)
+                    txn.put(_ID.pack(generation) + _ID.pack(rec["id"]), b"", db=self._changes)
                     n += 1
             if n:
                 txn.put(b"generation", _ID.pack(generation), db=self._meta)
@@ -349,6 +389,7 @@ class Store:
                     log.debug("forgot removed item %d (%r)", _ID.unpack(k)[0], path)
         if n:
             self.sweep_vectors()
+        self.prune_changes(oldest)
         return n
 
     def sweep_vectors(self) -> int:
@@ -367,12 +408,19 @@ class Store:
                     txn.delete(k)
         return len(dead)
 
+    def prune_changes(self, upto: int) -> None:
+        """Forget the change log up to generation `upto` (every index is at least that new)."""
+        with self.env.begin(write=True) as txn:
+            if upto <= self._counter(txn, b"changes_since"):
+                return
+            cur = txn.cursor(db=self._changes)
+            while cur.first() and _ID.unpack(cur.key()[:8])[0] <= upto:
+                cur.delete()
+            txn.put(b"changes_since", _ID.pack(upto), db=self._meta)
+
     def _counter(self, txn, name: bytes) -> int:
         raw = txn.get(name, db=self._meta)
         return _ID.unpack(raw)[0] if raw else 0
-
-    def _bump_generation(self, txn) -> None:
-        txn.put(b"generation", _ID.pack(self._counter(txn, b"generation") + 1), db=self._meta)
 
 
 def move_aside(root: Path) -> Path | None:

@@ -1,0 +1,139 @@
+"""Which FAISS index a collection gets: a pure function of (vector count, dimension, memory budget).
+
+In the spirit of autofaiss's `get_optimal_index_keys_v2`: exact search while a scan is cheap, then the
+most accurate inverted-file index that fits the memory budget, compressing the vectors only when it
+must. Vectors are L2-normalised, so every index uses inner product (= cosine).
+
+| collection                                    | kind    | bytes per vector        |
+|-----------------------------------------------|---------|-------------------------|
+| up to FLAT_MAX vectors                        | flat    | 4*dim + 8               |
+| IVF-Flat fits the budget                      | ivf     | 4*dim + 8               |
+| else IVF + 8-bit scalar quantiser fits        | sq8     | dim + 8                 |
+| else OPQ + IVF + PQ, the largest M that fits  | ivfpq   | M + 8, re-scored exactly|
+| HNSW: only when asked (`--index hnsw`)        | hnsw    | 4*dim + 8 + 8*hnsw_m    |
+
+IVF lists: 4*sqrt(n) (the low end of FAISS's 4..16*sqrt(n) guideline: k-means training costs
+nlist^2, and on 2 cores that is the build's largest term), rounded to a power of two. Above
+HNSW_QUANTIZER_FROM vectors the coarse quantiser is an HNSW graph over the centroids (FAISS's
+`IVFx_HNSW32` for 1M-10M), because assigning 10M vectors to 16k centroids by brute force costs more
+than the rest of the build. HNSW is not chosen automatically: its build is the slowest here
+(`benchmarks/ann.py` measures it) and it cannot remove vectors, only mark them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+from simsearch.errors import SimsearchError
+
+KINDS = ("auto", "flat", "ivf", "sq8", "ivfpq", "hnsw")
+FLAT_MAX = 10_000  # exact search up to here: a 10k x 1280 scan is ~1 ms on 2 cores
+HNSW_QUANTIZER_FROM = 2_000_000
+HNSW_M = 32  # graph links per node (FAISS's and hnswlib's common default for 0.9+ recall)
+TRAIN_PER_LIST = 39  # k-means sample per IVF list (FAISS warns below 39)
+PQ_BYTES = (64, 48, 32, 24, 16, 12, 8, 4)  # candidate M (bytes per vector) for ivfpq, best first
+RESCORE = 4  # ivfpq fetches RESCORE * k candidates and re-scores them exactly from the stored vectors
+BUDGET_FRACTION = 0.5  # default --max-index-memory: this share of the machine's RAM
+
+
+@dataclass(frozen=True)
+class IndexPlan:
+    kind: str
+    nlist: int = 0  # IVF lists (ivf, sq8, ivfpq)
+    pq_m: int = 0  # PQ bytes per vector (ivfpq)
+    hnsw_m: int = 0  # links per node (hnsw; the coarse quantiser of a large IVF)
+
+    def factory(self, dim: int) -> str:
+        """The faiss.index_factory string. Flat and HNSW get an IDMap (store ids); IVF lists store ids themselves."""
+        coarse = f"IVF{self.nlist}" + (f"_HNSW{self.hnsw_m}" if self.hnsw_m else "")
+        return {
+            "flat": "IDMap,Flat",
+            "hnsw": f"IDMap,HNSW{self.hnsw_m}",
+            "ivf": f"{coarse},Flat",
+            "sq8": f"{coarse},SQ8",
+            "ivfpq": f"OPQ{self.pq_m}_{self.pq_m * 4 if dim >= self.pq_m * 4 else dim},{coarse},PQ{self.pq_m}",
+        }[self.kind]
+
+    def bytes_per_vector(self, dim: int) -> int:
+        code = {"flat": 4 * dim, "ivf": 4 * dim, "hnsw": 4 * dim + 8 * self.hnsw_m, "sq8": dim, "ivfpq": self.pq_m}
+        return code[self.kind] + 8  # + the 8-byte id
+
+    def memory_bytes(self, count: int, dim: int) -> int:
+        """The index in RAM: codes and ids, plus centroids (and the OPQ rotation and PQ codebooks)."""
+        fixed = self.nlist * dim * 4 + (self.nlist * self.hnsw_m * 8 if self.kind != "hnsw" else 0)
+        if self.kind == "ivfpq":
+            fixed += dim * dim * 4 + 256 * dim * 4
+        return count * self.bytes_per_vector(dim) + fixed
+
+    def train_count(self, count: int) -> int:
+        """Vectors sampled to train it: k-means needs ~39 per list, PQ codebooks 39 * 256 per sub-quantiser."""
+        if self.kind in ("flat", "hnsw"):
+            return 0
+        need = self.nlist * TRAIN_PER_LIST
+        if self.kind == "ivfpq":
+            need = max(need, 256 * TRAIN_PER_LIST)
+        return min(count, need)
+
+
+def ivf_lists(count: int) -> int:
+    """4*sqrt(n) rounded to a power of two, with at least 39 training vectors per list."""
+    n = max(1, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count)))))
+    return max(1, min(n, count // TRAIN_PER_LIST))
+
+
+def choose_index(count: int, dim: int, budget: int, kind: str = "auto") -> IndexPlan:
+    """The index for `count` vectors of `dim` within `budget` bytes (pure: same inputs, same plan).
+
+    kind="auto" follows the table in the module docstring; another kind is built as asked (its
+    parameters still sized to the collection). SimsearchError when nothing fits the budget.
+    """
+    if kind not in KINDS:
+        raise SimsearchError(f"unknown index kind {kind!r} (available: {', '.join(KINDS)})")
+    nlist = ivf_lists(count)
+    coarse_m = HNSW_M if count >= HNSW_QUANTIZER_FROM else 0
+    candidates = {
+        "flat": [IndexPlan("flat")],
+        "hnsw": [IndexPlan("hnsw", hnsw_m=HNSW_M)],
+        "ivf": [IndexPlan("ivf", nlist, hnsw_m=coarse_m)],
+        "sq8": [IndexPlan("sq8", nlist, hnsw_m=coarse_m)],
+        "ivfpq": [IndexPlan("ivfpq", nlist, m, coarse_m) for m in PQ_BYTES if dim % m == 0 and m <= dim],
+    }
+    if kind != "auto":
+        plans = candidates[kind]
+        if not plans:
+            raise SimsearchError(f"ivfpq needs a dimension divisible by one of {PQ_BYTES} (got {dim})")
+        fitting = [p for p in plans if p.memory_bytes(count, dim) <= budget]
+        return (fitting or plans[-1:])[0]  # asked for explicitly: built even over the budget (the caller warns)
+    if count <= FLAT_MAX:
+        return IndexPlan("flat")
+    for plan in candidates["ivf"] + candidates["sq8"] + candidates["ivfpq"]:
+        if plan.memory_bytes(count, dim) <= budget:
+            return plan
+    smallest = (candidates["ivfpq"] or candidates["sq8"])[-1]
+    raise SimsearchError(f"{count:,} vectors of {dim} dims need at least {smallest.memory_bytes(count, dim) / 2**30:.1f} GiB "
+                         f"even as {smallest.kind} (M={smallest.pq_m}); the budget is {budget / 2**30:.1f} GiB: "
+                         "raise --max-index-memory")
+
+
+def default_budget() -> int:
+    """BUDGET_FRACTION of this machine's physical RAM, in bytes."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume a small laptop
+        ram = 8 << 30
+    return int(ram * BUDGET_FRACTION)
+
+
+def parse_bytes(text: str) -> int:
+    """'8G', '512M', '1.5GiB', '1000000' -> bytes (binary units)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if scale > 1 else t)
+    except ValueError:
+        raise SimsearchError(f"not a memory size: {text!r} (e.g. 8G, 512M)") from None
+    if value <= 0:
+        raise SimsearchError(f"a memory size must be positive (got {text!r})")
+    return int(value * scale)
