@@ -17,7 +17,7 @@ import sys
 import time
 import typing
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 from rich.console import Console
@@ -176,7 +176,20 @@ def index(
     batch_size: Annotated[int, typer.Option(min=1, help="images per encoder batch.")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="decode threads (0 = one per core).")] = 0,
     index_kind: Annotated[str, typer.Option(
-        "--index", help="FAISS index: auto (exact up to 10,000 vectors, IVF above), flat, ivf.")] = "auto",
+        "--index", help="FAISS index: auto (chosen by collection size and --max-index-memory: see README), flat, "
+                        "ivf, sq8, ivfpq, hnsw.")] = "auto",
+    max_index_memory: Annotated[Optional[str], typer.Option(
+        help="RAM the index may take, e.g. 8G (default: half of this machine's RAM); auto picks the most accurate "
+             "index that fits.")] = None,
+    recall: Annotated[Optional[float], typer.Option(
+        min=0.01, max=1.0, help="recall@10 the search parameters are tuned to at build time, against exact search "
+                                "(default: the db's, else 0.95).")] = None,
+    backend: Annotated[Optional[Literal["faiss", "milvus"]], typer.Option(
+        help="where the vectors are searched: faiss (an index file in the db) or milvus (a collection the stored "
+             "vectors are mirrored to); default: the one the db uses, else faiss.")] = None,
+    milvus_uri: Annotated[Optional[str], typer.Option(
+        help="Milvus server (http://host:19530) or Milvus Lite file (*.db) for --backend milvus; default: the one "
+             "the db records, else <db>/milvus.db.")] = None,
     rebuild: Annotated[bool, typer.Option(
         help="move the db's files aside (kept in <db>/broken-<time>/) and index from scratch: the way out of a "
              "damaged db.")] = False,
@@ -192,12 +205,18 @@ def index(
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
     from simsearch.retrieval.faiss_index import IndexConfig, refresh_index
+    from simsearch.retrieval.index_plan import KINDS, parse_bytes
+    from simsearch.retrieval.milvus_backend import leave_milvus, sync_milvus
 
+    if backend == "faiss" and milvus_uri:
+        raise SimsearchError("--milvus-uri goes with --backend milvus")
     if not folder.exists():
         raise SimsearchError(f"{folder}: no such file or folder{_items_left_under(db, folder)}")
     config = IndexerConfig(batch_size=batch_size, workers=workers)
-    index_config = IndexConfig(kind=index_kind)
-    index_config.resolve(0)  # an unknown kind fails before any work
+    if index_kind not in KINDS:  # fails before any work
+        raise SimsearchError(f"unknown index kind {index_kind!r} (available: {', '.join(KINDS)})")
+    index_config = IndexConfig(kind=index_kind, recall=recall,
+                               max_memory=parse_bytes(max_index_memory) if max_index_memory else 0)
     spec = get_encoder(encoder or default_encoder(), models_dir).with_preprocess(preprocess)
     enc = OnnxEncoder(spec, device, models_dir)
     with Store(db, create=True, wait=not no_wait, rebuild=rebuild) as store:
@@ -206,10 +225,15 @@ def index(
         with _ProgressReporter(f"indexing with {spec.name}") as progress:
             report = Indexer(enc, store, config).run(folder, progress)
         t = time.perf_counter()
-        rebuilt = refresh_index(store, spec.name, index_config)
+        with _ProgressReporter("index") as progress:
+            if (backend or ("milvus" if milvus_uri else store.manifest.encoders[spec.name].backend)) == "milvus":
+                outcome = sync_milvus(store, spec.name, milvus_uri, progress.stage)
+            else:
+                leave_milvus(store, spec.name)  # a mirrored encoder asked back to FAISS: its index is built next
+                outcome = refresh_index(store, spec.name, index_config, progress.stage)
         report.seconds["index"] = time.perf_counter() - t
         report.wall += report.seconds["index"]
-    _print_index_report(report, rebuilt, verbose)
+    _print_index_report(report, outcome, verbose)
 
 
 def _items_left_under(db: Path, folder: Path) -> str:
@@ -225,7 +249,7 @@ def _items_left_under(db: Path, folder: Path) -> str:
     return f"; the db still holds {n} items under it: `simsearch prune {shown(folder)}` drops them" if n else ""
 
 
-def _print_index_report(report, index_rebuilt: bool, verbose: bool) -> None:
+def _print_index_report(report, index_outcome: str | None, verbose: bool) -> None:
     if report.embedded == 0 and report.reused == 0 and report.removed == 0:
         summary = f"nothing to embed: {report.unchanged} unchanged"
     else:
@@ -234,7 +258,11 @@ def _print_index_report(report, index_rebuilt: bool, verbose: bool) -> None:
     extra = "".join(f", ignored {n} {why}" for why, n in sorted(report.ignored.items()))
     if report.not_checked:
         extra += f", {report.not_checked} not checked (their folder could not be read: kept)"
-    rebuilt = "; the index was rebuilt from the stored vectors" if index_rebuilt and not report.embedded else ""
+    rebuilt = ""
+    if index_outcome and index_outcome.startswith("rebuilt") and not report.embedded:
+        rebuilt = f"; the index was {index_outcome.replace(':', ' from the stored vectors (', 1)})"
+    elif index_outcome and verbose:
+        rebuilt = f"; index {index_outcome}"
     err.print(f"[green]done[/green] in {report.wall:.1f}s: {summary}, skipped {len(report.skipped)}{extra}; "
               f"{report.total_items} items in the db{rebuilt}", highlight=False, soft_wrap=True)
     for path, reason in report.skipped:
@@ -254,6 +282,10 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout.")] = False,
     rerank: Annotated[Optional[str], typer.Option(help="reorder the top candidates with this reranker.")] = None,
     rerank_depth: Annotated[int, typer.Option(min=1, help="candidates the reranker sees.")] = 100,
+    backend: Annotated[Optional[Literal["faiss", "milvus"]], typer.Option(
+        help="the backend the db's index is in (default: read from the db; one that differs is an error).")] = None,
+    milvus_uri: Annotated[Optional[str], typer.Option(
+        help="search this Milvus server or Milvus Lite file instead of the one the db records.")] = None,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
     verbose: VerboseOption = False,
@@ -285,7 +317,7 @@ def query(
         from simsearch.retrieval.rerank import Reranker, get_reranker
 
         reranker = Reranker(get_reranker(rerank, models_dir), device)
-    with Searcher.open(db, encoder, device, models_dir) as searcher:
+    with Searcher.open(db, encoder, device, models_dir, backend, milvus_uri) as searcher:
         results = searcher.query(paths, k, reranker, rerank_depth)
         name = searcher.encoder.spec.name
         effective_k = min(k, searcher.index.ntotal)
@@ -349,7 +381,8 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
     """What the db holds: items, encoders, dimensions, index types, size on disk; a damaged index file is named."""
     from simsearch.indexer.lock import writer_active
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import index_problem
+    from simsearch.retrieval.faiss_index import describe, index_kind, index_problem
+    from simsearch.retrieval.milvus_backend import resolve_uri
 
     with Store(db, readonly=True) as store:
         generation = store.generation
@@ -360,11 +393,14 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
             "default_encoder": store.manifest.default_encoder,
             "writer_active": writer_active(store.root),
             "encoders": {
-                name: {"dim": e.dim, "preprocess": e.preprocess, "metric": e.metric, "index_type": e.index_type,
-                       "vectors_in_index": e.count,
-                       "weights": e.key, "index_file": e.index_file,
-                       "index_up_to_date": e.index_generation == generation and e.index_file is not None,
-                       "index_problem": index_problem(store, name, e)}
+                name: {"dim": e.dim, "preprocess": e.preprocess, "metric": e.metric, "index_type": index_kind(e),
+                       "index": describe(e), "index_params": e.index_params, "recall_at_10": e.recall,
+                       "recall_target": e.recall_target, "vectors_in_index": e.count,
+                       "weights": e.key, "index_file": e.index_file, "backend": e.backend,
+                       "backend_uri": resolve_uri(store.root, e.backend_uri) if e.backend_uri else None,
+                       "index_up_to_date": e.index_generation == generation and (e.index_file is not None
+                                                                                 or e.backend == "milvus"),
+                       "index_problem": index_problem(store, name, e) if e.backend == "faiss" else None}
                 for name, e in store.manifest.encoders.items()
             },
             "size_on_disk_bytes": store.size_on_disk(),
@@ -380,7 +416,8 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
     for name, e in doc["encoders"].items():
         default = " (default)" if name == doc["default_encoder"] else ""
         state = "yes" if e["index_up_to_date"] else "no: re-run index"
-        table.add_row(shown(name + default), str(e["dim"]), e["preprocess"], e["metric"], e["index_type"],
+        index = e["index"] if e["backend"] == "faiss" else f"milvus at {shown(e['backend_uri'])}: {e['index']}"
+        table.add_row(shown(name + default), str(e["dim"]), e["preprocess"], e["metric"], index,
                       str(e["vectors_in_index"]),
                       f"[red]{shown(e['index_problem'])}[/red]: run `simsearch check --repair`" if e["index_problem"]
                       else state)
@@ -430,7 +467,7 @@ def prune(
     """Drop items whose files no longer exist (a moved or deleted folder), then refresh the indexes."""
     from simsearch.indexer.scan import item_path, missing_items
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import refresh_index
+    from simsearch.retrieval.check import refresh_encoder
 
     under = item_path(folder) if folder else None
     with Store(db, wait=not no_wait) as store:
@@ -442,8 +479,8 @@ def prune(
             return
         removed = store.remove_items(gone)
         for name, entry in store.manifest.encoders.items():
-            if entry.index_file:
-                refresh_index(store, name)
+            if entry.index_file or entry.backend == "milvus":
+                refresh_encoder(store, name)
         err.print(f"[green]dropped[/green] {removed} items; {store.item_count()} items in the db", highlight=False)
 
 

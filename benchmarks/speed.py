@@ -245,7 +245,7 @@ def clustered_vectors(n: int, dim: int, rng: np.random.Generator, centers: int =
 
 def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
     """(c): one query at a time, as a user's query arrives; the "auto" index vs exact search."""
-    from simsearch.retrieval.faiss_index import IndexConfig, LoadedIndex, build_index, index_kind
+    from simsearch.retrieval.faiss_index import IndexConfig, LoadedIndex, build_index
 
     rng = np.random.default_rng(0)
     vecs = clustered_vectors(cfg.vectors, cfg.dim, rng)
@@ -259,7 +259,8 @@ def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
     results = {}
     for kind in ("flat", "auto"):
         t = time.perf_counter()
-        index = LoadedIndex(build_index(blocks, cfg.dim, cfg.vectors, IndexConfig(kind=kind)))
+        built = build_index(blocks, cfg.dim, cfg.vectors, IndexConfig(kind=kind))
+        index = LoadedIndex(built.index, params=built.params)
         build_s = time.perf_counter() - t
         index.search(queries[:10], cfg.k)  # warm-up
         lat, found = np.empty(cfg.queries), np.empty((cfg.queries, cfg.k), dtype=np.int64)
@@ -267,7 +268,8 @@ def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
             t = time.perf_counter()
             _, found[i] = index.search(queries[i:i + 1], cfg.k)
             lat[i] = time.perf_counter() - t
-        results[kind] = {"index": index_kind(index.cpu_index), "build_seconds": build_s,
+        params = ",".join(f"{k}{v}" for k, v in built.params.items())
+        results[kind] = {"index": built.plan.kind + (f"{built.plan.nlist},{params}" if params else ""), "build_seconds": build_s,
                          "p50_ms": float(np.percentile(lat, 50) * 1e3), "p95_ms": float(np.percentile(lat, 95) * 1e3),
                          "found": found}
     exact = results["flat"].pop("found")

@@ -376,7 +376,7 @@ class Store:
         An index built at generation G holds none of the items removed at or before G, so a tombstone
         is dropped once every built index in the manifest is at least as new as its removal.
         """
-        built = [e.index_generation for e in self.manifest.encoders.values() if e.index_file]
+        built = [e.index_generation for e in self.manifest.encoders.values() if e.index_file or e.backend == "milvus"]
         oldest = min(built, default=self.generation)
         n = 0
         with self.env.begin(write=True) as txn:

@@ -11,14 +11,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import faiss
 import lmdb
-import numpy as np
 
 from simsearch.devices import Device
-from simsearch.errors import DbCorruptError, SchemaError
+from simsearch.errors import DbCorruptError, SchemaError, SimsearchError
+from simsearch.indexer.manifest import EncoderEntry
 from simsearch.indexer.store import REBUILD_HINT, Store
-from simsearch.retrieval.faiss_index import REPAIR_HINT, IndexConfig, load_index, refresh_index
+from simsearch.retrieval.faiss_index import REPAIR_HINT, IndexConfig, index_ids, load_index, refresh_index
+from simsearch.retrieval.milvus_backend import mirror_count, sync_milvus
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ def check_db(root: str | Path) -> tuple[list[Finding], dict]:
             return findings + [Finding("error", f"{store.root / 'store.lmdb'}: unreadable ({e}); {REBUILD_HINT}")], facts
         generation = store.generation
         for name, entry in store.manifest.encoders.items():
+            if entry.backend == "milvus":
+                findings += _check_mirror(store, name, entry, generation, facts)
+                continue
             if entry.index_file is None:
                 findings.append(Finding("warning", f"the index of {name} was never built (an interrupted first "
                                                    f"`index`?): {REPAIR_HINT}"))
@@ -53,10 +56,10 @@ def check_db(root: str | Path) -> tuple[list[Finding], dict]:
             except DbCorruptError as e:
                 findings.append(Finding("error", str(e)))
                 continue
-            ids = faiss.vector_to_array(faiss.downcast_index(index).id_map) if index.ntotal else np.empty(0, np.int64)
-            facts["indexes"][name] = {"vectors": int(index.ntotal), "file": entry.index_file}
-            if index.ntotal != entry.count or index.d != entry.dim:
-                findings.append(Finding("error", f"{store.index_file(entry)}: holds {index.ntotal} vectors of {index.d} "
+            ids = index_ids(index)
+            facts["indexes"][name] = {"vectors": len(ids), "file": entry.index_file}
+            if len(ids) != entry.count or index.d != entry.dim:
+                findings.append(Finding("error", f"{store.index_file(entry)}: holds {len(ids)} vectors of {index.d} "
                                                  f"dimensions, the manifest says {entry.count} of {entry.dim}; {REPAIR_HINT}"))
             elif entry.index_generation != generation:
                 unknown = set(ids.tolist()) - known_ids
@@ -73,6 +76,28 @@ def check_db(root: str | Path) -> tuple[list[Finding], dict]:
                     findings.append(Finding("error", f"the index of {name} holds {len(got - expected)} ids without a "
                                                      f"stored vector and misses {len(expected - got)}; {REPAIR_HINT}"))
     return findings, facts
+
+
+def _check_mirror(store: Store, name: str, entry: EncoderEntry, generation: int, facts: dict) -> list[Finding]:
+    """A Milvus-backed encoder has no index file: its collection must exist and hold what the manifest and the
+    store say (counts; Milvus is not asked for every id)."""
+    try:
+        count = mirror_count(store, entry)
+    except SimsearchError as e:
+        return [Finding("error", str(e))]
+    collection = f"the Milvus collection {entry.index_params.get('collection')} of {name} at {entry.backend_uri}"
+    if count is None:
+        return [Finding("error", f"{collection} is missing; {REPAIR_HINT}")]
+    facts["indexes"][name] = {"vectors": count, "backend": "milvus", "uri": entry.backend_uri}
+    if count != entry.count:
+        return [Finding("error", f"{collection} holds {count} vectors, the manifest says {entry.count}; {REPAIR_HINT}")]
+    if entry.index_generation != generation:
+        return [Finding("warning", f"{collection} is older than the store (an interrupted or running `index`): "
+                                   f"{REPAIR_HINT}")]
+    expected = store.vector_count(entry.key)
+    if count != expected:
+        return [Finding("error", f"{collection} holds {count} vectors, the store {expected}; {REPAIR_HINT}")]
+    return []
 
 
 def _check_items(store: Store, findings: list[Finding], facts: dict) -> set[int]:
@@ -95,13 +120,20 @@ def _check_items(store: Store, findings: list[Finding], facts: dict) -> set[int]
     return known
 
 
+def refresh_encoder(store: Store, name: str, config: IndexConfig = IndexConfig()) -> str | None:
+    """Bring an encoder's index (FAISS file or Milvus mirror, as the manifest says) up to date with the store."""
+    if store.manifest.encoders[name].backend == "milvus":
+        return sync_milvus(store, name)
+    return refresh_index(store, name, config)
+
+
 def repair_db(root: str | Path, config: IndexConfig = IndexConfig(), wait: bool = True) -> list[str]:
-    """Rebuild every encoder's index that is missing, damaged or stale, from the stored vectors."""
+    """Rebuild every encoder's index (or Milvus mirror) that is missing, damaged or stale, from the stored vectors."""
     done = []
     with Store(root, wait=wait) as store:
         for name in list(store.manifest.encoders):
-            if refresh_index(store, name, config):
-                done.append(f"rebuilt the index of {name} ({store.manifest.encoders[name].count} vectors)")
+            if outcome := refresh_encoder(store, name, config):
+                done.append(f"the index of {name}: {outcome} ({store.manifest.encoders[name].count} vectors)")
     return done
 
 

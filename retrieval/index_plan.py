@@ -53,7 +53,8 @@ class IndexPlan:
             "hnsw": f"IDMap,HNSW{self.hnsw_m}",
             "ivf": f"{coarse},Flat",
             "sq8": f"{coarse},SQ8",
-            "ivfpq": f"OPQ{self.pq_m}_{self.pq_m * 4 if dim >= self.pq_m * 4 else dim},{coarse},PQ{self.pq_m}",
+            # OPQ rotates (and for dim > 4M reduces) to 4M dims: 4 dims per PQ sub-quantizer.
+            "ivfpq": f"OPQ{self.pq_m}_{self.pq_m * 4},{coarse},PQ{self.pq_m}",
         }[self.kind]
 
     def bytes_per_vector(self, dim: int) -> int:
@@ -64,7 +65,7 @@ class IndexPlan:
         """The index in RAM: codes and ids, plus centroids (and the OPQ rotation and PQ codebooks)."""
         fixed = self.nlist * dim * 4 + (self.nlist * self.hnsw_m * 8 if self.kind != "hnsw" else 0)
         if self.kind == "ivfpq":
-            fixed += dim * dim * 4 + 256 * dim * 4
+            fixed += dim * self.pq_m * 4 * 4 + 256 * self.pq_m * 4 * 4  # OPQ matrix (dim x 4M), PQ codebooks
         return count * self.bytes_per_vector(dim) + fixed
 
     def train_count(self, count: int) -> int:
@@ -98,12 +99,12 @@ def choose_index(count: int, dim: int, budget: int, kind: str = "auto") -> Index
         "hnsw": [IndexPlan("hnsw", hnsw_m=HNSW_M)],
         "ivf": [IndexPlan("ivf", nlist, hnsw_m=coarse_m)],
         "sq8": [IndexPlan("sq8", nlist, hnsw_m=coarse_m)],
-        "ivfpq": [IndexPlan("ivfpq", nlist, m, coarse_m) for m in PQ_BYTES if dim % m == 0 and m <= dim],
+        "ivfpq": [IndexPlan("ivfpq", nlist, m, coarse_m) for m in PQ_BYTES if 4 * m <= dim],
     }
     if kind != "auto":
         plans = candidates[kind]
         if not plans:
-            raise SimsearchError(f"ivfpq needs a dimension divisible by one of {PQ_BYTES} (got {dim})")
+            raise SimsearchError(f"ivfpq needs at least {4 * PQ_BYTES[-1]} dimensions (got {dim})")
         fitting = [p for p in plans if p.memory_bytes(count, dim) <= budget]
         return (fitting or plans[-1:])[0]  # asked for explicitly: built even over the budget (the caller warns)
     if count <= FLAT_MAX:

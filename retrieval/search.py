@@ -1,4 +1,4 @@
-"""Query a db: image -> encoder (ONNX Runtime) -> FAISS top-k -> (path, score). No torch on this path."""
+"""Query a db: image -> encoder (ONNX Runtime) -> FAISS or Milvus top-k -> (path, score). No torch on this path."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from simsearch.encoders.spec import INT8_SUFFIX
 from simsearch.errors import ImageLoadError, SimsearchError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.lock import writer_active
+from simsearch.indexer.manifest import EncoderEntry
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import LoadedIndex, load_index
+from simsearch.retrieval.milvus_backend import MilvusIndex, open_milvus
 from simsearch.retrieval.rerank import Reranker
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,22 @@ class QueryResult:
 QUERY_BATCH = 32
 
 
+def _open_index(store: Store, name: str, device: Device, backend: str | None,
+                milvus_uri: str | None) -> tuple[LoadedIndex | MilvusIndex, EncoderEntry]:
+    entry = store.read_manifest().encoders.get(name)
+    if entry is None:
+        return load_index(store, name, device)  # names the encoders the db has
+    if backend and backend != entry.backend:
+        raise SimsearchError(f"the db's {name} vectors are searched with {entry.backend}, not {backend}: drop "
+                             f"--backend, or switch with `simsearch index FOLDER --backend {backend}`")
+    if entry.backend == "milvus":
+        return open_milvus(store, name, entry, milvus_uri), entry
+    if milvus_uri:
+        raise SimsearchError(f"--milvus-uri given, but the db's {name} vectors are searched with faiss: drop it, or "
+                             "mirror them with `simsearch index FOLDER --backend milvus`")
+    return load_index(store, name, device)
+
+
 class Searcher:
     """Answers top-k queries against one encoder's index in a db.
 
@@ -54,7 +72,7 @@ class Searcher:
     search repeated. It holds its store open until `close()` (or the end of a `with Searcher.open(...)` block).
     """
 
-    def __init__(self, store: Store, encoder: OnnxEncoder, index: LoadedIndex, name: str | None = None,
+    def __init__(self, store: Store, encoder: OnnxEncoder, index: LoadedIndex | MilvusIndex, name: str | None = None,
                  device: Device = Device.auto):
         self.store = store
         self.encoder = encoder
@@ -64,16 +82,20 @@ class Searcher:
 
     @classmethod
     def open(cls, db: str | Path, encoder: str | OnnxEncoder | None = None, device: Device = Device.auto,
-             models_dir: Path | None = None) -> Searcher:
+             models_dir: Path | None = None, backend: str | None = None, milvus_uri: str | None = None) -> Searcher:
         """A searcher over the db's published index of `encoder` (a name, the db's default, or a session
-        already made — a server or a loop of queries reuses it)."""
+        already made — a server or a loop of queries reuses it).
+
+        The index is the one the manifest names: a FAISS file, or a Milvus collection (`milvus_uri` overrides
+        the recorded URI). `backend`, when given, must be the one the db uses.
+        """
         store = Store(db, readonly=True)
         try:
             name = encoder.spec.name if isinstance(encoder, OnnxEncoder) else encoder or store.manifest.default_encoder
             if name is None:
                 raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
             spec = encoder.spec if isinstance(encoder, OnnxEncoder) else get_encoder(name, models_dir)
-            index, entry = load_index(store, name, device)
+            index, entry = _open_index(store, name, device, backend, milvus_uri)
             if not isinstance(encoder, OnnxEncoder):  # queries are embedded as the db's vectors were
                 spec = spec.with_preprocess(entry.preprocess)
             if entry.key != spec.key:
@@ -89,6 +111,8 @@ class Searcher:
             raise
 
     def close(self) -> None:
+        if isinstance(self.index, MilvusIndex):
+            self.index.close()  # Milvus Lite serves one process per file: let the next `index` open it
         self.store.close()
 
     def __enter__(self) -> Searcher:
@@ -107,7 +131,8 @@ class Searcher:
             if None not in paths or attempt + 1 == attempts:
                 break
             log.debug("a newer index was published during the search: reloading it")
-            self.index, _ = load_index(self.store, self.name, self.device)
+            if not isinstance(self.index, MilvusIndex):  # a collection is updated in place: searching again suffices
+                self.index, _ = load_index(self.store, self.name, self.device)
         found = iter(paths)
         out = []
         for row_scores, row_ids in zip(scores, ids):

@@ -74,7 +74,8 @@ def test_info_and_encoders(db):
         (["query", "{img}", "--db", "{db}", "--encoder", "efficientnet-lite2"], "no vectors of encoder"),
         (["index", "{tmp}/nofolder", "--db", "{db}"], "no such file or folder"),
         (["index", "{tmp}", "--db", "{db}", "--encoder", "nope"], "unknown encoder"),
-        (["index", "{tmp}", "--db", "{db}", "--index", "hnsw"], "unknown index kind 'hnsw'"),
+        (["index", "{tmp}", "--db", "{db}", "--index", "annoy"], "unknown index kind 'annoy'"),
+        (["index", "{tmp}", "--db", "{db}", "--max-index-memory", "lots"], "not a memory size"),
         (["info", "--db", "{tmp}/nodb"], "no simsearch db"),
     ],
 )
@@ -99,7 +100,9 @@ def test_changing_the_index_kind_rebuilds_without_embedding(tmp_path, db):
     result = runner.invoke(app, ["index", str(db / "imgs"), "--db", str(copy), "--index", "ivf"])
     assert result.exit_code == 0 and "nothing to embed" in result.output
     info = json.loads(runner.invoke(app, ["info", "--db", str(copy), "--json"]).stdout)
-    assert info["encoders"][DEFAULT]["index_type"] == "ivf1,nprobe1"  # 40 vectors: one list
+    enc = info["encoders"][DEFAULT]
+    assert (enc["index_type"], enc["index_params"]) == ("ivf", {"nlist": 1, "nprobe": 1})  # 40 vectors: one list
+    assert enc["recall_at_10"] == 1.0 and enc["recall_target"] == 0.95
     goldfish = db / "imgs" / "n01443537_goldfish.JPEG"
     doc = json.loads(runner.invoke(app, ["query", str(goldfish), "-k", "3", "--db", str(copy), "--json"]).stdout)
     assert doc["results"][0]["hits"][0]["path"] == str(goldfish)

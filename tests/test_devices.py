@@ -36,7 +36,7 @@ def test_encoder_and_index_on_cuda_or_fall_back_to_cpu_with_a_warning(lite0, mod
     with caplog.at_level(logging.WARNING):
         enc = OnnxEncoder(lite0, Device.cuda, models_dir)
         vecs = np.eye(4, 8, dtype=np.float32)
-        index = LoadedIndex(build_index(lambda: [(np.arange(4), vecs)], 8, 4), Device.cuda)
+        index = LoadedIndex(build_index(lambda: [(np.arange(4), vecs)], 8, 4).index, Device.cuda)
     warned = [r.message for r in caplog.records if "cuda" in r.message.lower()]
     assert enc.device == ("cuda" if enc.session.get_providers()[0] == CUDA_EP else "cpu")
     assert index.device in ("cuda", "cpu")

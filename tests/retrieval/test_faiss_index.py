@@ -1,25 +1,27 @@
 import numpy as np
 import pytest
 
-from simsearch.errors import DbCorruptError, SimsearchError
+from simsearch.errors import DbCorruptError
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import (
     IndexConfig,
     LoadedIndex,
     build_index,
-    index_kind,
+    describe,
+    index_ids,
     index_problem,
     load_index,
-    publish_index,
     refresh_index,
 )
+from simsearch.retrieval.index_plan import FLAT_MAX
 
 
-def clustered(n, dim, centers, seed=0):
-    """L2-normalised vectors around `centers` random directions: structure like real embeddings."""
+def clustered(n, dim, centers, seed=0, spread=0.6):
+    """L2-normalised vectors around `centers` random directions: structure like real embeddings.
+    The same seed gives the same centres, so `clustered(n + q)[n:]` are held-out queries."""
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centers, dim), dtype=np.float32)
-    x = c[rng.integers(0, centers, n)] + 0.6 * rng.standard_normal((n, dim), dtype=np.float32)
+    x = c[rng.integers(0, centers, n)] + spread * rng.standard_normal((n, dim), dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -27,55 +29,143 @@ def blocks_of(vecs, ids, size=700):
     return lambda: ((ids[i:i + size], vecs[i:i + size]) for i in range(0, len(vecs), size))
 
 
+def recall_at_10(got_ids, queries, vecs, ids):
+    exact = ids[np.argsort(-(queries @ vecs.T), axis=1)[:, :10]]
+    return np.mean([len(set(a) & set(e)) / 10 for a, e in zip(got_ids, exact)])
+
+
 def test_flat_equals_brute_force_with_item_ids():
     vecs = clustered(2000, 32, 20)
     ids = np.arange(2000, dtype=np.int64) * 7 + 3  # store ids are not positions
-    index = LoadedIndex(build_index(blocks_of(vecs, ids), 32, len(vecs), IndexConfig(kind="flat")))
+    built = build_index(blocks_of(vecs, ids), 32, len(vecs), IndexConfig(kind="flat"))
+    index = LoadedIndex(built.index)
     q = vecs[:50] + 0.01
     scores, got = index.search(q, 10)
     brute = q @ vecs.T
     order = np.argsort(-brute, axis=1)[:, :10]
     np.testing.assert_array_equal(got, ids[order])
     np.testing.assert_allclose(scores, np.take_along_axis(brute, order, 1), rtol=1e-5, atol=1e-5)
-    assert index_kind(index.cpu_index) == "flat"
+    assert (built.plan.kind, built.params, built.recall) == ("flat", {}, 1.0)
 
 
-def test_auto_switches_to_ivf_with_high_recall(tmp_path):
-    vecs = clustered(20_000, 64, 200)
+@pytest.mark.parametrize("kind", ["ivf", "sq8", "ivfpq", "hnsw"])
+def test_each_kind_is_tuned_to_the_recall_target_and_holds_it_on_held_out_queries(kind):
+    everything = clustered(12_300, 32, 120, spread=0.9)
+    vecs, queries = everything[:12_000], everything[12_000:]
+    ids = np.arange(len(vecs), dtype=np.int64) * 3 + 1
+    fetch = lambda i: vecs[(i - 1) // 3]  # noqa: E731  exact vectors by id, for ivfpq's re-scoring
+    built = build_index(blocks_of(vecs, ids, 4096), 32, len(vecs), IndexConfig(kind=kind, recall=0.95), fetch)
+    assert built.plan.kind == kind and built.recall >= 0.95
+    name = "efSearch" if kind == "hnsw" else "nprobe"
+    assert set(built.params) == {name} and built.params[name] >= 1
+    index = LoadedIndex(built.index, params=built.params, fetch=fetch if kind == "ivfpq" else None)
+    scores, got = index.search(queries, 10)
+    assert recall_at_10(got, queries, vecs, ids) >= 0.9  # tuned on the collection, checked on new queries
+    if kind == "ivfpq":  # re-scored from the exact vectors: the scores are exact inner products
+        np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", fetch(got), queries), rtol=1e-5, atol=1e-5)
+
+
+def test_a_lower_recall_target_gives_cheaper_parameters():
+    vecs = clustered(20_000, 32, 400, spread=1.0)
     ids = np.arange(len(vecs), dtype=np.int64)
-    config = IndexConfig(flat_max=10_000)
-    assert config.resolve(10_000) == "flat" and config.resolve(10_001) == "ivf"
-    built = build_index(blocks_of(vecs, ids, 4096), 64, len(vecs), config)
-    kind = index_kind(built)
-    assert kind == "ivf512,nprobe16"  # 4*sqrt(n) = 565, capped at n / 39 points per centroid
-    with Store(tmp_path, create=True) as store:
-        store.register_encoder("x", "x@1", 64, "crop")
-        publish_index(store, "x", built, store.generation)
-        index, _ = load_index(store, "x")  # nprobe survives the round trip
-    assert index_kind(index.cpu_index) == kind and index.ntotal == len(vecs)
-    q = clustered(200, 64, 200, seed=1)
-    _, got = index.search(q, 10)
-    exact = np.argsort(-(q @ vecs.T), axis=1)[:, :10]
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, exact)])
-    assert recall > 0.9
+    low, high = (build_index(blocks_of(vecs, ids, 4096), 32, len(vecs), IndexConfig(kind="ivf", recall=r)) for r in (0.5, 0.99))
+    assert low.params["nprobe"] < high.params["nprobe"] and low.recall >= 0.5 and high.recall >= 0.99
 
 
-def test_unknown_kind_is_an_error():
-    with pytest.raises(SimsearchError, match="available: auto, flat, ivf"):
-        IndexConfig(kind="hnsw").resolve(10)
-
-
-def _store_with_vectors(root, n=50, dim=8):
-    vecs = clustered(n, dim, 5)
+def _store_of(root, vecs, start=0):
     store = Store(root, create=True)
-    store.register_encoder("x", "x@1", dim, "crop")
-    store.put_items("x@1", [(f"/img/{i}.jpg", f"h{i}", 1, 1, v) for i, v in enumerate(vecs)])
-    return store, vecs
+    store.register_encoder("x", "x@1", vecs.shape[1], "crop")
+    _put(store, vecs, start)
+    return store
+
+
+def _put(store, vecs, start=0):
+    store.put_items("x@1", [(f"/img/{start + i}.jpg", f"h{start + i}", 1, 1, v) for i, v in enumerate(vecs)])
+
+
+def _live(store):
+    return np.sort(np.concatenate([ids for ids, _ in store.iter_vector_blocks("x@1", store.manifest.encoders["x"].dim)]))
+
+
+@pytest.mark.parametrize("kind", ["auto", "hnsw"])
+def test_added_changed_and_removed_items_update_the_index_in_place(tmp_path, kind):
+    vecs = clustered(FLAT_MAX + 600, 16, 50)
+    config = IndexConfig(kind=kind)
+    with _store_of(tmp_path, vecs[:FLAT_MAX + 500]) as store:
+        assert refresh_index(store, "x", config) == "built" and refresh_index(store, "x", config) is None
+        entry = store.manifest.encoders["x"]
+        assert entry.index_type == ("ivf" if kind == "auto" else "hnsw") and entry.recall >= 0.95
+        assert entry.trained_count == FLAT_MAX + 500 and entry.recall_target == 0.95
+        _put(store, vecs[FLAT_MAX + 500:], FLAT_MAX + 500)  # 100 new
+        moved = -vecs[:10]  # 10 changed: new content, same path, same id
+        store.put_items("x@1", [(f"/img/{i}.jpg", f"new{i}", 2, 2, v) for i, v in enumerate(moved)])
+        store.remove_items([f"/img/{i}.jpg" for i in range(20, 70)])  # 50 removed
+        outcome = refresh_index(store, "x", config)
+        assert outcome == "updated: 110 added or changed, 50 removed"
+        index, entry = load_index(store, "x")
+        assert np.array_equal(np.sort(index_ids(index.cpu_index)), _live(store)) and entry.count == FLAT_MAX + 550
+        assert index.ntotal == FLAT_MAX + 550
+        _, top = index.search(moved, 1)  # a changed item is found by its new vector
+        assert top[:, 0].tolist() == list(range(10))
+        _, got = index.search(vecs[20:70], 10)
+        assert not np.isin(got, np.arange(20, 70)).any()  # removed items are never returned
+        assert store.paths_of([20]) == [None]  # their tombstones are gone: no published index holds them
+
+
+def test_hnsw_is_rebuilt_once_a_tenth_of_its_nodes_are_removed(tmp_path):
+    vecs = clustered(2000, 16, 20)
+    with _store_of(tmp_path, vecs) as store:
+        refresh_index(store, "x", IndexConfig(kind="hnsw"))
+        store.remove_items([f"/img/{i}.jpg" for i in range(150)])
+        assert refresh_index(store, "x", IndexConfig(kind="hnsw")).startswith("updated")  # 7.5% marked
+        store.remove_items([f"/img/{i}.jpg" for i in range(150, 250)])
+        assert "HNSW graph are removed items" in refresh_index(store, "x", IndexConfig(kind="hnsw"))
+        index, _ = load_index(store, "x")
+        assert index.marked == 0 and index.ntotal == 1750
+
+
+def test_growing_past_the_flat_limit_or_twice_the_training_set_rebuilds(tmp_path):
+    vecs = clustered(2 * FLAT_MAX + 2200, 8, 40)
+    with _store_of(tmp_path, vecs[:FLAT_MAX]) as store:
+        refresh_index(store, "x")
+        assert store.manifest.encoders["x"].index_type == "flat"
+        _put(store, vecs[FLAT_MAX:FLAT_MAX + 1000], FLAT_MAX)
+        assert refresh_index(store, "x") == f"rebuilt: {FLAT_MAX + 1000} vectors call for ivf, not flat"
+        _put(store, vecs[FLAT_MAX + 1000:2 * FLAT_MAX + 2000], FLAT_MAX + 1000)
+        assert refresh_index(store, "x").startswith("updated")  # exactly 2x what it was trained on: kept
+        _put(store, vecs[2 * FLAT_MAX + 2000:], 2 * FLAT_MAX + 2000)
+        assert "retraining" in refresh_index(store, "x")
+        assert store.manifest.encoders["x"].trained_count == 2 * FLAT_MAX + 2200
+
+
+def test_a_new_recall_target_or_a_pruned_change_log_rebuilds(tmp_path):
+    with _store_of(tmp_path, clustered(FLAT_MAX + 100, 8, 30)) as store:
+        refresh_index(store, "x")
+        assert refresh_index(store, "x", IndexConfig(recall=0.99)).startswith("rebuilt: --recall 0.99 asked")
+        entry = store.manifest.encoders["x"]
+        assert entry.recall_target == 0.99 and entry.recall >= 0.99
+        assert "recall@10" in describe(entry) and "nprobe" in describe(entry)
+        assert refresh_index(store, "x") is None  # the db's target is kept when none is asked
+        store.remove_items(["/img/0.jpg"])
+        store.prune_changes(store.generation)  # as if the log had been lost
+        assert refresh_index(store, "x") == "rebuilt: the store's change log does not reach back to this index"
+
+
+def test_the_change_log_lists_ids_touched_since_a_generation(tmp_path):
+    with _store_of(tmp_path, clustered(5, 4, 2)) as store:
+        g = store.generation
+        assert store.changed_ids(0).tolist() == [0, 1, 2, 3, 4] and store.changed_ids(g).tolist() == []
+        store.remove_items(["/img/1.jpg"])
+        _put(store, clustered(1, 4, 2, seed=3), start=9)
+        assert store.changed_ids(g).tolist() == [1, 5]
+        store.prune_changes(g)
+        assert store.changed_ids(g - 1) is None and store.changed_ids(g).tolist() == [1, 5]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
 def test_damaged_index_file_is_named_and_rebuilt_without_embedding(tmp_path, damage):
-    store, vecs = _store_with_vectors(tmp_path)
+    vecs = clustered(50, 8, 5)
+    store = _store_of(tmp_path, vecs)
     with store:
         assert refresh_index(store, "x") and not refresh_index(store, "x")  # second call: up to date
         entry = store.manifest.encoders["x"]
@@ -101,7 +191,8 @@ def test_damaged_index_file_is_named_and_rebuilt_without_embedding(tmp_path, dam
 
 
 def test_publish_replaces_the_old_file_and_readers_follow(tmp_path):
-    store, vecs = _store_with_vectors(tmp_path)
+    vecs = clustered(50, 8, 5)
+    store = _store_of(tmp_path, vecs)
     with store:
         refresh_index(store, "x")
         old = store.manifest.encoders["x"].index_file

@@ -1,0 +1,88 @@
+"""Search parameters tuned to a recall target against exact search, at build time.
+
+The queries are a seeded sample of the collection's own vectors, held out of the index while it is
+tuned (build_index adds them afterwards), so they stand for new images. Exact answers are computed
+block by block (the collection never sits in memory twice).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import faiss
+import numpy as np
+
+K = 10  # recall@10: what `--recall` means
+
+Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]  # (queries, k) -> (scores, ids)
+
+
+class ExactTopK:
+    """Exact top-k by inner product of a few queries, accumulated over the blocks of a collection."""
+
+    def __init__(self, queries: np.ndarray, k: int = K):
+        self.queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, dim)
+        self.k = k
+        self.heap = faiss.ResultHeap(len(queries), self.k, keep_max=True)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        if len(self.queries) == 0 or len(ids) == 0:
+            return
+        scores, rows = faiss.knn(self.queries, np.ascontiguousarray(vectors, dtype=np.float32),
+                                 min(self.k, len(ids)), metric=faiss.METRIC_INNER_PRODUCT)  # (Q, k) each
+        found = np.where(rows >= 0, ids[np.maximum(rows, 0)], -1)
+        if found.shape[1] < self.k:  # a small block: pad with empty slots
+            pad = self.k - found.shape[1]
+            scores = np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf)
+            found = np.pad(found, ((0, 0), (0, pad)), constant_values=-1)
+        self.heap.add_result(scores, found)
+
+    def ids(self) -> np.ndarray:
+        """(Q, k) ids of the exact answers, best first."""
+        self.heap.finalize()
+        return self.heap.I
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int = K) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k (empty slots, id -1, left out)."""
+    total = 0.0
+    for a, e in zip(approx, exact):
+        want = {i for i in e[:k] if i >= 0}
+        total += len({i for i in a[:k] if i >= 0} & want) / max(1, len(want))
+    return total / max(1, len(exact))
+
+
+def tune(search: Searcher, set_param: Callable[[int], None], ladder: list[int], queries: np.ndarray,
+         exact: np.ndarray, target: float) -> tuple[int, float]:
+    """The smallest ladder value whose recall@10 reaches `target` (then refined by bisection between it
+    and the previous rung), and its recall. If none does, the largest rung and its recall.
+
+    Recall grows with nprobe / efSearch and so does the cost: the smallest value reaching the target
+    is the fastest one that keeps the promise.
+    """
+    def recall(value: int) -> float:
+        set_param(value)
+        _, ids = search(queries, K)
+        return recall_at_k(ids, exact)
+
+    low, best = None, None
+    for value in ladder:
+        r = recall(value)
+        if r >= target:
+            best = (value, r)
+            break
+        low = value
+    if best is None:
+        value = ladder[-1]
+        set_param(value)
+        return value, recall(value)
+    lo, (hi, r_hi) = (low or 0), best
+    while hi - lo > 1 and hi > 2:  # bisection: recall is monotone in practice
+        mid = (lo + hi) // 2
+        r = recall(mid)
+        if r >= target:
+            hi, r_hi = mid, r
+        else:
+            lo = mid
+    set_param(hi)
+    return hi, r_hi
