@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simsearch.devices import Device, ort_device_used, ort_providers
+from simsearch.devices import CUDA_EP, Device, ort_device_used, ort_providers
 from simsearch.encoders.export import ensure_onnx
 from simsearch.encoders.spec import EncoderSpec
 
@@ -34,8 +34,12 @@ def ort_session(path: Path, device: Device = Device.auto, threads: int | None = 
     # Idle ORT threads otherwise busy-wait between runs and starve the indexer's decode threads;
     # no measurable cost to encoder throughput here (benchmarks/speed.py).
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = ort.InferenceSession(str(path), sess_options=opts,
-                                   providers=ort_providers(device, ort.get_available_providers()))
+    providers = ort_providers(device, ort.get_available_providers())
+    if providers[0] == CUDA_EP and hasattr(ort, "preload_dlls"):
+        # CUDA and cuDNN installed from PyPI ([gpu] extra) are not on the loader's path: without this the CUDA
+        # provider fails to load libcudnn and the session silently runs on the CPU (onnxruntime >= 1.21).
+        ort.preload_dlls()
+    session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     return session, ort_device_used(device, session.get_providers())
 
 
