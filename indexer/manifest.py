@@ -117,7 +117,7 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
     return Manifest(version, default, entries)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes | memoryview) -> None:
     """Write a file so that a reader (or a crash) sees the old content or the new, never half."""
     fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
     try:
