@@ -49,6 +49,7 @@ REBUILD_HINT = "run `simsearch index FOLDER --rebuild` (moves the broken db asid
 # Virtual address space only: LMDB grows the file as data arrives (1 TiB ~ 200M 1280-d vectors).
 MAP_SIZE = 1 << 40
 _ID = struct.Struct(">q")  # big-endian so LMDB's byte order is id order
+SWEEP_SHARE, SWEEP_MIN = 0.01, 1000  # vectors of forgotten items are swept once they are this many
 
 
 @dataclass(frozen=True)
@@ -371,10 +372,12 @@ class Store:
         return n
 
     def collect_tombstones(self) -> int:
-        """Forget removed items that no published index can return any more, then sweep their vectors.
+        """Forget removed items that no published index can return any more; sweep their vectors in bulk.
 
         An index built at generation G holds none of the items removed at or before G, so a tombstone
-        is dropped once every built index in the manifest is at least as new as its removal.
+        is dropped once every built index in the manifest is at least as new as its removal. The sweep
+        reads every item (~7 s at 1M), so it waits until SWEEP_SHARE of the items have been forgotten:
+        until then a removed image's vector stays (a file with that content added back reuses it).
         """
         built = [e.index_generation for e in self.manifest.encoders.values() if e.index_file or e.backend == "milvus"]
         oldest = min(built, default=self.generation)
@@ -387,7 +390,10 @@ class Store:
                     txn.delete(k, db=self._ids)
                     n += 1
                     log.debug("forgot removed item %d (%r)", _ID.unpack(k)[0], path)
-        if n:
+            unswept = self._counter(txn, b"unswept") + n
+            sweep = n and unswept >= max(SWEEP_MIN, SWEEP_SHARE * txn.stat(self._items)["entries"])
+            txn.put(b"unswept", _ID.pack(0 if sweep else unswept), db=self._meta)
+        if sweep:
             self.sweep_vectors()
         self.prune_changes(oldest)
         return n

@@ -31,7 +31,20 @@ def test_round_trip_and_ids(tmp_path):
         assert s.paths_of([1]) == ["/b.jpg"] and s.item_count() == 1 and s.get_item("/b.jpg") is None
         np.testing.assert_array_equal(s.vectors_of_ids("enc@1", [1], 4)[0], v + 1)
         assert s.collect_tombstones() == 1  # no index built: nothing can return it
-        assert s.paths_of([1]) == [None] and not s.has_vector("enc@1", "sha-b")
+        assert s.paths_of([1]) == [None] and s.has_vector("enc@1", "sha-b")  # vectors are swept in bulk, later
+        assert s.sweep_vectors() == 1 and not s.has_vector("enc@1", "sha-b")
+
+
+def test_vectors_of_forgotten_items_are_swept_once_there_are_enough(tmp_path, monkeypatch):
+    monkeypatch.setattr("simsearch.indexer.store.SWEEP_MIN", 3)
+    v = np.ones(4, dtype=np.float32)
+    with Store(tmp_path / "db", create=True) as s:
+        s.put_items("enc@1", [(f"/{i}.jpg", f"sha-{i}", 1, 1, v * i) for i in range(10)])
+        for i in range(3):
+            s.remove_items([f"/{i}.jpg"])
+            s.collect_tombstones()
+            assert s.has_vector("enc@1", "sha-0") == (i < 2)  # the third forgotten item triggers the sweep
+        assert not any(s.has_vector("enc@1", f"sha-{i}") for i in range(3)) and s.has_vector("enc@1", "sha-3")
 
 
 def test_vectors_are_float32_little_endian(tmp_path):
