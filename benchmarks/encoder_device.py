@@ -16,7 +16,6 @@ figure is ever reported for a run that did not get one.
 
 from __future__ import annotations
 
-import json
 import logging
 import platform
 import subprocess
@@ -108,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.console import Console
 
+    from simsearch.benchmarks.report import save_json
+
     d = DeviceConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--encoder", default=d.encoder, help="fp32 or int8 name: both precisions are measured")
@@ -124,9 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                        batch_sizes=a.batch_sizes, min_seconds=a.min_seconds, models_dir=a.models_dir)
     result = run(cfg)
     Console(width=max(Console().width, 110)).print(render(result))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
-    Console(stderr=True).print(f"wrote {a.out}")
+    Console(stderr=True).print(f"wrote {save_json(result, a.out)}")
 
 
 if __name__ == "__main__":

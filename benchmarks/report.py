@@ -66,9 +66,13 @@ def pairs_table(result: dict) -> Table | None:
 
 
 def write_json(result: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench.json"
-    path.write_text(json.dumps(result, indent=1))
+    return save_json(result, out / "bench.json")
+
+
+def save_json(result: dict, path: Path, default=None) -> Path:
+    """Every benchmark's JSON document, written where asked (its folder made first)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1, default=default))
     return path
 
 

@@ -24,7 +24,6 @@ baseline measured alongside it (timings on shared machines drift by tens of perc
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -354,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from rich.console import Console
 
+    from simsearch.benchmarks.report import save_json
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/speed.json"))
     p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: the shared imagenet-samples)")
@@ -377,9 +378,7 @@ def main(argv: list[str] | None = None) -> None:
                       decode_images=a.decode_images, models_dir=a.models_dir)
     result = run(cfg)
     Console(width=max(Console().width, 120)).print(render(result))
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
-    Console(stderr=True).print(f"wrote {a.out}")
+    Console(stderr=True).print(f"wrote {save_json(result, a.out)}")
 
 
 if __name__ == "__main__":
