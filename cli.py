@@ -486,6 +486,86 @@ def prune(
 
 @app.command()
 @user_errors
+def dupes(
+    db: DbOption = DEFAULT_DB,
+    encoder: Annotated[Optional[str], typer.Option(help="encoder (default: the db's first).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(
+        help="cosine at or above which two images are near-duplicates (default: the calibrated one, see README; "
+             "it fits the built-in encoders).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout.")] = False,
+    csv_file: Annotated[Optional[str], typer.Option(
+        "--csv", metavar="FILE", help="also write one CSV row per image (group, role, id, path, width, height, bytes, "
+                                      "score, min_score) to FILE; `--csv -` writes only the CSV, to stdout.")] = None,
+    verbose: VerboseOption = False,
+):
+    """Groups of near-duplicate images in the db, each with a suggested keeper (most pixels, then largest file)."""
+    _verbose(verbose)
+    from dataclasses import asdict
+
+    from simsearch.indexer.store import Store
+    from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, find_duplicates
+
+    with Store(db, readonly=True) as store:
+        name = encoder or store.manifest.default_encoder
+        if name is None:
+            raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
+        with _ProgressReporter("finding near-duplicates") as progress:
+            groups = find_duplicates(store, name, threshold, on_progress=progress.stage)
+    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
+    removable = [o for g in groups for o in g.others]
+    totals = {"groups": len(groups), "removable_images": len(removable),
+              "reclaimable_bytes": sum(o.bytes for o in removable)}
+    if csv_file is not None:
+        _write_dupes_csv(groups, csv_file)
+        if csv_file == "-":
+            return
+    if as_json:
+        item = lambda it: {**asdict(it), **_exact(it.path, "path_bytes")}  # noqa: E731
+        print(json.dumps({"db": str(db), "encoder": name, "threshold": threshold, "totals": totals,
+                          "groups": [{"keeper": item(g.keeper), "others": [item(o) for o in g.others],
+                                      "min_score": g.min_score} for g in groups]}, indent=2))
+        return
+    for i, g in enumerate(groups, 1):
+        table = Table(title=f"group {i}: {1 + len(g.others)} images, weakest link {g.min_score:.4f}",
+                      title_justify="left")
+        table.add_column("", no_wrap=True)
+        table.add_column("score", justify="right")
+        table.add_column("pixels", justify="right", no_wrap=True)
+        table.add_column("bytes", justify="right")
+        table.add_column("path", overflow="fold")
+        for it, role in [(g.keeper, "[green]keep[/green]"), *((o, "") for o in g.others)]:
+            size = f"{it.width}x{it.height}" if it.width else "[yellow]unreadable[/yellow]"
+            table.add_row(role, f"{it.score:.4f}", size, f"{it.bytes:,}", shown(it.path))
+        out.print(table)
+    out.print(f"{totals['groups']} groups of near-duplicates (cosine >= {threshold:g}, {name}): "
+              f"{totals['removable_images']} images could be removed, {totals['reclaimable_bytes'] / 2**20:,.1f} MiB",
+              highlight=False, soft_wrap=True)
+
+
+def _write_dupes_csv(groups, dest: str) -> None:
+    """One row per image, keeper first in each group; `-` is stdout. Paths keep their exact bytes in a file."""
+    import csv
+
+    try:
+        stream = sys.stdout if dest == "-" else open(dest, "w", newline="", encoding="utf-8", errors="surrogateescape")
+    except OSError as e:
+        raise SimsearchError(f"--csv {dest}: cannot write ({e.strerror})") from None
+    try:
+        writer = csv.writer(stream)
+        writer.writerow(["group", "role", "id", "path", "width", "height", "bytes", "score", "min_score"])
+        for i, g in enumerate(groups, 1):
+            for it, role in [(g.keeper, "keeper"), *((o, "other") for o in g.others)]:
+                path = it.path if stream is not sys.stdout else it.path.encode("utf-8", "surrogateescape").decode(
+                    "utf-8", "backslashreplace")
+                writer.writerow([i, role, it.id, path, it.width, it.height, it.bytes, f"{it.score:.6f}",
+                                 f"{g.min_score:.6f}"])
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+
+
+@app.command()
+@user_errors
 def bench(
     data: DataOption = None,
     split: Annotated[str, typer.Option(help="split to measure: val or train.")] = "val",
@@ -722,6 +802,40 @@ def train_beit(
 
 
 @app.command()
+@user_errors
+def serve(
+    db: DbOption = DEFAULT_DB,
+    host: Annotated[str, typer.Option(
+        help="address to listen on; the default answers this machine only (the API has no authentication).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free one, printed).")] = 8000,
+    max_upload: Annotated[str, typer.Option(help="largest image a client may upload, e.g. 20M.")] = "20M",
+    device: DeviceOption = Device.auto,
+    models_dir: ModelsDirOption = None,
+    verbose: VerboseOption = False,
+):
+    """Serve the HTTP API (OpenAPI schema at /docs) and the web page; read-only over the db, follows a running `index`."""
+    _verbose(verbose)
+    # FAISS's OpenMP threads busy-wait after each search by default: a server's searches are single queries from
+    # many threads, and on a busy machine the spinning starves them (a 0.1 ms search took 16 ms here). Read by the
+    # OpenMP runtime when it loads, i.e. before the server module imports FAISS.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from simsearch.retrieval.index_plan import parse_bytes
+    from simsearch.server.app import ServerConfig, create_app, is_loopback, listen, run
+
+    config = ServerConfig(db=db, models_dir=models_dir, device=device, max_upload_bytes=parse_bytes(max_upload))
+    application = create_app(config)
+    sock = listen(host, port)
+    if not is_loopback(host):
+        err.print(f"[yellow]warning:[/yellow] listening on {shown(host)}: other machines can reach this API, which "
+                  "has no authentication", highlight=False)
+    bound = sock.getsockname()[1]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
+    err.print(f"serving {shown(db)} on {url} (API docs: {url}/docs); Ctrl-C stops", highlight=False, soft_wrap=True)
+    run(application, sock)
+
+
+@app.command()
 def rerankers(models_dir: ModelsDirOption = None):
     """The trained rerankers (pair classifiers for `query --rerank`)."""
     from simsearch.retrieval.rerank import list_rerankers
@@ -731,6 +845,55 @@ def rerankers(models_dir: ModelsDirOption = None):
     for spec in list_rerankers(models_dir):
         table.add_row(spec.name, spec.card.summary())
     out.print(table)
+
+
+@app.command()
+@user_errors
+def explain(
+    a: Annotated[Path, typer.Argument(help="first image.")],
+    b: Annotated[Path, typer.Argument(help="second image.")],
+    encoder: Annotated[Optional[str], typer.Option(
+        help="encoder (default: the db's at --db when there is one, else as for `index`).")] = None,
+    method: Annotated[Literal["auto", "decomposition", "occlusion"], typer.Option(
+        help="decomposition: exact, the heatmaps sum to the score (the built-in encoders); occlusion: black-box, "
+             "any encoder; auto: decomposition where it is exact.")] = "auto",
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="PNG of both images with their heatmaps (default: explain.png; with --json: only "
+                               "when given).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the explanation with both grids as JSON on stdout.")] = False,
+    db: DbOption = DEFAULT_DB,
+    device: DeviceOption = Device.auto,
+    models_dir: ModelsDirOption = None,
+):
+    """Why two images match: a heatmap per image of the regions that drove their similarity score."""
+    from simsearch.encoders.registry import default_encoder, get_encoder
+    from simsearch.encoders.runtime import OnnxEncoder
+    from simsearch.errors import DbNotFoundError
+    from simsearch.indexer.store import Store
+    from simsearch.retrieval.explain import explain_pair, render_png
+
+    try:
+        with Store(db, readonly=True) as store:
+            manifest = store.manifest
+    except DbNotFoundError:  # no db there: the machine's default encoder under its own policy
+        manifest = None
+    name = encoder or (manifest and manifest.default_encoder) or default_encoder()
+    spec = get_encoder(name, models_dir)
+    if manifest and name in manifest.encoders:  # explained as the db's vectors were made
+        spec = spec.with_preprocess(manifest.encoders[name].preprocess)
+    expl = explain_pair(OnnxEncoder(spec, device, models_dir), a, b, method=method, models_dir=models_dir)
+    target = output or (None if as_json else Path("explain.png"))
+    if target is not None:
+        try:
+            target.write_bytes(render_png(expl, a, b))
+        except OSError as e:
+            raise SimsearchError(f"{target}: cannot write ({e.strerror})") from None
+    if as_json:
+        print(json.dumps({"a": str(a), "b": str(b), **expl.to_dict(), "png": str(target) if target else None}))
+        return
+    how = "exact: each heatmap sums to the score" if expl.method == "decomposition" else "black-box occlusion"
+    out.print(f"score {expl.score:.4f} ({spec.name})\nmethod {expl.method} ({how})\nwrote {shown(target)}",
+              highlight=False, soft_wrap=True)
 
 
 def main() -> None:

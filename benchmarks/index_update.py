@@ -31,10 +31,16 @@ from simsearch.retrieval.faiss_index import IndexConfig, load_index, publish_ind
 log = logging.getLogger(__name__)
 
 
-def make_db(root: Path, count: int, dim: int) -> None:
-    """A db of `count` items /synthetic/<i> with vectors of encoder key "synthetic@<dim>", if not there yet."""
+def make_db(root: Path, count: int, dim: int, encoder: str = "synthetic", key: str | None = None,
+            preprocess: str = "pad") -> None:
+    """A db of `count` items /synthetic/<i> with vectors of encoder key "synthetic@<dim>", if not there yet.
+
+    encoder, key, preprocess: store the vectors as a real encoder's instead (a db of that encoder's photos padded
+    with synthetic items up to `count`, which its queries embedded from real images search).
+    """
+    key = key or f"synthetic@{dim}"
     with Store(root, create=True) as store:
-        store.register_encoder("synthetic", f"synthetic@{dim}", dim, "pad")
+        store.register_encoder(encoder, key, dim, preprocess)
         have = store.item_count()
         if have >= count:
             return
@@ -42,8 +48,8 @@ def make_db(root: Path, count: int, dim: int) -> None:
         for block in Mixture(MixtureSpec(dim)).rows_of(0, count):
             rows = range(done, done + len(block))
             if done + len(block) > have:
-                store.put_items(f"synthetic@{dim}", [(f"/synthetic/{i}", f"{i:064x}", 1, 1, v)
-                                                     for i, v in zip(rows, block) if i >= have])
+                store.put_items(key, [(f"/synthetic/{i}", f"{i:064x}", 1, 1, v)
+                                      for i, v in zip(rows, block) if i >= have])
             done += len(block)
             if throttle.due(done == count):
                 log.info("db: %d/%d items", done, count)

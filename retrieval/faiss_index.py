@@ -35,7 +35,7 @@ from simsearch.indexer.manifest import EncoderEntry, write_atomic
 from simsearch.indexer.store import Store
 from simsearch.retrieval import tuning
 from simsearch.retrieval.faiss_gpu import gpu_can_search, to_gpu
-from simsearch.retrieval.index_plan import RESCORE, IndexPlan, choose_index, default_budget
+from simsearch.retrieval.index_plan import KINDS, RESCORE, IndexPlan, choose_index, default_budget
 
 log = logging.getLogger(__name__)
 
@@ -244,8 +244,9 @@ def _kind_of(index: faiss.Index) -> str:
 
 
 def index_kind(entry: EncoderEntry) -> str:
-    """The kind of a manifest entry's index ("ivf1264,nprobe39" in a schema-3 manifest is "ivf")."""
-    return entry.index_type.split(",")[0].rstrip("0123456789") or entry.index_type
+    """The kind of a manifest entry's index ("ivf1264,nprobe39" in a schema-3 manifest is "ivf"; "sq8" stays "sq8")."""
+    head = entry.index_type.split(",")[0]
+    return head if head in KINDS else head.rstrip("0123456789") or entry.index_type
 
 
 def describe(entry: EncoderEntry) -> str:

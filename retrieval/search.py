@@ -81,15 +81,18 @@ class Searcher:
         self.device = device
 
     @classmethod
-    def open(cls, db: str | Path, encoder: str | OnnxEncoder | None = None, device: Device = Device.auto,
+    def open(cls, db: str | Path | Store, encoder: str | OnnxEncoder | None = None, device: Device = Device.auto,
              models_dir: Path | None = None, backend: str | None = None, milvus_uri: str | None = None) -> Searcher:
         """A searcher over the db's published index of `encoder` (a name, the db's default, or a session
         already made — a server or a loop of queries reuses it).
 
+        db: a db folder, or a Store already open read-only (a server shares one between its searchers: LMDB
+        must not be opened twice in one process, as closing either copy drops the process's locks on it);
+        a Store passed in is left open if this fails.
         The index is the one the manifest names: a FAISS file, or a Milvus collection (`milvus_uri` overrides
         the recorded URI). `backend`, when given, must be the one the db uses.
         """
-        store = Store(db, readonly=True)
+        store = db if isinstance(db, Store) else Store(db, readonly=True)
         try:
             name = encoder.spec.name if isinstance(encoder, OnnxEncoder) else encoder or store.manifest.default_encoder
             if name is None:
@@ -107,7 +110,8 @@ class Searcher:
             session = encoder if isinstance(encoder, OnnxEncoder) else OnnxEncoder(spec, device, models_dir)
             return cls(store, session, index, name, device)
         except BaseException:
-            store.close()
+            if store is not db:
+                store.close()
             raise
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
     0  errors, devices, paths        1  encoders       2  indexer       3  retrieval
     4  evaluation (datasets, metrics shared by benchmarks and training)
-    5  benchmarks | training (siblings: neither imports the other)       6  cli
+    5  benchmarks | training (siblings: neither imports the other)       6  server (HTTP API)       7  cli
 
 Every import counts, including the ones inside functions (they keep torch off the query path, but a
 lazy import uphill is still uphill), and no two modules import each other, even through others.
@@ -15,7 +15,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOOR = {"__init__": 0, "errors": 0, "devices": 0, "paths": 0, "encoders": 1, "indexer": 2, "retrieval": 3,
-         "evaluation": 4, "benchmarks": 5, "training": 5, "cli": 6}
+         "evaluation": 4, "benchmarks": 5, "training": 5, "server": 6,
+         "cli": 7}
 
 
 def _modules() -> dict[str, Path]:
