@@ -246,22 +246,24 @@ def _occlude(encoder: OnnxEncoder, xa: np.ndarray, xb: np.ndarray) -> Explanatio
 
 # -- rendering ----------------------------------------------------------------------------------------------------
 
-def render_png(expl: Explanation, a: str | Path, b: str | Path) -> bytes:
+def render_png(expl: Explanation, a: str | Path, b: str | Path, names: tuple[str, str] | None = None) -> bytes:
     """Both images as the encoder saw them, side by side, each with its heatmap overlaid; the score, the method and
-    the encoder written above. Colours run from 0 to each map's maximum (negative occlusion drops show as 0)."""
+    the encoder written above. Colours run from 0 to each map's maximum (negative occlusion drops show as 0).
+    names: the images' titles (default: their file names; a server passes an upload's own name, not its temp file's)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     spec = expl.spec
     fig = Figure(figsize=(9, 5.0), dpi=100)
     FigureCanvasAgg(fig)
-    for ax, path, grid in zip(fig.subplots(1, 2), (a, b), (expl.grid_a, expl.grid_b)):
+    names = names or (Path(a).name, Path(b).name)
+    for ax, path, name, grid in zip(fig.subplots(1, 2), (a, b), names, (expl.grid_a, expl.grid_b)):
         im = load_rgb(path, decode_side(spec) if spec else None)
         seen = fit(im, spec) if spec else im.resize(grid.shape[::-1])
         ax.imshow(seen)
         ax.imshow(grid, cmap="jet", alpha=0.45, vmin=0.0, vmax=max(float(grid.max()), 1e-12),
                   extent=(0, seen.width, seen.height, 0), interpolation="bilinear")
-        ax.set_title(Path(path).name, fontsize=9)
+        ax.set_title(name, fontsize=9)
         ax.axis("off")
     how = ("decomposition: exact, each map sums to the score" if expl.method == "decomposition"
            else "occlusion: black-box, drop in score when a region is hidden")

@@ -516,11 +516,11 @@ def create_app(config: ServerConfig) -> FastAPI:
             raise NotFound(f"item {item_id}: its file is gone ({shown_path(path)})")
         return FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
 
-    def _explained(expl, a: Path | str, b: Path | str, fmt: str) -> Response:
+    def _explained(expl, a: Path | str, b: Path | str, fmt: str, names: tuple[str, str] | None = None) -> Response:
         from simsearch.retrieval.explain import render_png
 
         if fmt == "png":
-            return Response(render_png(expl, a, b), media_type="image/png")
+            return Response(render_png(expl, a, b, names), media_type="image/png")
         return Response(json.dumps(expl.to_dict()), media_type="application/json")
 
     @app.get("/api/explain", response_class=Response)
@@ -544,7 +544,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         with saved_upload(image, config.max_upload_bytes) as path_a:
             try:
                 expl = explain_pair(searcher.encoder, path_a, path_b, method=method, models_dir=config.models_dir)
-                return _explained(expl, path_a, path_b, format)
+                # titled with the upload's own name, not its temp file's
+                names = (upload_name(image), Path(shown_path(str(path_b))).name)
+                return _explained(expl, path_a, path_b, format, names)
             except ImageLoadError as e:
                 raise ImageLoadError(str(e).replace(str(path_a), upload_name(image))) from None
 
