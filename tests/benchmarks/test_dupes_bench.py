@@ -91,7 +91,7 @@ def test_scale_mode_finds_every_planted_pair(tmp_path):
     doc = dupes.main(["--scale", "--count", "3000", "--dim", "32", "--planted", "30", "--work-dir", str(tmp_path),
                       "--out", str(tmp_path / "scale.json")])
     assert json.loads((tmp_path / "scale.json").read_text())["planted_found"] == doc["planted_found"]
-    assert doc["planted"] == 30 and doc["planted_expected"] >= 25  # the copies' cosines: 0.97-0.995 in 256-d, wider in 32
+    assert doc["planted"] == 30 and doc["planted_expected"] >= 25  # the copies' cosines: 0.96-0.996 in 256-d, wider in 32
     assert doc["planted_found"] == doc["planted_expected"] and doc["planted_recall"] == 1.0
     assert min(doc["planted_cosine_range"]) > 0.9
     assert doc["count"] == 3000 and doc["threshold"] == dupes.SCALE_THRESHOLD
