@@ -245,6 +245,7 @@ def clustered_vectors(n: int, dim: int, rng: np.random.Generator, centers: int =
 def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
     """(c): one query at a time, as a user's query arrives; the "auto" index vs exact search."""
     from simsearch.retrieval.faiss_index import IndexConfig, LoadedIndex, build_index
+    from simsearch.retrieval.tuning import recall_at_k
 
     rng = np.random.default_rng(0)
     vecs = clustered_vectors(cfg.vectors, cfg.dim, rng)
@@ -273,7 +274,7 @@ def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
                          "found": found}
     exact = results["flat"].pop("found")
     approx = results["auto"].pop("found")
-    results["auto"]["recall_at_k"] = float(np.mean([len(set(a) & set(e)) / cfg.k for a, e in zip(approx, exact)]))
+    results["auto"]["recall_at_k"] = recall_at_k(approx, exact, cfg.k)
     auto, flat = results["auto"], results["flat"]
     m = Measure("(c) warm search p50", auto["p50_ms"], "ms", flat["p50_ms"], "exact search", "p50 <= 5 ms",
                 detail=f"{cfg.queries} single queries, k={cfg.k}, {cfg.vectors:,} x {cfg.dim}: {auto['index']} "
