@@ -713,6 +713,8 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 def main(argv: list[str] | None = None) -> dict | None:
     from rich.console import Console
 
+    from simsearch.benchmarks.report import save_json
+
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
         logging.basicConfig(level=logging.WARNING, format="%(asctime)s   %(message)s", datefmt="%H:%M:%S")
@@ -760,9 +762,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     console = Console(width=max(Console().width, 160))
     for table in render(result):
         console.print(table)
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(json.dumps(result, indent=1, default=_json_default))
-    Console(stderr=True).print(f"wrote {cfg.out}")
+    Console(stderr=True).print(f"wrote {save_json(result, cfg.out, default=_json_default)}")
     return result
 
 

@@ -352,6 +352,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from rich.console import Console
 
+    from simsearch.benchmarks.report import save_json
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", type=Path, default=None, help="the demo db (default: the imagenet-samples photos indexed "
                                                           "in --work-dir)")
@@ -377,9 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     console = Console(width=max(Console().width, 150))
     for table in render(result):
         console.print(table)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(result, indent=2))
-    Console(stderr=True).print(f"wrote {a.out}")
+    Console(stderr=True).print(f"wrote {save_json(result, a.out)}")
     return result
 
 
