@@ -10,8 +10,8 @@ pairs were found in: it is the highest threshold at which the group would still 
 
 Memory: the index, one block of vectors (BLOCK_BYTES), the kept pairs (near-duplicates are rare: 20 bytes
 each) and the ids of the collection (8 bytes each, to drop pairs with items removed since the index was
-built). Nothing grows with N^2. (While `load_index` verifies and deserialises the file, it holds up to 3x the
-index for a moment, as for any query.)
+built). Nothing grows with N^2. (While `load_index` deserialises the file, it holds 2x the index for a moment,
+as for any query.)
 
 Recall: the index is approximate for IVF and HNSW kinds (tuned to recall@10 >= 0.95 against exact search,
 see faiss_index.py). A near-duplicate is its partner's first neighbour, and the pair is found when either
@@ -38,7 +38,7 @@ from simsearch.indexer.lock import writer_active
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import index_kind
 from simsearch.retrieval.milvus_backend import MilvusIndex
-from simsearch.retrieval.search import _open_index
+from simsearch.retrieval.search import open_index
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def find_duplicates(store: Store, encoder: str, threshold: float | None = None, 
     if not 0.0 < threshold <= 1.0:
         raise SimsearchError(f"the threshold is a cosine in (0, 1] (got {threshold:g})")
     # One pass of queries on the CPU: a GPU copy of the index would cost more to make than it saves here.
-    index, entry = _open_index(store, encoder, Device.cpu, None, None)
+    index, entry = open_index(store, encoder, Device.cpu, None, None)
     try:
         if index.ntotal == 0:
             raise SimsearchError(f"the index of {encoder} in {store.root} is empty: run `simsearch index FOLDER` "

@@ -47,8 +47,9 @@ class QueryResult:
 QUERY_BATCH = 32
 
 
-def _open_index(store: Store, name: str, device: Device, backend: str | None,
-                milvus_uri: str | None) -> tuple[LoadedIndex | MilvusIndex, EncoderEntry]:
+def open_index(store: Store, name: str, device: Device, backend: str | None,
+               milvus_uri: str | None) -> tuple[LoadedIndex | MilvusIndex, EncoderEntry]:
+    """The index the manifest names for encoder `name` (a FAISS file or a Milvus collection), and its entry."""
     entry = store.read_manifest().encoders.get(name)
     if entry is None:
         return load_index(store, name, device)  # names the encoders the db has
@@ -98,7 +99,7 @@ class Searcher:
             if name is None:
                 raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
             spec = encoder.spec if isinstance(encoder, OnnxEncoder) else get_encoder(name, models_dir)
-            index, entry = _open_index(store, name, device, backend, milvus_uri)
+            index, entry = open_index(store, name, device, backend, milvus_uri)
             if not isinstance(encoder, OnnxEncoder):  # queries are embedded as the db's vectors were
                 spec = spec.with_preprocess(entry.preprocess)
             if entry.key != spec.key:
