@@ -475,8 +475,10 @@ def create_app(config: ServerConfig) -> FastAPI:
         own = next((h for h in hits if h.id == item_id), None)
         if own is not None and hits[0] is not own:  # an exact duplicate tied with it: the item itself comes first
             hits = [dataclasses.replace(h, rank=r) for r, h in enumerate([own] + [h for h in hits if h is not own], 1)]
-        return {"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "query_id": item_id,
-                "hits": [_hit(h) for h in hits]}
+        # A Response is sent as it is: FastAPI validates a returned dict against SimilarOut first (the schema still
+        # documents the route), which cost ~0.3 ms of this route's ~1.4 ms of server CPU.
+        return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "query_id": item_id,
+                             "hits": [_hit(h) for h in hits]})
 
     @app.get("/api/items", response_model=ItemsOut)
     def items(offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
