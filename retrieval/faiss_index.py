@@ -35,7 +35,8 @@ from simsearch.indexer.manifest import EncoderEntry, write_atomic
 from simsearch.indexer.store import Store
 from simsearch.retrieval import tuning
 from simsearch.retrieval.faiss_gpu import gpu_can_search, to_gpu
-from simsearch.retrieval.index_plan import KINDS, RESCORE, IndexPlan, choose_index, default_budget
+from simsearch.retrieval.index_plan import (HNSW_EF_CONSTRUCTION, KINDS, RESCORE, IndexPlan, choose_index,
+                                            default_budget)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,8 @@ def build_index(blocks: BlockSource, dim: int, count: int, config: IndexConfig =
     plan = config.plan(count, dim)
     target = config.recall or DEFAULT_RECALL
     index = faiss.index_factory(dim, plan.factory(dim), faiss.METRIC_INNER_PRODUCT)
+    if plan.kind == "hnsw":  # IDMap over HNSWFlat: a wider construction beam, a graph needing a smaller efSearch
+        faiss.downcast_index(index.index).hnsw.efConstruction = HNSW_EF_CONSTRUCTION
     seconds = {}
     t = time.perf_counter()
     train_n = plan.train_count(count)

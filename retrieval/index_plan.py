@@ -32,6 +32,10 @@ KINDS = ("auto", "flat", "ivf", "sq8", "ivfpq", "hnsw")
 FLAT_MAX = 10_000  # exact search up to here: a 10k x 1280 scan is ~1 ms on 2 cores
 HNSW_QUANTIZER_FROM = 2_000_000
 HNSW_M = 32  # graph links per node (FAISS's and hnswlib's common default for 0.9+ recall)
+# Beam width while an HNSW graph is built (hnswlib's and usearch's 128 in benchmarks/ann.py). FAISS's default of 40
+# built a graph of 100k synthetic 1280-d vectors that needed efSearch 515 for recall@10 0.95, where hnswlib's
+# needed 32.
+HNSW_EF_CONSTRUCTION = 128
 TRAIN_PER_LIST = 39  # k-means sample per IVF list (FAISS warns below 39)
 PQ_BYTES = (64, 48, 32, 24, 16, 12, 8, 4)  # candidate M (bytes per vector) for ivfpq, best first
 RESCORE = 4  # ivfpq fetches RESCORE * k candidates and re-scores them exactly from the stored vectors

@@ -89,15 +89,15 @@ def _live(store):
 
 @pytest.mark.parametrize("kind", ["auto", "hnsw"])
 def test_added_changed_and_removed_items_update_the_index_in_place(tmp_path, kind):
-    vecs = clustered(FLAT_MAX + 600, 16, 50)
+    vecs = clustered(FLAT_MAX + 610, 16, 50)  # the last 10: the new content of 10 changed items
     config = IndexConfig(kind=kind)
     with _store_of(tmp_path, vecs[:FLAT_MAX + 500]) as store:
         assert refresh_index(store, "x", config) == "built" and refresh_index(store, "x", config) is None
         entry = store.manifest.encoders["x"]
         assert entry.index_type == ("ivf" if kind == "auto" else "hnsw") and entry.recall >= 0.95
         assert entry.trained_count == FLAT_MAX + 500 and entry.recall_target == 0.95
-        _put(store, vecs[FLAT_MAX + 500:], FLAT_MAX + 500)  # 100 new
-        moved = -vecs[:10]  # 10 changed: new content, same path, same id
+        _put(store, vecs[FLAT_MAX + 500:FLAT_MAX + 600], FLAT_MAX + 500)  # 100 new
+        moved = vecs[FLAT_MAX + 600:]  # 10 changed: new content (from the same distribution), same path, same id
         store.put_items("x@1", [(f"/img/{i}.jpg", f"new{i}", 2, 2, v) for i, v in enumerate(moved)])
         store.remove_items([f"/img/{i}.jpg" for i in range(20, 70)])  # 50 removed
         outcome = refresh_index(store, "x", config)
