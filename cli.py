@@ -90,8 +90,9 @@ def _verbose(on: bool) -> None:
 def shown(text: object) -> str:
     """A user string as it may be printed: rich markup escaped (`holiday [edited].jpg`), and the bytes
     of a file name that is not valid UTF-8 (surrogate escapes) shown as `\\xe9`."""
-    raw = str(text).encode("utf-8", "surrogateescape")
-    return escape(raw.decode("utf-8", "backslashreplace"))
+    from simsearch.indexer.scan import shown_path
+
+    return escape(shown_path(str(text)))
 
 
 def user_errors(fn):
@@ -546,6 +547,8 @@ def _write_dupes_csv(groups, dest: str) -> None:
     """One row per image, keeper first in each group; `-` is stdout. Paths keep their exact bytes in a file."""
     import csv
 
+    from simsearch.indexer.scan import shown_path
+
     try:
         stream = sys.stdout if dest == "-" else open(dest, "w", newline="", encoding="utf-8", errors="surrogateescape")
     except OSError as e:
@@ -555,8 +558,7 @@ def _write_dupes_csv(groups, dest: str) -> None:
         writer.writerow(["group", "role", "id", "path", "width", "height", "bytes", "score", "min_score"])
         for i, g in enumerate(groups, 1):
             for it, role in [(g.keeper, "keeper"), *((o, "other") for o in g.others)]:
-                path = it.path if stream is not sys.stdout else it.path.encode("utf-8", "surrogateescape").decode(
-                    "utf-8", "backslashreplace")
+                path = it.path if stream is not sys.stdout else shown_path(it.path)
                 writer.writerow([i, role, it.id, path, it.width, it.height, it.bytes, f"{it.score:.6f}",
                                  f"{g.min_score:.6f}"])
     finally:

@@ -96,6 +96,17 @@ def load_rgb(
         raise ImageLoadError(f"{path}: corrupt image ({type(e).__name__}: {_one_line(e)})") from None
 
 
+def header_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) from the image header, decoding no pixel; (0, 0) when the file is gone or unreadable
+    (untrusted bytes fail in many ways: the size is advisory, where load_rgb's failures are reasons)."""
+    try:
+        with Image.open(path, formats=DECODABLE_FORMATS) as im:
+            return im.size
+    except Exception:  # noqa: BLE001
+        log.debug("cannot read the header of %s", path, exc_info=True)
+        return 0, 0
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 

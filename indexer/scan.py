@@ -30,6 +30,12 @@ class ScanResult:
     ignored: Counter = field(default_factory=Counter)  # reason -> files not looked at
 
 
+def shown_path(path: str) -> str:
+    """A stored path as text can carry it (JSON, a terminal, a CSV on stdout): the bytes of a name that is not
+    valid UTF-8 (surrogate escapes) written as `\\xe9`."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def item_path(path: str | os.PathLike) -> str:
     """The path an item is stored under: absolute, with its folder's symlinks resolved, the file's own name kept.
 

@@ -29,11 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
-from PIL import Image
 
 from simsearch.devices import Device
 from simsearch.errors import SimsearchError
-from simsearch.indexer.images import DECODABLE_FORMATS
+from simsearch.indexer.images import header_size
 from simsearch.indexer.lock import writer_active
 from simsearch.indexer.store import Store
 from simsearch.retrieval.faiss_index import index_kind
@@ -219,7 +218,7 @@ def _describe(store: Store, key: str, dim: int, groups: list[tuple[np.ndarray, f
         items = []
         for i, path in zip(ids, paths):
             record = store.get_item(path) if path is not None else None
-            width, height = _header_size(path) if path is not None else (0, 0)
+            width, height = header_size(path) if path is not None else (0, 0)
             items.append(DupeItem(i, path or f"item {i}", width, height, record.size if record else 0))
         done += len(ids)
         if on_progress:
@@ -231,13 +230,3 @@ def _describe(store: Store, key: str, dim: int, groups: list[tuple[np.ndarray, f
         out.append(DupeGroup(items[best], others, min_score))
     out.sort(key=lambda g: (-len(g.others), g.keeper.path))
     return out
-
-
-def _header_size(path: str) -> tuple[int, int]:
-    """(width, height) from the image header, decoding no pixel; (0, 0) when the file is gone or unreadable."""
-    try:
-        with Image.open(path, formats=DECODABLE_FORMATS) as im:
-            return im.size
-    except Exception:  # noqa: BLE001 - untrusted bytes fail in many ways (see indexer.images); the size is advisory
-        log.debug("cannot read the header of %s", path, exc_info=True)
-        return 0, 0

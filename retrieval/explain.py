@@ -63,16 +63,15 @@ class Explanation:
     score: float  # cosine of the two embeddings
     grid_a: np.ndarray  # (S, S) float32 heatmap over image A's encoder input frame (224 x 224 for lite0)
     grid_b: np.ndarray  # (S, S) float32 heatmap over image B
-    spec: EncoderSpec | None = None  # the encoder explained: frames the images in render_png (None: stretched)
+    spec: EncoderSpec  # the encoder explained: render_png frames the images as it saw them
 
     def to_dict(self) -> dict:
         """JSON-able. Decomposition: each grid sums to the score (per-pixel shares of it); occlusion: per-pixel
         mean drop in cosine when that pixel is hidden."""
-        doc = {"method": self.method, "score": self.score, "exact": self.method == "decomposition"}
-        if self.spec is not None:
-            doc.update(encoder=self.spec.name, preprocess=self.spec.preprocess.value, image_size=self.spec.image_size)
-        return {**doc, "grid_shape": list(self.grid_a.shape), "grid_a": _json_grid(self.grid_a),
-                "grid_b": _json_grid(self.grid_b)}
+        return {"method": self.method, "score": self.score, "exact": self.method == "decomposition",
+                "encoder": self.spec.name, "preprocess": self.spec.preprocess.value,
+                "image_size": self.spec.image_size, "grid_shape": list(self.grid_a.shape),
+                "grid_a": _json_grid(self.grid_a), "grid_b": _json_grid(self.grid_b)}
 
 
 def _json_grid(grid: np.ndarray) -> list:
@@ -258,8 +257,7 @@ def render_png(expl: Explanation, a: str | Path, b: str | Path, names: tuple[str
     FigureCanvasAgg(fig)
     names = names or (Path(a).name, Path(b).name)
     for ax, path, name, grid in zip(fig.subplots(1, 2), (a, b), names, (expl.grid_a, expl.grid_b)):
-        im = load_rgb(path, decode_side(spec) if spec else None)
-        seen = fit(im, spec) if spec else im.resize(grid.shape[::-1])
+        seen = fit(load_rgb(path, decode_side(spec)), spec)
         ax.imshow(seen)
         ax.imshow(grid, cmap="jet", alpha=0.45, vmin=0.0, vmax=max(float(grid.max()), 1e-12),
                   extent=(0, seen.width, seen.height, 0), interpolation="bilinear")
@@ -267,7 +265,7 @@ def render_png(expl: Explanation, a: str | Path, b: str | Path, names: tuple[str
         ax.axis("off")
     how = ("decomposition: exact, each map sums to the score" if expl.method == "decomposition"
            else "occlusion: black-box, drop in score when a region is hidden")
-    fig.suptitle(f"score {expl.score:.4f}  ·  {how}" + (f"  ·  {spec.name}" if spec else ""), fontsize=10)
+    fig.suptitle(f"score {expl.score:.4f}  ·  {how}  ·  {spec.name}", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -46,8 +46,9 @@ from pydantic import BaseModel
 
 from simsearch.devices import Device
 from simsearch.errors import DbCorruptError, DbNotFoundError, ImageLoadError, SimsearchError
-from simsearch.indexer.images import DECODABLE_FORMATS, load_rgb
-from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest
+from simsearch.indexer.images import header_size, load_rgb
+from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest, write_atomic
+from simsearch.indexer.scan import shown_path
 from simsearch.indexer.store import ItemRecord, Store
 from simsearch.retrieval.faiss_index import index_kind, load_index
 from simsearch.retrieval.milvus_backend import MilvusIndex
@@ -169,12 +170,6 @@ class DupesOut(BaseModel):
 
 class NotFound(SimsearchError):
     """An item id the db does not hold (or holds only as a removed item), or an item whose file is gone."""
-
-
-def shown_path(path: str) -> str:
-    """A stored path as JSON can carry it: the bytes of a name that is not valid UTF-8 (surrogate escapes)
-    written as `\\xe9`."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _hit(h: Hit) -> dict:
@@ -303,14 +298,7 @@ class Library:
         image.save(buffer, "JPEG", quality=85)
         try:
             cached.parent.mkdir(exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cached.parent, prefix=".", suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(buffer.getvalue())
-                os.replace(tmp, cached)  # atomic: a concurrent reader sees the whole file or none
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            write_atomic(cached, buffer.getvalue())  # a concurrent reader sees the whole file or none
         except OSError as e:
             log.warning("cannot cache thumbnails in %s (%s): serving them uncached", cached.parent, e.strerror)
             return buffer.getvalue()
@@ -493,12 +481,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     @app.get("/api/items/{item_id}", response_model=ItemOut)
     def item(item_id: ItemId):
         path, record = lib.item(item_id)
-        width = height = 0
-        try:
-            with Image.open(path, formats=DECODABLE_FORMATS) as im:  # the header only
-                width, height = im.size
-        except Exception:  # noqa: BLE001 - a file gone or unreadable since it was indexed: sizes 0
-            pass
+        width, height = header_size(path)  # (0, 0): a file gone or unreadable since it was indexed
         return {"id": item_id, "path": shown_path(path), "bytes": record.size, "sha256": record.sha256,
                 "mtime_ns": record.mtime_ns, "width": width, "height": height, "exists": os.path.isfile(path)}
 

@@ -335,7 +335,7 @@ def test_dupes_are_the_library_groups(client, store, encoder):
 
 
 def test_a_name_that_is_not_utf8_is_shown_with_its_bytes():
-    from simsearch.server.app import shown_path
+    from simsearch.indexer.scan import shown_path
 
     raw = "caf\udce9.jpg"  # b"caf\xe9.jpg" as os.fsdecode gives it
     assert shown_path(raw) == "caf\\xe9.jpg" and shown_path("café.jpg") == "café.jpg"
