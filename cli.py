@@ -27,7 +27,7 @@ from rich.table import Column, Table
 from simsearch.devices import Device
 from simsearch.encoders.spec import Preprocess
 from simsearch.errors import SimsearchError
-from simsearch.training.configs import BarlowConfig, BeitPairConfig, MatchNetConfig, TripletConfig
+from simsearch.training.configs import BarlowConfig, BeitPairConfig, MatchNetConfig, TripletConfig, WhiteningConfig
 
 app = typer.Typer(
     help="Image-similarity search: index a folder, find the images that look like this one.",
@@ -718,6 +718,9 @@ def _data(data: Path | None) -> Path:
 
 
 EncoderName = Annotated[str, typer.Option(help="name of the new encoder (use it with --encoder everywhere).")]
+UnseenOption = Annotated[float, typer.Option(
+    min=0.0, max=0.9, help="share of a class dataset's classes left out of training (seeded), so the model card shows "
+                           "how it does on classes it never saw; 0 trains on every class.")]
 RerankerName = Annotated[str, typer.Option(help="name of the new reranker (use it with --rerank / --reranker).")]
 
 
@@ -729,12 +732,14 @@ def train_barlow(
     dim: Annotated[int, typer.Option(min=2, help="projector output width = embedding width.")] = BarlowConfig.dim,
     max_images: Annotated[int, typer.Option(
         min=0, help="train on at most this many images (0 = all).")] = BarlowConfig.max_images,
+    unseen_classes: UnseenOption = BarlowConfig.unseen_classes,
     run: dict = None,
 ):
     """Self-supervised Barlow Twins (projector on a frozen encoder) on your images."""
     from simsearch.training.barlow import train_barlow
 
-    return train_barlow, BarlowConfig(name=name, base=base, preprocess=preprocess, dim=dim, max_images=max_images, **run)
+    return train_barlow, BarlowConfig(name=name, base=base, preprocess=preprocess, dim=dim, max_images=max_images,
+                                      unseen_classes=unseen_classes, **run)
 
 
 @_training_command("triplet", TripletConfig, "encoder")
@@ -747,12 +752,52 @@ def train_triplet(
     views: Annotated[bool, typer.Option(
         help="add two augmented views of every training image (cached, shared with `train barlow`).")]
     = TripletConfig.views,
+    unseen_classes: UnseenOption = TripletConfig.unseen_classes,
     run: dict = None,
 ):
     """Fine-tune an encoder with triplet loss on matched pairs or same-class images."""
     from simsearch.training.triplet import train_triplet
 
-    return train_triplet, TripletConfig(name=name, base=base, preprocess=preprocess, dim=dim, margin=margin, views=views, **run)
+    return train_triplet, TripletConfig(name=name, base=base, preprocess=preprocess, dim=dim, margin=margin, views=views,
+                                        unseen_classes=unseen_classes, **run)
+
+
+def _grid(text: str, kind: type, what: str) -> tuple:
+    """"0.1,0.3" -> (0.1, 0.3): the values a grid option compares."""
+    try:
+        values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        values = ()
+    if not values:
+        raise SimsearchError(f"--{what}: expected comma-separated numbers, got {text!r}")
+    return values
+
+
+@_training_command("whitening", WhiteningConfig, "encoder")
+def train_whitening(
+    name: EncoderName,
+    base: Annotated[str, typer.Option("--from", help="encoder to start from (built-in or trained).")]
+    = WhiteningConfig.base,
+    preprocess: PreprocessOption = WhiteningConfig.preprocess,
+    dim: Annotated[str, typer.Option(help="embedding widths to compare (comma-separated).")]
+    = ",".join(map(str, WhiteningConfig.dim)),
+    shrink: Annotated[str, typer.Option(help="shrinkage values to compare (0 = none, 1 = PCA whitening).")]
+    = ",".join(map(str, WhiteningConfig.shrink)),
+    blend: Annotated[str, typer.Option(
+        help="weights of the projection against the base embedding to compare (1 = the projection alone).")]
+    = ",".join(map(str, WhiteningConfig.blend)),
+    unseen_classes: UnseenOption = WhiteningConfig.unseen_classes,
+    run: dict = None,
+):
+    """Learned whitening of an encoder from matched pairs or same-class images: closed form, settings chosen on
+    held-out data (--epochs and --lr do not apply)."""
+    from simsearch.training.whitening import train_whitening
+
+    dims, shrinks, blends = _grid(dim, int, "dim"), _grid(shrink, float, "shrink"), _grid(blend, float, "blend")
+    if min(dims) < 1 or not all(0 <= v <= 1 for v in shrinks) or not all(0 < v <= 1 for v in blends):
+        raise SimsearchError("--dim must be >= 1, --shrink in [0, 1] and --blend in (0, 1]")
+    return train_whitening, WhiteningConfig(name=name, base=base, preprocess=preprocess, dim=dims, shrink=shrinks,
+                                            blend=blends, unseen_classes=unseen_classes, **run)
 
 
 @_training_command("matchnet", MatchNetConfig, "reranker")

@@ -48,7 +48,8 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
     check_name(cfg.name)
     budget = Budget(cfg.max_minutes)
     # Labels are used only to hold out validation pair sets; training itself never sees them.
-    base, train, val = train_and_holdout(cfg, models_dir, on_progress)
+    data = train_and_holdout(cfg, models_dir, on_progress)
+    base, train, val = data.base, data.train, data.val
     train_paths = train.paths
     if cfg.max_images:
         train_paths = [train_paths[i] for i in np.random.default_rng(cfg.seed).permutation(len(train_paths))[:cfg.max_images]]
@@ -74,5 +75,5 @@ def train_barlow(cfg: BarlowConfig, models_dir: Path | None = None, on_progress=
         return EpochPlan(len(order) // batch, step)
 
     trainer = head_trainer(model, opt, plan, val, cfg.seed, cfg.collapse_cosine)
-    return train_head(cfg, "barlow", base, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
+    return train_head(cfg, "barlow", data, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
                       f"({val.kind}); trained on {views.shape[1]} others", budget, models_dir, train_paths, on_progress)

@@ -38,6 +38,9 @@ class HeadConfig(TrainingConfig):
     base: str = DEFAULT_BASE
     # The policy the base sees the training images with (None: the base's own); the trained encoder keeps it.
     preprocess: Preprocess | None = None
+    # Share of a class dataset's classes left out of training (seeded), so its card can show what it does on
+    # classes it never saw (evaluation/generalisation.py); 0 trains on every class. Pair folders ignore it.
+    unseen_classes: float = 0.25
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,22 @@ class TripletConfig(HeadConfig):
     # `train barlow`) join the training set as extra samples of their class or pair. Off by default: on
     # Tiny ImageNet they lowered held-out hit@1 from 28% to 21% (the views are too strong as positives).
     views: bool = False
+
+
+@dataclass(frozen=True)
+class WhiteningConfig(HeadConfig):
+    """Learned whitening (training/whitening.py): every combination of these is compared on held-out data.
+
+    The grid covers what the held-out sweeps on Tiny ImageNet train (lite0 features) and on its 900-pair
+    low-data folder preferred: little shrinkage and 128 dims with many classes, more shrinkage and 256 dims
+    with few pairs; blending with the base mattered for the near-duplicate check.
+    """
+
+    shrink: tuple[float, ...] = (0.05, 0.1, 0.3, 0.6)
+    dim: tuple[int, ...] = (64, 128, 256)
+    blend: tuple[float, ...] = (1.0, 0.7, 0.5)  # 1: the projection alone
+    tune_classes: float = 0.2  # share of the training classes left out of the fit to check each setting on
+    unseen_tolerance: float = 0.01  # hit@1 a setting may lose against the base on those classes
 
 
 @dataclass(frozen=True)

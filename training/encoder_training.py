@@ -21,11 +21,12 @@ from simsearch.encoders.spec import EncoderSpec
 from simsearch.encoders.trained import check_model_name
 from simsearch.errors import SimsearchError
 from simsearch.paths import trained_dir
-from simsearch.training.features import FeatureSet, validation_ranks
+from simsearch.training.features import FeatureSet, TrainingData, validation_ranks
 from simsearch.training.heads import HeadOnFeatures
 from simsearch.training.loop import (
     Budget,
     EpochPlan,
+    FitResult,
     LoopConfig,
     Trainer,
     TrainingStopped,
@@ -83,29 +84,64 @@ def head_trainer(model: HeadOnFeatures, optimizer: torch.optim.Optimizer, plan: 
     return Trainer(model, optimizer, plan, validate, "held-out hit@1 + hit@10", guards)
 
 
-def train_head(cfg, method: str, base: EncoderSpec, head_arch: dict, trainer: Trainer, held_out: str, budget: Budget,
+def train_head(cfg, method: str, data: TrainingData, head_arch: dict, trainer: Trainer, held_out: str, budget: Budget,
                models_dir: Path | None, train_paths: list[Path], on_progress=None) -> Card:
-    """Run the loop, export base + the best head as one ONNX model (eval mode), register it under cfg.name.
+    """Run the loop, then export the best epoch's head (`export_head`).
 
     train_paths: the images it trained on; a seeded sample of them is what its int8 variant is calibrated on.
     """
-    from simsearch.encoders.export import export_module
-    from simsearch.encoders.quantize import pick_calibration
-    from simsearch.training.heads import StackedEncoder, torch_encoder
-
     ckpt = checkpoint_path(cfg)
     result = fit(trainer, LoopConfig(cfg.epochs, cfg.patience, budget, cfg.seed), ckpt, on_progress)
-    head = trainer.module.head
+    return export_head(cfg, method, data, head_arch, trainer.module.head, result, held_out, budget, models_dir,
+                       on_progress, train_paths, ckpt)
+
+
+def generalisation_checks(cfg, data: TrainingData, head: torch.nn.Module, models_dir: Path | None,
+                          on_progress=None) -> dict:
+    """The trained encoder against its base on the other split: in-domain, unseen classes, near-duplicates
+    (evaluation/generalisation.py), through the base's cached features and the head in torch."""
+    from simsearch.evaluation import generalisation
+    from simsearch.paths import calibration_dir, training_cache
+    from simsearch.training.features import base_features
+
+    split = "val" if cfg.split == "train" else "train"
+    checks = generalisation.build_checks(cfg.data, split, data.unseen_classes, calibration_dir(), training_cache())
+    module = HeadOnFeatures(head).eval()
+
+    def embed_base(paths: list[Path]) -> np.ndarray:
+        return base_features(data.base, paths, models_dir, cfg.device,
+                             on_progress and (lambda d, t: on_progress("embedding the checks' images", d, t)))
+
+    def embed(paths: list[Path]) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(embed_base(paths))).numpy()  # (N, in) -> (N, dim)
+
+    return {"split": split, "unseen_classes": data.unseen_classes, **generalisation.compare(checks, embed, embed_base)}
+
+
+def export_head(cfg, method: str, data: TrainingData, head_arch: dict, head: torch.nn.Module, result: FitResult,
+                held_out: str, budget: Budget, models_dir: Path | None, on_progress=None,
+                train_paths: list[Path] | None = None, checkpoint: Path | None = None) -> Card:
+    """Check the head against its base, export base + head as one ONNX model (eval mode), register it under cfg.name.
+
+    train_paths: what its int8 variant is calibrated on (default: every training image).
+    """
+    from simsearch.encoders.export import export_module
+    from simsearch.encoders.quantize import pick_calibration
+    from simsearch.training.heads import StackedEncoder, head_dim, torch_encoder
+
+    base = data.base
+    head = head.cpu().eval()  # eval: BatchNorm must use running statistics in the checks and the export
+    checks = generalisation_checks(cfg, data, head, models_dir, on_progress)
 
     def write_files(folder: Path) -> None:
-        # eval: BatchNorm must use running statistics in the export
-        full = StackedEncoder(torch_encoder(base, models_dir), head).eval()  # (B, 3, S, S) -> (B, out)
+        full = StackedEncoder(torch_encoder(base, models_dir), head).eval()  # (B, 3, S, S) -> (B, dim)
         export_module(full, (1, 3, base.image_size, base.image_size), folder / MODEL)
         torch.save(head.state_dict(), folder / HEAD)
 
-    calibration = tuple(str(Path(p).resolve()) for p in pick_calibration(train_paths))
-    details = EncoderDetails(base_key=base.key, dim=head_arch["out"], image_size=base.image_size, mean=base.mean,
+    calibration = tuple(str(Path(p).resolve()) for p in pick_calibration(train_paths or data.train.paths))
+    details = EncoderDetails(base_key=base.key, dim=head_dim(head_arch), image_size=base.image_size, mean=base.mean,
                              std=base.std, crop_fraction=base.crop_fraction, head=head_arch,
                              preprocess=base.preprocess.value, calibration=calibration)
     return publish(cfg, method, base.name, details, result, held_out, budget, trained_dir(models_dir), write_files,
-                   ckpt)
+                   checkpoint, checks)

@@ -17,7 +17,7 @@ from simsearch.devices import Device
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import EncoderSpec
 from simsearch.errors import DatasetError
-from simsearch.evaluation import datasets
+from simsearch.evaluation import datasets, generalisation
 from simsearch.indexer.cached import CachedEmbedder
 from simsearch.indexer.store import Store
 from simsearch.paths import embedding_cache
@@ -46,14 +46,20 @@ def base_features(spec: EncoderSpec, paths: list[Path], models_dir: Path | None,
 
 
 def load_training_set(spec: EncoderSpec, data: Path, split: str, models_dir: Path | None, device: Device,
-                      on_progress=None, val_fraction: float = 325 / 1225, seed: int = 0) -> FeatureSet:
+                      on_progress=None, unseen_share: float = 0.0, seed: int = 0) -> tuple[FeatureSet, list[str]]:
+    """The training images' base features, and the classes left out of them (a seeded unseen_share of a class
+    dataset's classes; none for a pair folder, whose val pairs are unseen anyway)."""
     if datasets.detect_layout(data) == "pairs":
-        pairs = datasets.load_pair_folder(data, split, val_fraction, seed)
+        pairs = datasets.load_pair_folder(data, split)
         x = base_features(spec, pairs.left + pairs.right, models_dir, device, on_progress)
         n = len(pairs.left)
-        return FeatureSet(x, np.r_[np.arange(n), np.arange(n)], "pairs", pairs.left + pairs.right)
+        return FeatureSet(x, np.r_[np.arange(n), np.arange(n)], "pairs", pairs.left + pairs.right), []
     ds = datasets.load_class_dataset(data, split)
-    return FeatureSet(base_features(spec, ds.paths, models_dir, device, on_progress), ds.labels, "classes", ds.paths)
+    unseen = generalisation.split_classes(ds.classes, unseen_share, seed)
+    keep = ~np.isin(np.asarray(ds.classes)[ds.labels], unseen)
+    paths = [p for p, k in zip(ds.paths, keep) if k]
+    return FeatureSet(base_features(spec, paths, models_dir, device, on_progress), ds.labels[keep], "classes",
+                      paths), unseen
 
 
 def holdout_mask(fs: FeatureSet, per_group: int, seed: int) -> np.ndarray:
@@ -91,16 +97,26 @@ def validation_ranks(embed, fs: FeatureSet, seed: int) -> np.ndarray:
     return np.concatenate([metrics.hit_ranks(e[s.left_idx], e[s.right_idx], np.arange(len(s.left_idx))) for s in sets])
 
 
-def train_and_holdout(cfg, models_dir: Path | None, on_progress=None) -> tuple[EncoderSpec, FeatureSet, FeatureSet]:
-    """What every head trainer starts with: its base encoder, and the base features of its training data
-    split into the part it trains on and the held-out part it is validated on (cfg: any trainer config)."""
+@dataclass
+class TrainingData:
+    """What every head trainer starts with."""
+
+    base: EncoderSpec
+    train: FeatureSet  # base features of what it trains on
+    val: FeatureSet  # and of the held-out part it is validated on
+    unseen_classes: list[str]  # classes of the dataset left out of both (HeadConfig.unseen_classes)
+
+
+def train_and_holdout(cfg, models_dir: Path | None, on_progress=None) -> TrainingData:
+    """The base encoder, and the base features of the training data split into the part a head trains on and
+    the held-out part it is validated on (cfg: any head trainer's config)."""
     from simsearch.encoders.registry import get_encoder
 
     base = get_encoder(cfg.base, models_dir).with_preprocess(cfg.preprocess)
-    data = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,
-                             on_progress and (lambda d, t: on_progress("embedding training images", d, t)),
-                             seed=cfg.seed)
+    data, unseen = load_training_set(base, cfg.data, cfg.split, models_dir, cfg.device,
+                                     on_progress and (lambda d, t: on_progress("embedding training images", d, t)),
+                                     cfg.unseen_classes, cfg.seed)
     train, val = holdout(data, cfg.holdout_per_class, cfg.seed)
-    log.info("%d training images, %d held out (%s), base %s (%d-d)", len(train.y), len(val.y), data.kind, base.name,
-             base.dim)
-    return base, train, val
+    log.info("%d training images, %d held out (%s), %d classes left out, base %s (%d-d)", len(train.y), len(val.y),
+             data.kind, len(unseen), base.name, base.dim)
+    return TrainingData(base, train, val, unseen)

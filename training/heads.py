@@ -13,11 +13,30 @@ from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.spec import EncoderSpec
 
 
+class Blended(nn.Module):
+    """(B, in) L2-normalised base embedding -> (B, in + out) [sqrt(1 - w) x, sqrt(w) L2norm(project(x))], unit norm:
+    its cosine is (1 - w) times the base's plus w times the projection's (training/whitening.py)."""
+
+    def __init__(self, project: nn.Module, blend: float):
+        super().__init__()
+        self.project = project
+        self.blend = blend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([(1 - self.blend) ** 0.5 * x, self.blend ** 0.5 * F.normalize(self.project(x), dim=1)], dim=1)
+
+
+def head_dim(arch: dict) -> int:
+    """The embedding width a head of this architecture outputs."""
+    return arch["out"] + (arch["in"] if "blend" in arch else 0)
+
+
 def build_head(arch: dict) -> nn.Module:
     """{"in": 1280, "hidden": [2048, 2048], "out": 256}: (B, in) -> (B, out).
 
     (Linear-BN-ReLU) per hidden width, then a Linear: the Barlow Twins projector's shape, and with one
-    hidden layer the triplet projection head; no hidden layer is a linear map.
+    hidden layer the triplet projection head; no hidden layer is a linear map (learned whitening).
+    With "blend": w, that map blended with its input (`Blended`): (B, in) -> (B, in + out).
     """
     layers: list[nn.Module] = []
     width = arch["in"]
@@ -25,7 +44,7 @@ def build_head(arch: dict) -> nn.Module:
         layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ReLU()]
         width = hidden
     layers.append(nn.Linear(width, arch["out"]))
-    return nn.Sequential(*layers)
+    return Blended(nn.Sequential(*layers), arch["blend"]) if "blend" in arch else nn.Sequential(*layers)
 
 
 class HeadOnFeatures(nn.Module):

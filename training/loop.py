@@ -215,12 +215,13 @@ def replace_dir(staging: Path, final: Path) -> None:
 
 def publish(config, method: str, base: str, details: EncoderDetails | RerankerDetails, result: FitResult,
             held_out: str, budget: Budget, root: Path, write_files: Callable[[Path], None],
-            checkpoint: Path | None) -> Card:
+            checkpoint: Path | None, checks: dict | None = None) -> Card:
     """The one way a trained model reaches its registry (root: trained_dir or rerankers_dir).
 
     write_files(folder) writes the model's files into a staging folder beside root/<name>; the card, with
     the sha256 of every ONNX file there, is written beside them, the folder swapped in atomically, and the
-    run's checkpoint removed (only now: a run killed while exporting resumes from it).
+    run's checkpoint removed (only now: a run killed while exporting resumes from it). checks: an encoder's
+    figures against its base (training/encoder_training.py: generalisation_checks), kept in its validation.
     """
     from simsearch import __version__
     from simsearch.encoders.export import sha256_file
@@ -233,7 +234,7 @@ def publish(config, method: str, base: str, details: EncoderDetails | RerankerDe
         card = Card(
             kind="encoder" if isinstance(details, EncoderDetails) else "reranker", name=config.name, method=method,
             base=base, data=str(config.data), split=config.split, hyper_parameters=hyper_parameters(config),
-            validation=result.validation(held_out), train_seconds=seconds,
+            validation={**result.validation(held_out), **({"checks": checks} if checks else {})}, train_seconds=seconds,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"), simsearch_version=__version__,
             onnx_sha256={p.name: sha256_file(p) for p in sorted(work.glob("*.onnx"))}, details=details,
         )

@@ -46,7 +46,8 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
 
     check_name(cfg.name)
     budget = Budget(cfg.max_minutes)
-    base, train, val = train_and_holdout(cfg, models_dir, on_progress)
+    data = train_and_holdout(cfg, models_dir, on_progress)
+    base, train, val = data.base, data.train, data.val
     x_train, y_train = train.x, train.y
     if cfg.views:
         from simsearch.training.views import view_features
@@ -82,5 +83,5 @@ def train_triplet(cfg: TripletConfig, models_dir: Path | None = None, on_progres
 
     trainer = head_trainer(model, opt, plan, val, cfg.seed, cfg.collapse_cosine,
                            lambda history: check_triplet_loss(history, cfg.margin))
-    return train_head(cfg, "triplet", base, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
+    return train_head(cfg, "triplet", data, head_arch, trainer, f"{len(val.y)} images of the {cfg.split} split "
                       f"({val.kind})", budget, models_dir, train.paths, on_progress)

@@ -1,0 +1,145 @@
+"""Does a trained encoder still know what its base knew? Three checks, each measured against the base.
+
+    in_domain   the val split's pair sets over the classes it trained on (a pair folder: its val pairs)
+    unseen      the val split's pair sets over the classes left out of its training (the deep metric
+                learning protocol: train on a seeded subset of the classes, measure on the others)
+    near_dup    each of the generic photos (the calibration photos, default the shared imagenet-samples)
+                against a seeded augmented copy of itself: crop 60-90%, mirror, +-30% colour
+
+Fine-tuning on one domain tends to forget the others; these checks make that visible on every trained
+encoder's card (`train`) and in `simsearch bench`. Pair sets are those of the bench
+(`datasets.make_pair_sets`): each left image ranked against its set's rights, one per class.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from simsearch.errors import DatasetError
+from simsearch.evaluation import datasets, metrics
+from simsearch.indexer.images import IMAGE_EXTENSIONS
+
+log = logging.getLogger(__name__)
+
+Embed = Callable[[list[Path]], np.ndarray]  # images -> (N, dim) L2-normalised vectors
+CHECKS = ("in_domain", "unseen", "near_dup")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str  # one of CHECKS
+    description: str
+    paths: list[Path]
+    sets: list[datasets.PairSet]  # indices into paths
+
+
+def split_classes(classes: list[str], share: float, seed: int) -> list[str]:
+    """The classes a training run leaves out: a seeded `share` of them (at least one, and never all but one),
+    none when share is 0."""
+    if share <= 0:
+        return []
+    if not share < 1 or len(classes) < 3:
+        raise DatasetError(f"leaving {share:.0%} of {len(classes)} classes out of training leaves too few to train on")
+    n = min(len(classes) - 2, max(1, round(len(classes) * share)))
+    return sorted(classes[i] for i in np.random.default_rng(seed).permutation(len(classes))[:n])
+
+
+def augmented_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A crop of 60-90% of each side, a coin-flip mirror, brightness/contrast/colour within +-30%."""
+    w, h = im.size
+    cw, ch = int(w * rng.uniform(0.6, 0.9)), int(h * rng.uniform(0.6, 0.9))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    im = im.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        im = ImageOps.mirror(im)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        im = enhance(im).enhance(rng.uniform(0.7, 1.3))
+    return im
+
+
+def write_near_dups(out: Path, photos: Path, seed: int = 0) -> None:
+    """A pair folder: right/ the photos (symlinks), left/ a seeded augmented copy of each (`augmented_copy`)."""
+    rng = np.random.default_rng(seed)
+    for side in ("left", "right"):
+        (out / side).mkdir(parents=True, exist_ok=True)
+    for p in sorted(q for q in photos.iterdir() if q.suffix.lower() in IMAGE_EXTENSIONS):
+        os.symlink(os.path.abspath(p), out / "right" / p.name)
+        with Image.open(p) as im:
+            augmented_copy(im.convert("RGB"), rng).save(out / "left" / f"{p.stem}.jpg", quality=90)
+
+
+def near_dup_folder(photos: Path, cache: Path, seed: int = 0) -> Path:
+    """The near-duplicate pair folder of `photos`, made once under `cache` (atomically: a killed run leaves none)."""
+    folder = cache / f"near-dups-{photos.resolve().name}-{seed}"
+    if not folder.is_dir():
+        cache.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".near-dups-", dir=cache))
+        try:
+            write_near_dups(work, photos, seed)
+            os.replace(work, folder)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+    return folder
+
+
+def _pair_check(name: str, description: str, left: list[Path], right: list[Path]) -> Check:
+    n = len(left)
+    return Check(name, description, left + right, [datasets.PairSet(np.arange(n), np.arange(n, 2 * n))])
+
+
+def build_checks(data: Path, split: str, unseen_classes: list[str], photos: Path | None, cache: Path,
+                 val_fraction: float | None = None, seed: int = 0) -> list[Check]:
+    """The checks a model trained on `data` (leaving `unseen_classes` out) can be measured on.
+
+    photos: the near-duplicate check's photos (None or missing: that check is left out, logged).
+    """
+    out = []
+    if datasets.detect_layout(data) == "pairs":
+        pairs = datasets.load_pair_folder(data, split, val_fraction, seed)
+        out.append(_pair_check("in_domain", f"{len(pairs.left)} {split} pairs of {data.name}", pairs.left, pairs.right))
+    else:
+        ds = datasets.load_class_dataset(data, split, val_fraction, seed)
+        left_out = np.isin(np.asarray(ds.classes)[ds.labels], unseen_classes)
+        for name, mask in (("in_domain", ~left_out), ("unseen", left_out)):
+            if mask.any():
+                sets = datasets.make_pair_sets(ds.labels[mask], seed)
+                out.append(Check(name, f"{split} pair sets of {len(np.unique(ds.labels[mask]))} "
+                                       f"{'trained' if name == 'in_domain' else 'left-out'} classes",
+                                 [p for p, m in zip(ds.paths, mask) if m], sets))
+    if photos is not None and photos.is_dir():
+        dups = datasets.load_pair_folder(near_dup_folder(photos, cache, seed), "val", 1.0)
+        out.append(_pair_check("near_dup", f"{len(dups.left)} photos of {photos.name} vs an augmented copy",
+                               dups.left, dups.right))
+    else:
+        log.warning("no near-duplicate check: no photos at %s", photos)
+    return out
+
+
+def hits(check: Check, vectors: np.ndarray) -> dict:
+    """hit@1 and hit@10 (fractions) of a check's pair sets, from vectors (len(check.paths), dim)."""
+    ranks = np.concatenate([metrics.hit_ranks(vectors[s.left_idx], vectors[s.right_idx], np.arange(len(s.left_idx)))
+                            for s in check.sets])
+    return {"hit1": float(np.mean(ranks < 1)), "hit10": float(np.mean(ranks < 10)), "queries": int(len(ranks)),
+            "gallery": int(len(check.sets[0].right_idx))}
+
+
+def compare(checks: list[Check], embed: Embed, embed_base: Embed) -> dict:
+    """{check: {"description", "model": hits, "base": hits}} for a model and its base on the same images."""
+    return {c.name: {"description": c.description, "model": hits(c, embed(c.paths)), "base": hits(c, embed_base(c.paths))}
+            for c in checks}
+
+
+def summary(result: dict) -> str:
+    """One line: hit@1 of each check, the model's against its base's, in points."""
+    return ", ".join(f"{name.replace('_', '-')} hit@1 {100 * r['model']['hit1']:.1f} "
+                     f"({100 * (r['model']['hit1'] - r['base']['hit1']):+.1f})" for name, r in result.items())
