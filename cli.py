@@ -581,7 +581,8 @@ def bench(
         min=0.1, help="per reranker, for reranked hit@k and for all pairs each: a slower one is measured on the "
                       "largest part that fits (stated in the results).")] = 20.0,
     task: Annotated[Optional[str], typer.Option(
-        help="pairs (find the pair, hit@k), classes (same/different accuracy); default: both, or pairs for a pair folder.")]
+        help="pairs (find the pair, hit@k), classes (same/different accuracy), checks (each trained encoder against "
+             "its base: in-domain, unseen classes, near-duplicates); default: all three, or pairs for a pair folder.")]
     = None,
     ks: Annotated[str, typer.Option(help="k values for hit@k.")] = "1,5,10,15,25,50,100",
     seed: Annotated[int, typer.Option(help="seed of splits, pair sets and sampled pairs.")] = 0,
@@ -621,7 +622,7 @@ def bench(
         names = [e.strip() for e in (encoder or default_encoder()).split(",") if e.strip()]
         result = harness.run(config, names, progress.stage)
     wide = out if out.is_terminal else Console(width=170)  # a pipe or a CI log is not 80 columns of screen
-    for table in (report.hits_table(result), report.pairs_table(result)):
+    for table in (report.hits_table(result), report.pairs_table(result), report.checks_table(result)):
         if table is not None:
             wide.print(table)
     json_path = report.write_json(result, out_dir)
@@ -813,16 +814,21 @@ def train_matchnet(
         min=0.0, max=1.0, help="tower pretrained: share of pairs that are (image, one of its 50 nearest neighbours), "
                                "what a reranker meets at query time; 0 = the research's random pairs.")]
     = MatchNetConfig.hard_fraction,
-    listwise: Annotated[bool, typer.Option(
-        help="tower pretrained: train for reranking, each image against its 50 nearest neighbours and a same-class "
-             "image (softmax cross-entropy) instead of independent pairs.")] = MatchNetConfig.listwise,
+    listwise: Annotated[Optional[bool], typer.Option(
+        "--listwise/--no-listwise",
+        help="train for reranking: pair sets of the training images, each query against its top --depth candidates "
+             "by the encoder (softmax cross-entropy), the epoch and the vector score's weight chosen by held-out "
+             "reranked hit@k; default: on for the pretrained tower.")] = MatchNetConfig.listwise,
+    depth: Annotated[int, typer.Option(min=2, help="--listwise: candidates per query, as `query --rerank-depth`.")]
+    = MatchNetConfig.depth,
     run: dict = None,
 ):
     """Train a MatchNet same/different pair classifier, used as a reranker."""
     from simsearch.training.matchnet import train_matchnet
 
     return train_matchnet, MatchNetConfig(name=name, tower=tower, encoder=encoder, pairs_per_epoch=pairs_per_epoch,
-                                          hard_fraction=hard_negatives, listwise=listwise, **run)
+                                          hard_fraction=hard_negatives, listwise=listwise, depth=depth,
+                                          **run)
 
 
 @_training_command("beit", BeitPairConfig, "reranker")

@@ -56,6 +56,11 @@ def training_cache() -> Path:
     return cache_dir() / "training"
 
 
+def checks_cache() -> Path:
+    """Made once: the near-duplicate check's augmented copies (evaluation/generalisation.py)."""
+    return cache_dir() / "checks"
+
+
 def shared_data() -> Path:
     """The project's shared data, beside the checkout (the `simsearch` package folder is the repository root)."""
     return Path(__file__).resolve().parent.parent / "shared" / "data"

@@ -22,7 +22,7 @@ from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import EncoderSpec, Preprocess
 from simsearch.errors import DatasetError
-from simsearch.evaluation import datasets, metrics
+from simsearch.evaluation import datasets, generalisation, metrics
 from simsearch.indexer.cached import CachedEmbedder
 from simsearch.indexer.pipeline import IndexerConfig
 from simsearch.indexer.scan import item_path
@@ -32,7 +32,7 @@ from simsearch.retrieval.rerank import Reranker, get_reranker
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pairs", "classes")
+TASKS = ("pairs", "classes", "checks")
 DEFAULT_KS = (1, 5, 10, 15, 25, 50, 100)
 
 # The research's figures (../shared/DESIGN.md), shown beside ours. Different data: labelled so.
@@ -89,6 +89,7 @@ class EncoderResult:
     embedded: int = 0  # images embedded in this run (0 when everything came from the cache)
     hits: dict | None = None
     pairs: dict | None = None
+    checks: dict | None = None  # a trained encoder against its base (evaluation/generalisation.py)
 
 
 class Embedder:
@@ -318,6 +319,28 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
     return entry
 
 
+def run_checks(spec: EncoderSpec, config: BenchConfig, embed_for) -> dict | None:
+    """A trained encoder against its base on what its card says it was trained on: in-domain, unseen classes
+    (the ones its training left out), near-duplicates; None for a built-in encoder or when its training data
+    is not here (logged)."""
+    from simsearch.encoders.cards import Card
+    from simsearch.paths import calibration_dir, checks_cache
+
+    if not spec.trained:
+        return None
+    card = Card.load(Path(spec.card), "encoder")
+    data = Path(card.data)
+    if not data.is_dir():
+        log.warning("%s: no checks against its base: its training data %s is not here", spec.name, data)
+        return None
+    split = "val" if card.split == "train" else "train"
+    unseen = card.validation.get("checks", {}).get("unseen_classes", [])
+    checks = generalisation.build_checks(data, split, unseen, calibration_dir(), checks_cache())
+    return {"data": str(data), "split": split, "unseen_classes": unseen,
+            **generalisation.compare(checks, lambda paths: embed_for(spec.name)(paths, "checks"),
+                                     lambda paths: embed_for(card.base)(paths, "checks (base)"))}
+
+
 def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = None) -> dict:
     """Every figure for every encoder, with the exact protocol, as one JSON-ready dict."""
     unknown = [t for t in config.tasks if t not in TASKS]
@@ -329,13 +352,19 @@ def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = 
         get_reranker(name, config.models_dir)
     t0 = time.perf_counter()
     with Store(config.cache_db or embedding_cache(), create=True) as store:
-        results = [asdict(run_encoder(name, config, store, progress)) for name in encoders]
         embedders: dict[str, Embedder] = {}
 
         def embed_for(name: str) -> Embedder:
             if name not in embedders:
                 embedders[name] = Embedder(bench_spec(name, config), store, config, progress)
             return embedders[name]
+
+        results = []
+        for name in encoders:
+            result = run_encoder(name, config, store, progress)
+            if "checks" in config.tasks:
+                result.checks = run_checks(bench_spec(name, config), config, embed_for)
+            results.append(asdict(result))
 
         results += [run_reranker(name, encoders[0], config, embed_for, progress) for name in config.rerankers]
     return {

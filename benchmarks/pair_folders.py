@@ -20,9 +20,9 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageEnhance, ImageOps
+from PIL import Image
 
-from simsearch.evaluation import datasets
+from simsearch.evaluation import datasets, generalisation
 from simsearch.paths import shared_data
 
 
@@ -40,26 +40,8 @@ def low_data(out: Path, root: Path | None = None, n_pairs: int = 1225, seed: int
         os.symlink(os.path.abspath(ds.paths[b]), out / "right" / f"{k:05d}{ds.paths[b].suffix}")
 
 
-def augmented_copy(im: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """A crop of 60-90% of each side, a coin-flip mirror, brightness/contrast/colour within +-30%."""
-    w, h = im.size
-    cw, ch = int(w * rng.uniform(0.6, 0.9)), int(h * rng.uniform(0.6, 0.9))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    im = im.crop((x, y, x + cw, y + ch))
-    if rng.random() < 0.5:
-        im = ImageOps.mirror(im)
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        im = enhance(im).enhance(rng.uniform(0.7, 1.3))
-    return im
-
-
 def ood(out: Path, root: Path | None = None, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for side in ("left", "right"):
-        (out / side).mkdir(parents=True, exist_ok=True)
-    for p in sorted((root or shared_data() / "imagenet-samples").glob("*.JPEG")):
-        os.symlink(os.path.abspath(p), out / "right" / p.name)
-        augmented_copy(Image.open(p).convert("RGB"), rng).save(out / "left" / f"{p.stem}.jpg", quality=90)
+    generalisation.write_near_dups(out, root or shared_data() / "imagenet-samples", seed)
 
 
 def aspect_window(im: Image.Image, rng: np.random.Generator) -> Image.Image:

@@ -65,6 +65,27 @@ def pairs_table(result: dict) -> Table | None:
     return table
 
 
+def checks_table(result: dict) -> Table | None:
+    """Each trained encoder against its base: hit@1 / hit@10 in-domain, on unseen classes, on near-duplicates."""
+    from simsearch.encoders.cards import CHECK_NAMES
+
+    rows = [e for e in result["encoders"] if e.get("checks")]
+    if not rows:
+        return None
+    table = Table("encoder", *[f"{label}: hit@1 / hit@10 % (base)" for label in CHECK_NAMES.values()],
+                  title="what fine-tuning keeps: each trained encoder against its base on the split it did not train on",
+                  caption="unseen classes: the classes its training left out (its card lists them)",
+                  caption_justify="left")
+    for e in rows:
+        cells = []
+        for name in CHECK_NAMES:
+            c = e["checks"].get(name)
+            cells.append(f"{_pct(c['model']['hit1'])} / {_pct(c['model']['hit10'])} "
+                         f"({_pct(c['base']['hit1'])} / {_pct(c['base']['hit10'])})" if c else "—")
+        table.add_row(e["encoder"], *cells)
+    return table
+
+
 def write_json(result: dict, out: Path) -> Path:
     return save_json(result, out / "bench.json")
 

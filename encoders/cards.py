@@ -13,7 +13,10 @@ Card versions (0 and 1 are what simsearch 0.1.0 wrote until card version 2):
   1  an encoder's card: base_key/dim/image_size/mean/std/crop_fraction/head beside the common fields,
      onnx_sha256 the sha256 of model.onnx, and a `notes` list nothing ever filled
   2  the common fields, and the kind's own in `details`
-  3  this one: an encoder's details add `preprocess` (version 2 encoders all used "crop") and `calibration`
+  3  an encoder's details add `preprocess` (version 2 encoders all used "crop") and `calibration`
+  4  this one: a reranker's details add `fusion_weight` and `depth` (version 3 rerankers: 0, not trained for
+     reranking), an encoder's validation may hold `checks` (its figures against its base), and an encoder's
+     head may be a blend ({"blend": w}) or a plain linear map (learned whitening)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from pathlib import Path
 
 from simsearch.errors import ModelError
 
-CARD_VERSION = 3
+CARD_VERSION = 4
 CARD = "card.json"
 # The other files of a model's folder, named here because a card names its ONNX files.
 MODEL, HEAD = "model.onnx", "head.pt"  # an encoder: the whole encoder; its trained head's state dict
@@ -57,6 +60,10 @@ class RerankerDetails:
     tower: str = ""  # MatchNet: "pretrained" | "scratch"
     source: str = ""  # BEiT: what its tokens come from and what was trained
     trainable_parameters: int = 0
+    # Trained for reranking (MatchNet --listwise): the depth it reorders, and the weight of the vector score in
+    # the final order (retrieval/rerank.py: fuse), chosen on held-out data. 0, 0: a pair classifier, P(same) alone.
+    depth: int = 0
+    fusion_weight: float = 0.0
 
 
 _DETAILS = {"encoder": EncoderDetails, "reranker": RerankerDetails}
@@ -135,13 +142,30 @@ class Card:
         if self.kind == "encoder":
             what = f"{d.dim}-d {self.method} from {self.base}"
             scores = f"hit@1 {best['hit1']:.3f}, hit@10 {best['hit10']:.3f}"
+            checks = self.validation.get("checks")
+            if checks:
+                scores += f"; against {self.base} on {checks['split']}: {checks_summary(checks)}"
         else:
             reads = f"{self.base} embeddings" if d.input == "encoder" else f"{d.image_size}px pixels"
             what = f"{self.method}{f' ({d.tower} tower)' if d.tower else ''} on {reads}"
             what += f" ({d.source})" if d.source else ""
             scores = f"balanced accuracy {best['balanced_accuracy']:.3f}, ROC AUC {best['roc_auc']:.3f}"
+            if "hit1_before" in best:
+                scores += (f"; reranking its top {d.depth}: hit@1 {100 * best['hit1_before']:.1f} -> "
+                           f"{100 * best['hit1']:.1f}, hit@10 {100 * best['hit10_before']:.1f} -> "
+                           f"{100 * best['hit10']:.1f} (vector score weight {d.fusion_weight:g})")
         return (f"{what}, trained on {Path(self.data).name} ({self.split}) in {self.train_seconds:.0f}s: held-out "
                 f"{scores} (epoch {best['epoch']}; {self.validation['stopped']})")
+
+
+CHECK_NAMES = {"in_domain": "in-domain", "unseen": "unseen classes", "near_dup": "near-duplicates"}
+
+
+def checks_summary(checks: dict) -> str:
+    """hit@1 of each of an encoder's checks (evaluation/generalisation.py), and its difference to the base, in points."""
+    return ", ".join(f"{label} hit@1 {100 * checks[name]['model']['hit1']:.1f} "
+                     f"({100 * (checks[name]['model']['hit1'] - checks[name]['base']['hit1']):+.1f})"
+                     for name, label in CHECK_NAMES.items() if name in checks)
 
 
 def _from_v0(old: dict) -> dict:
@@ -177,7 +201,7 @@ def _from_v1(old: dict) -> dict:
 
 def _migrate(old: dict, version: int) -> dict:
     """An older card in this version's layout."""
-    if version == 2:  # version 3 only added fields whose defaults say what version 2 meant
+    if version in (2, 3):  # versions 3 and 4 only added fields whose defaults say what the older one meant
         return old
     if version not in (0, 1):
         raise ModelError(f"unknown model card version {version}")

@@ -51,6 +51,17 @@ class RerankerSpec:
         """Input "pixels": side of the square RGB input, pixels scaled to [0, 1]."""
         return self.card.details.image_size
 
+    @property
+    def fusion_weight(self) -> float:
+        """Weight of the vector score against the reranker's in the final order (`fuse`); 0 on older cards."""
+        return self.card.details.fusion_weight
+
+    def held_out_gain(self) -> tuple[float, float] | None:
+        """(held-out hit@1 of the vector search alone, after reranking) from its card; None when it was not
+        validated for reranking (trained on pairs, or by an older simsearch)."""
+        best = self.card.validation["best"]
+        return (best["hit1_before"], best["hit1"]) if "hit1_before" in best else None
+
 
 def list_rerankers(models_dir: Path | None = None) -> list[RerankerSpec]:
     """Every reranker in models_dir; one whose card cannot be read (or is from a newer simsearch) is logged and left out."""
@@ -102,6 +113,13 @@ class Reranker:
             self.metric, _ = ort_session(spec.folder / METRIC, device, threads)
         except Exception as e:  # onnxruntime raises its own types for missing/corrupt files
             raise ModelError(f"reranker {spec.name!r}: cannot load its ONNX models from {spec.folder} ({e})") from None
+        gain = spec.held_out_gain()
+        if gain is None:
+            log.warning("reranker %s was not validated for reranking (held-out hit@k before/after unknown): it may "
+                        "make results worse", spec.name)
+        elif gain[1] <= gain[0]:
+            log.warning("reranker %s did not improve held-out hit@1 (%.1f%% -> %.1f%%): it may make results worse",
+                        spec.name, 100 * gain[0], 100 * gain[1])
 
     def represent(self, inputs: np.ndarray, block: int = 256) -> np.ndarray:
         """(N, ...) tower inputs (embeddings or pixels) -> (N, ...) representations, the tower's outputs
@@ -130,11 +148,11 @@ class Reranker:
 
     def rerank(self, query: np.ndarray, candidates: np.ndarray, vector_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """One query's candidates reordered: query (...) and candidates (D, ...) representations, (D,) their
-        vector scores -> (D,) candidate indices, best first (P(same) descending, ties: vector score), and
-        (D,) P(same) of each candidate (in the candidates' order)."""
+        vector scores -> (D,) candidate indices, best first (P(same) fused with the vector score by the card's
+        weight, ties: vector score), and (D,) P(same) of each candidate (in the candidates' order)."""
         # a read-only view (D, ...) of the query: `score` copies only one bounded block of it at a time
         probs = self.score(np.broadcast_to(query, candidates.shape), candidates)
-        return rerank_order(probs, vector_scores), probs
+        return rerank_order(probs, vector_scores, self.spec.fusion_weight), probs
 
     def score(self, a: np.ndarray, b: np.ndarray, block_bytes: int = 64 << 20) -> np.ndarray:
         """(N, ...), (N, ...) representations (MatchNet: (N, 256); BEiT: (N, C, h, w) token grids) -> (N,) P(same).
@@ -161,6 +179,25 @@ class Reranker:
         return out
 
 
-def rerank_order(probs: np.ndarray, vector_scores: np.ndarray) -> np.ndarray:
-    """Indices sorting candidates by P(same) descending, ties broken by vector score descending."""
-    return np.lexsort((-vector_scores, -probs))
+def logit(probs: np.ndarray) -> np.ndarray:
+    """log(p / (1 - p)), clipped where float32 saturates."""
+    p = np.clip(probs.astype(np.float64), 1e-12, 1 - 1e-12)
+    return np.log(p) - np.log1p(-p)
+
+
+def fuse(logits: np.ndarray, vector_scores: np.ndarray, weight: float) -> np.ndarray:
+    """(..., D) scores of each query's D candidates: (1 - weight) z(logits) + weight z(vector scores), each
+    standardised over the query's own candidates, so the weight does not depend on either score's scale.
+    weight 0: the reranker alone; 1: the vector search's order."""
+
+    def z(v: np.ndarray) -> np.ndarray:
+        v = v.astype(np.float64)
+        return (v - v.mean(-1, keepdims=True)) / (v.std(-1, keepdims=True) + 1e-9)
+
+    return (1 - weight) * z(logits) + weight * z(vector_scores)
+
+
+def rerank_order(probs: np.ndarray, vector_scores: np.ndarray, fusion_weight: float = 0.0) -> np.ndarray:
+    """Indices sorting candidates by their fused score (`fuse`; weight 0: P(same)) descending, ties broken by
+    vector score descending."""
+    return np.lexsort((-vector_scores, -fuse(logit(probs), vector_scores, fusion_weight)))

@@ -101,11 +101,11 @@ def generalisation_checks(cfg, data: TrainingData, head: torch.nn.Module, models
     """The trained encoder against its base on the other split: in-domain, unseen classes, near-duplicates
     (evaluation/generalisation.py), through the base's cached features and the head in torch."""
     from simsearch.evaluation import generalisation
-    from simsearch.paths import calibration_dir, training_cache
+    from simsearch.paths import calibration_dir, checks_cache
     from simsearch.training.features import base_features
 
     split = "val" if cfg.split == "train" else "train"
-    checks = generalisation.build_checks(cfg.data, split, data.unseen_classes, calibration_dir(), training_cache())
+    checks = generalisation.build_checks(cfg.data, split, data.unseen_classes, calibration_dir(), checks_cache())
     module = HeadOnFeatures(head).eval()
 
     def embed_base(paths: list[Path]) -> np.ndarray:

@@ -198,8 +198,9 @@ def fit(trainer: Trainer, cfg: LoopConfig, checkpoint: Path | None = None, on_pr
 
 
 def hyper_parameters(config) -> dict:
-    """A trainer's config as JSON values: paths and devices as strings."""
-    return {k: str(v) if isinstance(v, (Path, Device)) else v for k, v in asdict(config).items()}
+    """A trainer's config as JSON values: paths and devices as strings, tuples as lists."""
+    return {k: str(v) if isinstance(v, (Path, Device)) else list(v) if isinstance(v, tuple) else v
+            for k, v in asdict(config).items()}
 
 
 def replace_dir(staging: Path, final: Path) -> None:

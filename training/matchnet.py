@@ -62,7 +62,8 @@ def conv_tower(bottleneck: int) -> nn.Module:
     for out in (16, 32, 64, 128):  # 64 -> 32 -> 16 -> 8 -> 4
         layers += [nn.Conv2d(width, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(), nn.MaxPool2d(2)]
         width = out
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * 4 * 4, bottleneck), nn.ReLU())
+    # A linear bottleneck: the metric's product features want signed values (a final ReLU left units dead).
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * 4 * 4, bottleneck))
 
 
 class FeatureTower(nn.Module):
@@ -155,7 +156,7 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
         batch_of = lambda idx: torch.from_numpy(data[idx])  # noqa: E731
     train_idx, val_idx = holdout_split(ds.labels, cfg.holdout_per_class, cfg.seed)
     log.info("matchnet (%s tower): %d training images, %d held out", cfg.tower, len(train_idx), len(val_idx))
-    neighbours = nearest_neighbours(data[train_idx], 50) if cfg.hard_fraction or cfg.listwise else None  # (n_train, 50)
+    neighbours = nearest_neighbours(data[train_idx], 50) if cfg.hard_fraction else None  # (n_train, 50)
 
     torch.manual_seed(cfg.seed)
     tower = conv_tower(cfg.bottleneck) if scratch else FeatureTower(data.shape[1], cfg.bottleneck)
@@ -163,5 +164,9 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
     details = RerankerDetails(input="pixels" if scratch else "encoder", image_size=cfg.image_size if scratch else 0,
                               representation=(), tower=cfg.tower)
     tower_shape = (1, 3, cfg.image_size, cfg.image_size) if scratch else (1, data.shape[1])
+    # The scratch tower also learns to name each image's class (a linear classifier on its bottleneck, trained
+    # alongside and then dropped): pairs alone teach a from-scratch conv net slowly (README, "Reranking").
+    classifier = nn.Linear(cfg.bottleneck, len(ds.classes)) if scratch and cfg.class_loss else None
     return train_reranker(cfg, "matchnet", "" if scratch else cfg.encoder, details, tower, metric, tower, tower_shape,
-                          batch_of, ds.labels, train_idx, val_idx, budget, models_dir, on_progress, neighbours)
+                          batch_of, ds.labels, train_idx, val_idx, budget, models_dir, on_progress, neighbours,
+                          classifier, None if scratch else data)

@@ -21,6 +21,7 @@ from torch import nn
 
 from simsearch.devices import torch_device
 from simsearch.encoders.cards import METRIC, TOWER, WEIGHTS, Card, RerankerDetails
+from simsearch.evaluation import datasets
 from simsearch.paths import rerankers_dir
 from simsearch.training.loop import Budget, EpochPlan, LoopConfig, Trainer, checkpoint_path, fit, publish
 
@@ -40,7 +41,9 @@ class PairFitConfig:
     weight_decay: float = 0.0
     val_pairs: int = 10_000
     hard_fraction: float = 0.0  # share of each epoch's pairs drawn as (image, one of its nearest neighbours)
-    listwise: bool = False  # train on each image's nearest neighbours + a positive, softmax over them
+    listwise: bool = False  # train on each query's top `depth` candidates (candidate_lists), softmax over them
+    depth: int = 100
+    class_loss: float = 0.0  # weight of the classifier's cross-entropy (pair_trainer's classifier)
 
     @classmethod
     def of(cls, trainer_config) -> PairFitConfig:
@@ -75,43 +78,71 @@ def hard_pairs(neighbours: np.ndarray, labels: np.ndarray, n: int, seed: int):
     return i, j, labels[i] == labels[j]
 
 
-def listwise_loss(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, train_idx: np.ndarray, labels: np.ndarray,
-                  queries: np.ndarray, neighbours: np.ndarray, rng: np.random.Generator, device: str) -> torch.Tensor:
-    """What reranking asks for: among a query's nearest neighbours, one same-class image and as many random
-    images, put the same-class ones first. Cross-entropy of the softmax over the candidates' logits against
-    a uniform distribution on the same-class candidates. queries: (Q,) train-local indices; labels: train-local.
+def candidate_lists(vectors: np.ndarray, labels: np.ndarray, depth: int, seed: int) -> tuple[np.ndarray, ...]:
+    """What a reranker sees at query time, simulated on labelled images: pair sets (`datasets.make_pair_sets`: one
+    image of every class on the left, its partner, of the same class, on the right) and each left image's top
+    `depth` rights by the encoder's cosine (vectors: (N, d) L2-normalised, labels (N,)).
 
-    The random images matter: with near neighbours as the only negatives, "the least similar candidate"
-    would give the positive away (measured: a model trained so reranked at chance level).
+    -> queries (Q,), candidates (Q, D) (indices into vectors), their cosines (Q, D), the partner's column in
+    its row (Q,) or -1 where the vector search missed it, and the partner's rank in the vector search (Q,).
     """
-    same_class = [np.flatnonzero(labels == labels[q]) for q in queries]
-    pos = np.array([rng.choice(c[c != q]) for q, c in zip(queries, same_class)])
-    k = neighbours.shape[1]
-    far = rng.integers(0, len(labels), (len(queries), k))
-    cands = np.concatenate([pos[:, None], neighbours[queries], far], axis=1)  # (Q, 1 + 2k)
-    target = torch.from_numpy((labels[cands] == labels[queries][:, None]).astype(np.float32)).to(device)
-    target = target / target.sum(1, keepdim=True)
-    a = tower(batch_of(train_idx[queries]).to(device))  # (Q, d)
-    b = tower(batch_of(train_idx[cands.ravel()]).to(device))  # (Q * (1 + 2k), d)
-    logits = metric.logits(a.repeat_interleave(cands.shape[1], 0), b).view(cands.shape)  # (Q, 1 + 2k)
-    return -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+    queries, cands, cosines, partner, rank = [], [], [], [], []
+    for s in datasets.make_pair_sets(labels, seed):
+        sims = vectors[s.left_idx] @ vectors[s.right_idx].T  # (C, C); the partner of left q is right q
+        top = np.argsort(-sims, axis=1, kind="stable")[:, :depth]  # (C, D)
+        match = top == np.arange(len(top))[:, None]
+        queries.append(s.left_idx)
+        cands.append(s.right_idx[top])
+        cosines.append(np.take_along_axis(sims, top, 1))
+        partner.append(np.where(match.any(1), match.argmax(1), -1))
+        rank.append((sims > sims.diagonal()[:, None]).sum(1))
+    return tuple(np.concatenate(v) for v in (queries, cands, cosines, partner, rank))
 
 
-def predict(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: np.ndarray, j: np.ndarray,
-            block: int = 512) -> np.ndarray:
-    """P(same) of pairs (i[p], j[p]) of n images: the tower runs once per image, the metric once per pair."""
+def reranked_hits(logits: np.ndarray, cosines: np.ndarray, partner: np.ndarray, rank: np.ndarray,
+                  weights: tuple[float, ...]) -> dict:
+    """Held-out hit@1 and hit@10 of the vector search alone and after reranking at the best of `weights` (the
+    vector score's weight in `fuse`). logits, cosines (Q, D); partner, rank (Q,) as `candidate_lists` gives them:
+    a partner the vector search missed keeps its rank."""
+    from simsearch.retrieval.rerank import fuse
+
+    out = {"hit1_before": float(np.mean(rank < 1)), "hit10_before": float(np.mean(rank < 10))}
+    found = partner >= 0
+    best = None
+    for w in weights:
+        fused = fuse(logits[found], cosines[found], w)  # (F, D)
+        mine = np.take_along_axis(fused, partner[found][:, None], 1)
+        after = rank.copy()
+        after[found] = (fused > mine).sum(1)  # ties go to the partner: with floats they do not happen
+        hits = {"hit1": float(np.mean(after < 1)), "hit10": float(np.mean(after < 10)), "fusion_weight": w}
+        if best is None or hits["hit1"] + hits["hit10"] > best["hit1"] + best["hit10"]:
+            best = hits
+    return {**out, **best}
+
+
+FUSION_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)  # 1: the vector search's own order
+
+
+def pair_logits(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: np.ndarray, j: np.ndarray,
+                block: int = 4096) -> np.ndarray:
+    """Logits of P(same) of pairs (i[p], j[p]) of n images: the tower runs once per image, the metric once per pair."""
     tower.eval()
     metric.eval()
     device = next(metric.parameters()).device
     with torch.no_grad():
-        reps = torch.cat([tower(batch_of(np.arange(s, min(s + block, n))).to(device)) for s in range(0, n, block)])
-        return torch.cat([torch.sigmoid(metric.logits(reps[i[s:s + block]], reps[j[s:s + block]]))
+        reps = torch.cat([tower(batch_of(np.arange(s, min(s + 512, n))).to(device)) for s in range(0, n, 512)])
+        return torch.cat([metric.logits(reps[i[s:s + block]], reps[j[s:s + block]])
                           for s in range(0, len(i), block)]).cpu().numpy()
+
+
+def predict(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """P(same) of pairs (i[p], j[p]) of n images."""
+    return 1 / (1 + np.exp(-pair_logits(tower, metric, batch_of, n, i, j)))
 
 
 def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, n_pairs: int,
              seed: int) -> dict:
-    from simsearch.evaluation import datasets, metrics
+    from simsearch.evaluation import metrics
 
     i, j, same = datasets.balanced_pairs(labels, n_pairs, seed)
     p = predict(tower, metric, batch_of, len(labels), i, j)
@@ -119,31 +150,38 @@ def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.
 
 
 def pair_trainer(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, train_idx: np.ndarray,
-                 val_idx: np.ndarray, cfg: PairFitConfig, device: str, neighbours: np.ndarray | None = None) -> Trainer:
+                 val_idx: np.ndarray, cfg: PairFitConfig, device: str, neighbours: np.ndarray | None = None,
+                 classifier: nn.Module | None = None, vectors: np.ndarray | None = None) -> Trainer:
     """The loop's view of tower + metric: BCE on labelled pairs (or cfg.listwise), validated on held-out pairs.
 
     device: where torch trains ("cuda" or "cpu", from devices.torch_device).
     neighbours: (len(train_idx), k) nearest neighbours among the training images (indices into train_idx),
-    for cfg.hard_fraction of the pairs or for cfg.listwise.
+    for cfg.hard_fraction of the pairs.
+    vectors: (len(labels), d) the search encoder's embeddings of every image, for cfg.listwise: trained on each
+    query's top cfg.depth candidates (softmax cross-entropy, the partner the target), validated by reranked hit@k.
+    classifier: representation -> class logits, trained alongside with weight cfg.class_loss, never exported.
     """
-    from simsearch.evaluation import datasets
-
-    module = nn.ModuleDict({"tower": tower, "metric": metric}).to(device)
-    params = [p for p in (*tower.parameters(), *metric.parameters()) if p.requires_grad]
+    parts = {"tower": tower, "metric": metric, **({"classifier": classifier} if classifier is not None else {})}
+    module = nn.ModuleDict(parts).to(device)
+    params = [p for p in module.parameters() if p.requires_grad]
+    cross_entropy = nn.CrossEntropyLoss()
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     bce = nn.BCEWithLogitsLoss()
 
     def plan(epoch: int) -> EpochPlan:
         rng = np.random.default_rng(cfg.seed + epoch)
-        if cfg.listwise:  # batches of queries, each against its neighbours and a positive
-            queries = rng.permutation(len(train_idx))[: max(1, cfg.pairs_per_epoch // (1 + 2 * neighbours.shape[1]))]
+        if cfg.listwise:  # batches of queries, each against its top `depth` candidates of a simulated pair set
+            q, c, _, partner, _ = candidate_lists(vectors[train_idx], labels[train_idx], cfg.depth, cfg.seed + 1 + epoch)
+            keep = rng.permutation(np.flatnonzero(partner >= 0))  # a partner the vector search missed: nothing to learn
 
             def listwise_step(step: int):
-                sel = queries[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                return listwise_loss(tower, metric, batch_of, train_idx, labels[train_idx], sel, neighbours, rng,
-                                     device), {}
+                sel = keep[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                a = tower(batch_of(train_idx[q[sel]]).to(device))  # (Q, r)
+                b = tower(batch_of(train_idx[c[sel].ravel()]).to(device))  # (Q * D, r)
+                logits = metric.logits(a.repeat_interleave(c.shape[1], 0), b).view(len(sel), c.shape[1])  # (Q, D)
+                return cross_entropy(logits, torch.from_numpy(partner[sel]).to(device)), {}
 
-            return EpochPlan(max(1, len(queries) // cfg.batch_size), listwise_step)
+            return EpochPlan(max(1, len(keep) // cfg.batch_size), listwise_step)
         # batches of labelled pairs
         n_hard = int(cfg.pairs_per_epoch * cfg.hard_fraction) if neighbours is not None else 0
         i, j, same = datasets.balanced_pairs(labels[train_idx], cfg.pairs_per_epoch - n_hard, cfg.seed + 1 + epoch)
@@ -156,31 +194,46 @@ def pair_trainer(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels:
             sel = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
             a = tower(batch_of(train_idx[i[sel]]).to(device))  # (B, ...) one representation per image
             b = tower(batch_of(train_idx[j[sel]]).to(device))
-            return bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)).to(device)), {}
+            loss = bce(metric.logits(a, b), torch.from_numpy(same[sel].astype(np.float32)).to(device))
+            if classifier is not None:
+                for rep, side in ((a, i), (b, j)):
+                    classes = torch.from_numpy(labels[train_idx[side[sel]]]).to(device)
+                    loss = loss + cfg.class_loss / 2 * cross_entropy(classifier(rep), classes)
+            return loss, {}
 
         return EpochPlan(len(order) // cfg.batch_size, pair_step)
 
     def validate() -> tuple[dict, float]:
-        scores = evaluate(tower, metric, lambda idx: batch_of(val_idx[idx]), labels[val_idx], cfg.val_pairs, cfg.seed)
-        return scores, scores["balanced_accuracy"]
+        val_batches = lambda idx: batch_of(val_idx[idx])  # noqa: E731
+        scores = evaluate(tower, metric, val_batches, labels[val_idx], cfg.val_pairs, cfg.seed)
+        if not cfg.listwise:
+            return scores, scores["balanced_accuracy"]
+        # Chosen for what it is for: held-out hit@k after reranking the vector search's top `depth`, fused.
+        q, c, cosines, partner, rank = candidate_lists(vectors[val_idx], labels[val_idx], cfg.depth, cfg.seed)
+        logits = pair_logits(tower, metric, val_batches, len(val_idx), np.repeat(q, c.shape[1]), c.ravel())
+        scores.update(reranked_hits(logits.reshape(c.shape), cosines, partner, rank, FUSION_WEIGHTS))
+        return scores, scores["hit1"] + scores["hit10"]
 
-    return Trainer(module, opt, plan, validate, "held-out balanced accuracy")
+    return Trainer(module, opt, plan, validate,
+                   "held-out reranked hit@1 + hit@10" if cfg.listwise else "held-out balanced accuracy")
 
 
 def train_reranker(cfg, method: str, base: str, details: RerankerDetails, tower: nn.Module, metric: nn.Module,
                    export_tower: nn.Module, tower_shape: tuple[int, ...], batch_of: BatchOf, labels: np.ndarray,
                    train_idx: np.ndarray, val_idx: np.ndarray, budget: Budget, models_dir: Path | None,
-                   on_progress=None, neighbours: np.ndarray | None = None) -> Card:
+                   on_progress=None, neighbours: np.ndarray | None = None, classifier: nn.Module | None = None,
+                   vectors: np.ndarray | None = None) -> Card:
     """Run the loop on tower + metric; export the best epoch and register it under cfg.name.
 
     cfg: the trainer's config (MatchNetConfig, BeitPairConfig); details: its card's reranker fields, the
     representation left to be read off the tower here. export_tower: what runs at query time in front of
     the metric network (the trained tower, or a frozen trunk followed by it); tower_shape: one image's
-    input to it, batch 1 (its output's shape is the metric network's input).
+    input to it, batch 1 (its output's shape is the metric network's input). neighbours, classifier, vectors:
+    as `pair_trainer` takes them.
     """
     loop_cfg = PairFitConfig.of(cfg)
     trainer = pair_trainer(tower, metric, batch_of, labels, train_idx, val_idx, loop_cfg,
-                           torch_device(cfg.device, torch.cuda.is_available()), neighbours)
+                           torch_device(cfg.device, torch.cuda.is_available()), neighbours, classifier, vectors)
     ckpt = checkpoint_path(cfg)
     result = fit(trainer, LoopConfig(cfg.epochs, cfg.patience, budget, cfg.seed), ckpt, on_progress)
     # eval(): dropout off and BatchNorm on running statistics, or the export bakes in batch statistics.
@@ -195,9 +248,12 @@ def train_reranker(cfg, method: str, base: str, details: RerankerDetails, tower:
         export_module(_Probability(metric).eval(), rep_shape, folder / METRIC, n_inputs=2)
         torch.save({"tower": tower.state_dict(), "metric": metric.state_dict()}, folder / WEIGHTS)  # to fine-tune further
 
-    return publish(cfg, method, base, replace(details, representation=rep_shape[1:]), result,
-                   f"{len(val_idx)} held-out images, {loop_cfg.val_pairs:,} balanced pairs", budget,
-                   rerankers_dir(models_dir), write_files, ckpt)
+    held_out = f"{len(val_idx)} held-out images: {loop_cfg.val_pairs:,} balanced pairs"
+    details = replace(details, representation=rep_shape[1:])
+    if loop_cfg.listwise:
+        held_out += f", and their pair sets reranked at depth {loop_cfg.depth}"
+        details = replace(details, depth=loop_cfg.depth, fusion_weight=result.best["fusion_weight"])
+    return publish(cfg, method, base, details, result, held_out, budget, rerankers_dir(models_dir), write_files, ckpt)
 
 
 class _Probability(nn.Module):

@@ -26,8 +26,9 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def matchnet(classes, models_dir):
-    cfg = MatchNetConfig(name="tiny-matchnet", data=classes, pairs_per_epoch=3200, epochs=4, patience=4, lr=1e-3,
-                         holdout_per_class=2)
+    """A reranker as `train matchnet` makes one by default: listwise over the encoder's top candidates."""
+    cfg = MatchNetConfig(name="tiny-matchnet", data=classes, epochs=4, patience=4, lr=1e-3, holdout_per_class=2,
+                         batch_size=8)
     return train_matchnet(cfg, models_dir)
 
 
@@ -41,12 +42,17 @@ def db(classes, tmp_path_factory, models_dir):
 def test_training_lowers_the_loss_and_registers(matchnet, models_dir):
     history = matchnet.validation["history"]
     assert history[-1]["loss"] < history[0]["loss"]
-    assert matchnet.validation["best"]["balanced_accuracy"] > 0.5
-    assert all(h["steps"] == 3200 // 32 for h in history)
+    # 8 classes x 8 training images (12, less 2 in val, less 2 held out): 4 pair sets of 8 queries, whose partner is
+    # always in the top 8 (the whole set), in batches of 8
+    assert all(h["steps"] == 4 for h in history)
+    best = matchnet.validation["best"]
+    assert best["hit1_before"] <= best["hit10_before"] and 0 <= best["hit1"] <= best["hit10"] <= 1
+    assert matchnet.details.depth == 100 and matchnet.details.fusion_weight == best["fusion_weight"]
     spec = get_reranker("tiny-matchnet", models_dir)
     assert spec.input == "encoder" and spec.encoder == "efficientnet-lite0"
-    # what was written is what was returned, and what the registry reads
-    assert spec.card == matchnet and matchnet.kind == "reranker" and matchnet.details.representation == (256,)
+    assert spec.held_out_gain() == (best["hit1_before"], best["hit1"])
+    # what was written is what was returned, and what the registry reads; the tower passes the embedding through
+    assert spec.card == matchnet and matchnet.kind == "reranker" and matchnet.details.representation == (1280 + 256,)
     assert set(matchnet.onnx_sha256) == {"tower.onnx", "metric.onnx"}
     assert matchnet.summary().startswith("matchnet (pretrained tower) on efficientnet-lite0 embeddings, trained on ")
     with pytest.raises(UnknownNameError, match="tiny-matchnet"):
@@ -56,7 +62,7 @@ def test_training_lowers_the_loss_and_registers(matchnet, models_dir):
 def test_onnx_matches_torch_on_real_pairs(matchnet, classes, models_dir, encoder):
     from simsearch.encoders.preprocess import decode_side, to_input
     from simsearch.indexer.images import load_rgb
-    from simsearch.training.matchnet import Metric, feature_tower
+    from simsearch.training.matchnet import FeatureTower, Metric
 
     spec = get_reranker("tiny-matchnet", models_dir)
     photos = sorted(classes.rglob("*.JPEG"))[::7][:8]
@@ -64,7 +70,7 @@ def test_onnx_matches_torch_on_real_pairs(matchnet, classes, models_dir, encoder
     rr = Reranker(spec)
     got = rr.score_block(rr.represent(emb), rr.represent(emb))  # (8, 8) P(same), ONNX Runtime
     weights = torch.load(spec.folder / "weights.pt", weights_only=True)
-    tower, metric = feature_tower(1280, 256), Metric(256, 256, 0.3)
+    tower, metric = FeatureTower(1280, 256), Metric(256, 256, 0.3, raw=1280)
     tower.load_state_dict(weights["tower"])
     metric.load_state_dict(weights["metric"])
     tower.eval(), metric.eval()  # fresh modules start in training mode (dropout on)
@@ -77,11 +83,50 @@ def test_onnx_matches_torch_on_real_pairs(matchnet, classes, models_dir, encoder
 
 def test_rerank_order_is_a_sort_by_probability_then_vector_score():
     rng = np.random.default_rng(0)
-    probs = rng.integers(0, 4, 50) / 4.0  # many ties
+    probs = rng.integers(1, 4, 50) / 4.0  # many ties
     vec = rng.random(50)
     order = rerank_order(probs, vec)
     brute = sorted(range(50), key=lambda i: (-probs[i], -vec[i]))
     assert order.tolist() == brute
+
+
+def test_fusion_weighs_the_standardised_scores():
+    from simsearch.retrieval.rerank import fuse, logit
+
+    rng = np.random.default_rng(1)
+    probs, vec = rng.random(30), rng.random(30)
+    assert rerank_order(probs, vec, 1.0).tolist() == np.argsort(-vec).tolist()  # the vector search's own order
+    assert rerank_order(probs, vec, 0.0).tolist() == np.argsort(-probs).tolist()
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    want = 0.3 * z(vec) + 0.7 * z(np.log(probs / (1 - probs)))
+    np.testing.assert_allclose(fuse(logit(probs), vec, 0.3), want, rtol=1e-6, atol=1e-6)
+    brute = sorted(range(30), key=lambda i: -want[i])
+    assert rerank_order(probs, vec, 0.3).tolist() == brute
+
+
+def test_candidate_lists_and_reranked_hits_against_brute_force():
+    from simsearch.evaluation import datasets
+    from simsearch.training.pair_training import candidate_lists, reranked_hits
+
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(12), 6)
+    x = rng.normal(size=(72, 4)) + 2 * rng.normal(size=(12, 4))[labels]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q, c, cos, partner, rank = candidate_lists(x, labels, 5, seed=3)
+    sets = datasets.make_pair_sets(labels, 3)  # 3 sets of 12 queries
+    assert len(q) == 36 and c.shape == (36, 5)
+    for row, (s, k) in enumerate((s, k) for s in sets for k in range(12)):
+        sims = x[s.left_idx[k]] @ x[s.right_idx].T
+        assert q[row] == s.left_idx[k] and c[row].tolist() == s.right_idx[np.argsort(-sims, kind="stable")[:5]].tolist()
+        np.testing.assert_allclose(cos[row], np.sort(sims)[::-1][:5], atol=1e-6)
+        assert rank[row] == (sims > sims[k]).sum()
+        assert partner[row] == (rank[row] if rank[row] < 5 else -1)  # no ties among random floats
+    # the vector score alone (weight 1) changes nothing; a perfect reranker puts every found partner first
+    same = reranked_hits(rng.normal(size=c.shape), cos, partner, rank, (1.0,))
+    assert (same["hit1"], same["hit10"]) == (same["hit1_before"], same["hit10_before"]) == (np.mean(rank < 1), np.mean(rank < 10))
+    oracle = np.where(np.arange(5) == partner[:, None], 10.0, 0.0)
+    perfect = reranked_hits(oracle, cos, partner, rank, (0.0, 1.0))
+    assert perfect["hit1"] == np.mean(partner >= 0) and perfect["fusion_weight"] == 0.0
 
 
 def test_query_rerank_through_the_cli(matchnet, db, classes, models_dir):
@@ -92,8 +137,7 @@ def test_query_rerank_through_the_cli(matchnet, db, classes, models_dir):
     doc = json.loads(result.stdout)
     hits = doc["results"][0]["hits"]
     assert len(hits) == 5 and doc["reranker"] == "tiny-matchnet"
-    probs = [h["rerank_score"] for h in hits]
-    assert probs == sorted(probs, reverse=True)
+    assert all(0 <= h["rerank_score"] <= 1 for h in hits)
     assert doc["results"][0]["seconds"]["rerank"] > 0
     # brute force: the reranker's P(same) for the query against every candidate of the top 40
     plain = json.loads(runner.invoke(app, ["query", str(query), "--db", str(db), "-k", "40", "--json"]).stdout)
@@ -110,7 +154,8 @@ def test_query_rerank_through_the_cli(matchnet, db, classes, models_dir):
         q = store.vectors_of(spec.key, [str(query)], spec.dim)
     rr = Reranker(get_reranker("tiny-matchnet", models_dir))
     p = rr.score(np.repeat(rr.represent(q), 40, axis=0), rr.represent(cands))
-    best = [paths[i] for i in rerank_order(p, np.array([h["score"] for h in plain["results"][0]["hits"]]))[:5]]
+    vector_scores = np.array([h["score"] for h in plain["results"][0]["hits"]])
+    best = [paths[i] for i in rerank_order(p, vector_scores, rr.spec.fusion_weight)[:5]]
     assert [h["path"] for h in hits] == best
 
 
@@ -297,9 +342,8 @@ def test_listwise_and_hard_negative_training_on_nearest_neighbours(classes, mode
     i, j, same = hard_pairs(nn_idx, labels, 100, seed=0)
     assert all(j[p] in nn_idx[i[p]] for p in range(100)) and (same == (labels[i] == labels[j])).all()
 
-    # listwise: every one of the 64 training images is a query each epoch (64 x (1 + 2 x 50 candidates))
-    for name, extra in (("tiny-listwise", {"listwise": True, "pairs_per_epoch": 64 * 101}),
-                        ("tiny-hard", {"hard_fraction": 0.5, "pairs_per_epoch": 1600})):
+    # BCE pairs, half of them an image and one of its nearest neighbours (the default listwise run: the fixture)
+    for name, extra in (("tiny-hard", {"hard_fraction": 0.5, "pairs_per_epoch": 1600}),):
         card = train_matchnet(MatchNetConfig(name=name, data=classes, epochs=4, patience=4, lr=1e-3, batch_size=8,
                                              **extra), models_dir)
         history = card.validation["history"]
@@ -327,7 +371,7 @@ def test_a_trained_reranker_tells_held_out_pairs_apart(subset, held_out_features
     from simsearch.evaluation import datasets, metrics
 
     train_matchnet(MatchNetConfig(name="subset-matchnet", data=subset.train, holdout_per_class=5, lr=1e-3,
-                                  pairs_per_epoch=3200, epochs=4), models_dir)  # lr as the README's matchnet-lite0
+                                  pairs_per_epoch=3200, epochs=4, listwise=False), models_dir)  # a pair classifier
     rr = Reranker(get_reranker("subset-matchnet", models_dir))
     reps = rr.represent(held_out_features)  # (1000, 256): the tower reads the stored encoder embeddings
     i, j, same = datasets.balanced_pairs(subset.test_labels, 4000, seed=1)
@@ -335,3 +379,28 @@ def test_a_trained_reranker_tells_held_out_pairs_apart(subset, held_out_features
     se = np.sqrt(accuracy * (1 - accuracy) / len(same))
     print(f"held-out balanced accuracy {accuracy:.3f} on {len(same)} pairs (standard error {se:.3f})")
     assert accuracy > 0.7 and accuracy - 0.5 > 10 * se
+
+
+def test_a_listwise_reranker_raises_hit_at_1_on_held_out_photos(subset, held_out_features, models_dir):
+    """What a reranker is for: on the val photos' pair sets (never trained on, never used to choose the epoch or
+    the fusion weight), reranking lite0's top 10 through ONNX Runtime, fused as `query --rerank` does, finds the
+    partner first more often than the vector search alone. Measured here: 0.486 -> 0.570 (500 queries)."""
+    from simsearch.evaluation import datasets, metrics
+
+    train_matchnet(MatchNetConfig(name="subset-listwise", data=subset.train, holdout_per_class=5, lr=1e-3,
+                                  batch_size=16, depth=10, epochs=15), models_dir)
+    rr = Reranker(get_reranker("subset-listwise", models_dir))
+    reps = rr.represent(held_out_features)
+    before, after = [], []
+    for s in datasets.make_pair_sets(subset.test_labels, 0):
+        sims = held_out_features[s.left_idx] @ held_out_features[s.right_idx].T  # (20, 20)
+        for q in range(len(sims)):
+            top = np.argsort(-sims[q])[:10]
+            order = top[rr.rerank(reps[s.left_idx[q]], reps[s.right_idx[top]], sims[q, top])[0]]
+            before.append(top[0] == q)
+            after.append(order[0] == q)
+    before, after = np.array(before), np.array(after)
+    diff = after.astype(float) - before
+    margin = diff.mean() / (diff.std() / np.sqrt(len(diff)))
+    print(f"held-out hit@1: vector search {before.mean():.3f}, reranked {after.mean():.3f} ({margin:.1f} standard errors)")
+    assert after.mean() > before.mean() + 0.03 and margin > 2
