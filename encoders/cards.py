@@ -202,7 +202,7 @@ def _from_v1(old: dict) -> dict:
 def _migrate(old: dict, version: int) -> dict:
     """An older card in this version's layout."""
     if version in (2, 3):  # versions 3 and 4 only added fields whose defaults say what the older one meant
-        return old
+        return {**old, "card_version": CARD_VERSION}
     if version not in (0, 1):
         raise ModelError(f"unknown model card version {version}")
     try:

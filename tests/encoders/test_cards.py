@@ -152,3 +152,22 @@ def test_a_registry_refuses_the_other_kind_of_card(tmp_path):
         get_reranker("../trained", tmp_path)
     with pytest.raises(ModelError, match="EncoderDetails instead of RerankerDetails"):
         new_card(details=Card.from_dict(OLD_ENCODER_CARD).details)
+
+
+def test_a_version_3_card_reads_as_a_pair_classifier_and_version_4_shows_reranking_and_checks():
+    v3 = {**json.loads(new_card().to_json()), "card_version": 3}
+    del v3["details"]["depth"], v3["details"]["fusion_weight"]
+    card = Card.from_dict(v3)
+    assert (card.details.depth, card.details.fusion_weight, card.card_version) == (0, 0.0, CARD_VERSION)
+    best = {**PAIR_ROW, "hit1_before": 0.214, "hit10_before": 0.536, "hit1": 0.296, "hit10": 0.667}
+    reranker = new_card(validation={"held_out": "x", "history": [best], "best": best, "stopped": "epochs done"},
+                        details=RerankerDetails(input="encoder", image_size=0, representation=(1536,), depth=100,
+                                                fusion_weight=0.1))
+    assert "reranking its top 100: hit@1 21.4 -> 29.6, hit@10 53.6 -> 66.7 (vector score weight 0.1)" in reranker.summary()
+    checks = {"split": "val", "unseen_classes": ["n1"],
+              **{name: {"model": {"hit1": m}, "base": {"hit1": b}} for name, m, b in
+                 (("in_domain", 0.417, 0.247), ("unseen", 0.394, 0.344), ("near_dup", 0.997, 0.998))}}
+    encoder = Card.from_dict(json.loads(json.dumps(OLD_ENCODER_CARD)))
+    encoder = Card(**{**encoder.__dict__, "validation": {**encoder.validation, "checks": checks}})
+    assert ("against efficientnet-lite0 on val: in-domain hit@1 41.7 (+17.0), unseen classes hit@1 39.4 (+5.0), "
+            "near-duplicates hit@1 99.7 (-0.1)") in encoder.summary()

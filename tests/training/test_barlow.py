@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,10 @@ def test_tiny_barlow_run_lowers_the_loss_exports_and_resumes(classes, models_dir
     history = card.validation["history"]
     assert history[-1]["loss"] < history[0]["loss"]
     assert card.method == "barlow" and card.details.dim == 16 and card.details.head["hidden"] == [64, 64]
+    # a quarter of the 8 classes was left out of training, and the card says how it does on them
+    unseen = card.validation["checks"]["unseen_classes"]
+    assert len(unseen) == 2 and card.validation["checks"]["unseen"]["model"]["queries"] == 2 * 1
+    assert card.details.calibration and not [p for p in card.details.calibration if Path(p).parent.name in unseen]
 
     spec = get_encoder("tiny-bt", models_dir)
     photos = sorted(classes.rglob("*.JPEG"))[::12][:4]

@@ -27,7 +27,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(classes, models_dir):
     cfg = TripletConfig(name="tiny-triplet", data=classes, split="train", dim=16, hidden=64, batch_size=32,
-                        epochs=6, patience=6, holdout_per_class=2, lr=3e-3)
+                        epochs=6, patience=6, holdout_per_class=2, lr=3e-3, unseen_classes=0)
     return train_triplet(cfg, models_dir)
 
 
@@ -41,6 +41,10 @@ def test_training_lowers_the_loss_and_writes_a_card(trained, models_dir):
     # what was written is what was returned, and what the registry reads
     assert Card.load(Path(get_encoder("tiny-triplet", models_dir).card), "encoder") == trained
     assert trained.summary().startswith("16-d triplet from efficientnet-lite0, trained on ")
+    # checked against its base on the val split: every class trained on (--unseen-classes 0), and photos' copies
+    checks = trained.validation["checks"]
+    assert checks["unseen_classes"] == [] and set(checks) == {"split", "unseen_classes", "in_domain", "near_dup"}
+    assert checks["in_domain"]["model"]["queries"] == checks["in_domain"]["base"]["queries"] == 8 * 1  # 2 val each
 
 
 def test_trained_encoder_is_registered_and_matches_torch_on_real_images(trained, models_dir, classes):
@@ -150,8 +154,8 @@ def test_a_trained_encoder_beats_its_base_on_held_out_photos(subset, held_out_fe
     from simsearch.training.features import FeatureSet, validation_ranks
     from simsearch.training.heads import HeadOnFeatures, build_head
 
-    card = train_triplet(TripletConfig(name="subset-triplet", data=subset.train, batch_size=64, holdout_per_class=5),
-                         models_dir)  # the default head and loss; batches of 16 classes x 4 (there are 20 classes)
+    card = train_triplet(TripletConfig(name="subset-triplet", data=subset.train, batch_size=64, holdout_per_class=5,
+                                       unseen_classes=0), models_dir)  # the default head and loss; batches of 16 classes x 4 (there are 20 classes)
     spec = get_encoder("subset-triplet", models_dir)
     head = build_head(card.details.head)
     head.load_state_dict(torch.load(Path(spec.card).parent / HEAD, weights_only=True))

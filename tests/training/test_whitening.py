@@ -108,12 +108,29 @@ def test_train_whitening_through_the_cli_and_bad_grids(classes, models_dir):
 
 
 def test_whitening_keeps_what_the_base_knew_on_held_out_photos(subset, held_out_features, models_dir):
-    """Learning that helps everywhere: on val photos of the classes it was fitted on, hit@1 well above the base's;
-    on the val photos of the classes it never saw, not below the base's by more than noise. Measured here
-    (20 classes, 5 left out): in-domain 0.558 vs base 0.483; unseen 0.604 vs 0.560."""
+    """Learning that helps everywhere: on Tiny ImageNet val photos (never fitted on, never used to choose a
+    setting) of the classes it was fitted on, hit@1 on pair sets well above the base's; on those of the 5 classes
+    its training left out, not below the base's. Measured here: in-domain 0.669 vs base 0.525 (500 queries),
+    unseen 0.848 vs 0.840 (125 queries)."""
+    import torch
+
+    from simsearch.encoders.cards import HEAD
+    from simsearch.training.features import FeatureSet, validation_ranks
+    from simsearch.training.heads import HeadOnFeatures, build_head
+
+    from ..conftest import TINY
+
     card = train_whitening(WhiteningConfig(name="subset-lw", data=subset.train, holdout_per_class=5), models_dir)
-    checks = card.validation["checks"]
-    print({k: (checks[k]["model"]["hit1"], checks[k]["base"]["hit1"]) for k in ("in_domain", "unseen", "near_dup")})
-    assert checks["in_domain"]["model"]["hit1"] > checks["in_domain"]["base"]["hit1"] + 0.03
-    assert checks["unseen"]["model"]["hit1"] > checks["unseen"]["base"]["hit1"] - 0.05
-    assert checks["near_dup"]["model"]["hit1"] > checks["near_dup"]["base"]["hit1"] - 0.02
+    head = build_head(card.details.head)
+    head.load_state_dict(torch.load(Path(get_encoder("subset-lw", models_dir).card).parent / HEAD, weights_only=True))
+    model = HeadOnFeatures(head).eval()
+    with torch.no_grad():
+        trained = model(torch.from_numpy(held_out_features)).numpy()  # (1000, dim): the exported encoder's vectors
+    wnids = (TINY / "wnids.txt").read_text().split()[:20]  # subset.test_labels index these
+    left_out = np.isin(np.asarray(wnids)[subset.test_labels], card.validation["checks"]["unseen_classes"])
+    assert left_out.sum() == 5 * 50
+    for part, margin in ((~left_out, 0.05), (left_out, -0.02)):
+        base, mine = (np.mean(validation_ranks(lambda x: x, FeatureSet(v[part], subset.test_labels[part], "classes"), 0)
+                              < 1) for v in (held_out_features, trained))
+        print(f"{'unseen' if margin < 0 else 'in-domain'} hit@1: whitened {mine:.3f}, base {base:.3f}")
+        assert mine > base + margin
