@@ -890,13 +890,19 @@ def serve(
 
 @app.command()
 def rerankers(models_dir: ModelsDirOption = None):
-    """The trained rerankers (pair classifiers for `query --rerank`)."""
+    """The trained rerankers (for `query --rerank`): what they read, and held-out hit@k before and after reranking."""
     from simsearch.retrieval.rerank import list_rerankers
 
-    table = Table("summary")
+    table = Table("held-out hit@1 %", "held-out hit@10 %", "summary")
     table.columns.insert(0, Column("name", no_wrap=True))
     for spec in list_rerankers(models_dir):
-        table.add_row(spec.name, spec.card.summary())
+        best = spec.card.validation["best"]
+        if spec.held_out_gain() is None:
+            cells = ("not measured", "not measured")
+        else:
+            cells = tuple(f"{100 * best[k + '_before']:.1f} -> {100 * best[k]:.1f}"
+                          + ("" if best[k] > best[k + "_before"] else " [yellow](no gain)[/yellow]") for k in ("hit1", "hit10"))
+        table.add_row(spec.name, *cells, shown(spec.card.summary()))
     out.print(table)
 
 

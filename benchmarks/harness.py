@@ -128,10 +128,11 @@ def pair_set_ranks(vectors: np.ndarray, sets: list[datasets.PairSet]) -> np.ndar
     ])
 
 
-def cosine_threshold(embed: Embedder, config: BenchConfig) -> dict:
+def train_threshold(score_pairs: Callable[[list[Path], np.ndarray, np.ndarray], np.ndarray], config: BenchConfig) -> dict:
     """The decision threshold for "same class", chosen on the train split (best balanced accuracy), then frozen.
 
-    The train split comes from the same val_fraction and seed as the measured split, so the two never share an image.
+    score_pairs(paths, i, j): the scores of pairs (paths[i], paths[j]) (cosine, or a reranker's P(same)). The
+    train split comes from the same val_fraction and seed as the measured split, so the two never share an image.
     """
     try:
         train = datasets.load_class_dataset(config.data, "train", config.val_fraction, config.seed)
@@ -140,9 +141,8 @@ def cosine_threshold(embed: Embedder, config: BenchConfig) -> dict:
         raise DatasetError(f"{e}; the classes task chooses its threshold on the train split "
                            f"(--task pairs needs none)") from None
     subset = datasets.class_balanced_subset(train.labels, config.threshold_per_class, config.seed)
-    vecs = embed([train.paths[i] for i in subset], "train subset (threshold)")
     i, j, same = datasets.balanced_pairs(train.labels[subset], config.threshold_pairs, config.seed)
-    scores = np.einsum("nd,nd->n", vecs[i], vecs[j])
+    scores = score_pairs([train.paths[k] for k in subset], i, j)
     threshold = metrics.best_threshold(scores, same)
     train_cm = metrics.confusion(scores, same, threshold)
     return {"threshold": float(threshold), "chosen_on": f"train: {len(subset)} images, {len(i)} balanced pairs",
@@ -194,8 +194,12 @@ def run_encoder(name: str, config: BenchConfig, store: Store, progress: Progress
         result.seconds["hits"] = time.perf_counter() - t
     else:
         ds = datasets.load_class_dataset(config.data, config.split, config.val_fraction, config.seed)
+        def cosines(paths: list[Path], i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            vecs = embed(paths, "train subset (threshold)")
+            return np.einsum("nd,nd->n", vecs[i], vecs[j])
+
         # the threshold first: a split without train images fails before the measured split is embedded
-        threshold = cosine_threshold(embed, config) if "classes" in config.tasks else None
+        threshold = train_threshold(cosines, config) if "classes" in config.tasks else None
         vectors = embed(ds.paths, config.split)
         result.seconds["embed"] = time.perf_counter() - t
         if "pairs" in config.tasks:
@@ -257,7 +261,8 @@ def rerank_ranks(vectors: np.ndarray, reps: np.ndarray, sets: list[datasets.Pair
 
 def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
                  progress: ProgressFn | None = None) -> dict:
-    """One reranker: pair accuracy (P(same) >= 0.5) and hit@k after reranking the encoder's top `rerank_depth`."""
+    """One reranker: pair accuracy (P(same) at a threshold chosen on train, as for the encoders' cosine) and hit@k
+    after reranking the encoder's top `rerank_depth`."""
     reranker = Reranker(get_reranker(name, config.models_dir), config.device)
     if datasets.detect_layout(config.data) == "pairs":
         raise DatasetError(f"{config.data}: rerankers are benchmarked on a class dataset")
@@ -286,12 +291,20 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
         entry["seconds"]["hits"] = time.perf_counter() - t
         entry["latency_per_query_ms"] = 1e3 * entry["seconds"]["hits"] / len(after)
     if "classes" in config.tasks:
+        def probabilities(paths: list[Path], i: np.ndarray, j: np.ndarray) -> np.ndarray:
+            train_reps = reranker.represent_images(
+                paths, lambda: embed_for(reranker.spec.encoder)(paths, "train subset (threshold)"))
+            return reranker.score(train_reps[i], train_reps[j])
+
+        # A reranker trained listwise ranks well but its P(same) is not calibrated at 0.5: its threshold is chosen
+        # on train like the cosine's.
+        threshold = train_threshold(probabilities, config)
         t = time.perf_counter()
         i, j, same = datasets.balanced_pairs(ds.labels, config.balanced_pairs, config.seed)
         probs = reranker.score(reps[i], reps[j])
         per_second = len(i) / (time.perf_counter() - t)
         fpr, tpr, _ = metrics.roc_curve(probs, same)
-        balanced = {"pairs": int(len(i)), **metrics.confusion(probs, same, 0.5).to_dict(),
+        balanced = {"pairs": int(len(i)), **metrics.confusion(probs, same, threshold["threshold"]).to_dict(),
                     "roc_auc": metrics.roc_auc(probs, same), "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
                     "pairs_per_second": per_second}
         per_class = config.all_pairs_per_class
@@ -304,13 +317,13 @@ def run_reranker(name: str, search_encoder: str, config: BenchConfig, embed_for,
         tracemalloc.start()
         bs = reps[subset]  # (n, ...) representations of the subset, gathered once
         hist = metrics.all_pairs_scored(len(subset), ds.labels[subset],
-                                        lambda r, c: reranker.score_block(bs[r], bs[c]), 0.5,
+                                        lambda r, c: reranker.score_block(bs[r], bs[c]), threshold["threshold"],
                                         block=16, bins_range=(0.0, 1.0), on_progress=stage("all pairs (rows)"))
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         fpr, tpr, _ = hist.roc_curve()
         n = len(subset)
-        entry["pairs"] = {"threshold": 0.5, "chosen_on": "fixed: P(same) >= 0.5", "balanced": balanced,
+        entry["pairs"] = {**threshold, "balanced": balanced,
                           "all_pairs": {"images": n, "per_class": per_class, "pairs": n * (n - 1) // 2,
                                         **hist.confusion.to_dict(), "roc_auc": hist.auc(),
                                         "roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},

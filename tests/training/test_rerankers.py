@@ -405,3 +405,16 @@ def test_a_listwise_reranker_raises_hit_at_1_on_held_out_photos(subset, held_out
     margin = diff.mean() / (diff.std() / np.sqrt(len(diff)))
     print(f"held-out hit@1: vector search {before.mean():.3f}, reranked {after.mean():.3f} ({margin:.1f} standard errors)")
     assert after.mean() > before.mean() + 0.03 and margin > 2
+
+
+def test_the_rerankers_command_shows_held_out_hits_before_and_after(matchnet, models_dir, caplog):
+    best = matchnet.validation["best"]
+    result = runner.invoke(app, ["rerankers", "--models-dir", str(models_dir)], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    row = next(line for line in result.output.splitlines() if "tiny-matchnet" in line)
+    assert f"{100 * best['hit1_before']:.1f} -> {100 * best['hit1']:.1f}" in row
+    # a reranker whose card shows no held-out gain says so whenever it is loaded
+    with caplog.at_level(logging.WARNING):
+        Reranker(get_reranker("tiny-matchnet", models_dir))
+    said = any("did not improve held-out hit@1" in r.message for r in caplog.records)
+    assert said == (best["hit1"] <= best["hit1_before"])

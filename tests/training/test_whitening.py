@@ -134,3 +134,26 @@ def test_whitening_keeps_what_the_base_knew_on_held_out_photos(subset, held_out_
                               < 1) for v in (held_out_features, trained))
         print(f"{'unseen' if margin < 0 else 'in-domain'} hit@1: whitened {mine:.3f}, base {base:.3f}")
         assert mine > base + margin
+
+
+def test_bench_measures_a_trained_encoder_against_its_base_as_its_card_does(whitened, classes, models_dir, tmp_path):
+    """`bench` re-measures the card's checks through ONNX Runtime: the same images, the same figures (the
+    card's came from the head in torch on cached base features)."""
+    from rich.console import Console
+
+    from simsearch.benchmarks import harness, report
+
+    cfg = harness.BenchConfig(data=classes, tasks=("checks",), cache_db=tmp_path / "cache", models_dir=models_dir)
+    result = harness.run(cfg, ["tiny-lw", "efficientnet-lite0"])
+    mine, base = result["encoders"]
+    assert base["checks"] is None  # a built-in encoder has no base to compare with
+    card = whitened.validation["checks"]
+    assert mine["checks"]["unseen_classes"] == card["unseen_classes"]
+    for name in ("in_domain", "unseen", "near_dup"):
+        for who in ("model", "base"):
+            assert mine["checks"][name][who]["queries"] == card[name][who]["queries"]
+            assert abs(mine["checks"][name][who]["hit1"] - card[name][who]["hit1"]) <= 0.01
+    console = Console(record=True, width=250)
+    console.print(report.checks_table(result))
+    text = console.export_text()
+    assert "tiny-lw" in text and "unseen classes" in text
