@@ -1,12 +1,13 @@
 """MatchNet (Han et al. 2015) as a reranker: a feature tower shared by both images, a 256-d bottleneck,
-and a metric network of three fully connected layers ending in a sigmoid; BCE on balanced
-same/different pairs, Adam lr 1e-4, batch 32, dropout 0.3 (the research's settings).
+and a metric network of three fully connected layers ending in a sigmoid, dropout 0.3, batch 32 (the
+research's settings), reading symmetric pair features (`Metric`) where the research concatenated.
 
 Two towers:
-  "pretrained"  the EfficientNet-Lite trunk (frozen) -> Linear -> 256: its input is the encoder's
-                stored embedding, so training and reranking never run the CNN again.
-  "scratch"     a 4-block conv net on 64x64 pixels in [0, 1], trained from scratch: the research's
-                setting, so its balanced accuracy compares with the research's 60.87%.
+  "pretrained"  the EfficientNet-Lite trunk (frozen) -> the embedding and its Linear -> 256 projection:
+                its input is the encoder's stored embedding, so training and reranking never run the CNN
+                again. Trained listwise over the encoder's own top candidates by default (pair_training).
+  "scratch"     a 4-block conv net on 64x64 pixels in [0, 1], trained from scratch on balanced pairs (BCE),
+                with an auxiliary class loss: the research's setting, comparable with its 60.87%.
 Imports torch: only `simsearch train matchnet` and tests import this module.
 """
 

@@ -1,10 +1,15 @@
-"""What every pair-classifier reranker shares: balanced-pair epochs, held-out validation, export.
+"""What every reranker's training shares: its epochs, held-out validation, export.
 
 A reranker is a `tower` (one image's input -> its representation) and a `metric` network (two
-representations -> logit of P(same)). Training draws fresh balanced same/different pairs of the train
-split every epoch (optionally part of them from each image's nearest neighbours, or a listwise
-objective over them) and validates on pairs of held-out images; the loop (training/loop.py) keeps the
-epoch with the best held-out balanced accuracy, stops on patience or the time budget, checkpoints
+representations -> logit of P(same)). Two ways to train it:
+  listwise      what reranking does: every epoch the training images are drawn into pair sets, each
+                query's top `depth` candidates by the encoder are scored, softmax cross-entropy with the
+                partner as the target; validated by held-out *reranked* hit@1 + hit@10, fused with the
+                vector score at the weight that does best (`candidate_lists`, `reranked_hits`)
+  pairs         a pair classifier: fresh balanced same/different pairs of the train split every epoch
+                (optionally part of them from each image's nearest neighbours), BCE, validated by held-out
+                balanced accuracy
+The loop (training/loop.py) keeps the best epoch, stops on patience or the time budget, checkpoints
 and resumes. Imports torch: training only.
 """
 

@@ -66,13 +66,18 @@ def test_the_bench_reranks_a_query_as_searcher_query_does(reranker, bench_inputs
     assert any([h.path for h in r.hits] != [h.path for h in p.hits] for r, p in zip(results, plain))
 
 
-def test_rerank_sorts_by_probability_then_vector_score(reranker, bench_inputs):
+def test_rerank_sorts_by_the_fused_score_then_vector_score(reranker, bench_inputs):
+    from simsearch.retrieval.rerank import fuse, logit
+
     _, _, vectors, reps = bench_inputs
     query, cands = reps[0], reps[1:]
     vector_scores = vectors[1:] @ vectors[0]  # (N - 1,)
     order, probs = reranker.rerank(query, cands, vector_scores)
     np.testing.assert_array_equal(probs, reranker.score_block(reps[:1], cands)[0])  # every pair scored once
-    assert order.tolist() == sorted(range(len(cands)), key=lambda i: (-probs[i], -vector_scores[i]))
+    # the card's weight: chosen on held-out data for the listwise one, 0 (P(same) alone) for the pair classifier
+    weight = reranker.spec.fusion_weight
+    fused = fuse(logit(probs), vector_scores, weight)
+    assert order.tolist() == sorted(range(len(cands)), key=lambda i: (-fused[i], -vector_scores[i]))
 
 
 def test_represent_images_reads_what_the_reranker_was_trained_on(reranker, classes):
