@@ -51,7 +51,8 @@ def split_classes(classes: list[str], share: float, seed: int) -> list[str]:
     if share <= 0:
         return []
     if not share < 1 or len(classes) < 3:
-        raise DatasetError(f"leaving {share:.0%} of {len(classes)} classes out of training leaves too few to train on")
+        raise DatasetError(f"leaving {share:.0%} of {len(classes)} classes out of training leaves too few to train on "
+                           f"(--unseen-classes 0 trains on every class)")
     n = min(len(classes) - 2, max(1, round(len(classes) * share)))
     return sorted(classes[i] for i in np.random.default_rng(seed).permutation(len(classes))[:n])
 

@@ -75,6 +75,8 @@ def tune_split(train: FeatureSet, share: float, seed: int) -> tuple[FeatureSet, 
         return train, None
     classes = np.unique(train.y)
     n = min(len(classes) - 2, max(1, round(len(classes) * share)))
+    if n < 1:  # two classes: none to spare
+        return train, None
     left_out = np.isin(train.y, np.random.default_rng(seed + 1).permutation(classes)[:n])
     return train.subset(~left_out), train.subset(left_out)
 

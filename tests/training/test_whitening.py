@@ -157,3 +157,15 @@ def test_bench_measures_a_trained_encoder_against_its_base_as_its_card_does(whit
     console.print(report.checks_table(result))
     text = console.export_text()
     assert "tiny-lw" in text and "unseen classes" in text
+
+
+def test_too_few_classes_to_leave_any_out():
+    from simsearch.errors import DatasetError
+    from simsearch.evaluation.generalisation import split_classes
+    from simsearch.training.features import FeatureSet
+    from simsearch.training.whitening import tune_split
+
+    two = FeatureSet(np.eye(4, dtype=np.float32), np.array([0, 0, 1, 1]), "classes")
+    assert tune_split(two, 0.2, seed=0) == (two, None)  # nothing to spare: checked on held-out images only
+    with pytest.raises(DatasetError, match="--unseen-classes 0"):
+        split_classes(["a", "b"], 0.25, seed=0)
