@@ -6,17 +6,20 @@ Every case is a real db (LMDB, FAISS, the real ONNX model) in tmp_path; damage i
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.encoders.registry import default_encoder
+from simsearch.indexer.lock import LOCK_FILE
 from simsearch.indexer.manifest import MANIFEST
 
 from .conftest import copy_samples, sample_paths
@@ -255,7 +258,23 @@ def test_two_index_runs_on_one_folder_embed_each_image_once(tmp_path):
     outputs = [r.communicate(timeout=300)[1] for r in runs]
     assert [r.returncode for r in runs] == [0, 0], outputs
     embedded = sorted("embedded 12" in o for o in outputs)
-    assert embedded == [False, True], outputs  # the second waited for the lock, then found all 12 stored
-    assert any("waiting for it to finish" in o for o in outputs)
+    assert embedded == [False, True], outputs  # the second waited for the lock (or came after), then found all 12
+    # and a run that finds the db being written waits, says so, and goes on once it is free: the writer is
+    # this test, holding the lock, so the run cannot come too late to see it (two real runs can, on a busy machine)
+    with open(tmp_path / "db" / LOCK_FILE, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiting = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+        # if it never says so, the lock is let go anyway: the run ends, the loop below too, and the test fails
+        give_up = threading.Timer(120, fcntl.flock, (held.fileno(), fcntl.LOCK_UN))
+        give_up.start()
+        said = False
+        for line in waiting.stderr:  # up to the message: it blocks on the lock right after saying so
+            if "waiting for it to finish" in line:
+                said = True
+                break
+        give_up.cancel()
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiting.communicate(timeout=300)
+    assert said and waiting.returncode == 0
     busy = [sys.executable, "-m", "simsearch.cli", "index", str(tmp_path / "imgs"), "--db", str(tmp_path / "db"), "--no-wait"]
     assert subprocess.run(busy, capture_output=True, timeout=300).returncode == 0  # free again
