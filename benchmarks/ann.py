@@ -711,14 +711,11 @@ def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
-    from rich.console import Console
-
-    from simsearch.benchmarks.report import save_json
+    from simsearch.benchmarks.report import script_logging, show_and_save
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--worker"]:
-        logging.basicConfig(level=logging.WARNING, format="%(asctime)s   %(message)s", datefmt="%H:%M:%S")
-        logging.getLogger("simsearch").setLevel(logging.INFO)
+        script_logging("   ")
         worker(Path(argv[1]))
         return None
     d = AnnConfig()
@@ -750,8 +747,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--budget-minutes", type=float, default=d.budget_minutes)
     p.add_argument("--seed", type=int, default=d.seed)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("simsearch").setLevel(logging.INFO)
+    script_logging()
     cfg = replace(d, sizes=a.sizes, dims=a.dims, kinds=a.kinds, peers=a.peers, queries=a.queries, recall=a.recall,
                   slow=a.slow, synthetic=not a.no_synthetic, db=a.db, encoder=a.encoder, preprocess=a.preprocess,
                   threads=a.threads, single_threads=a.single_threads, work_dir=a.work_dir, out=a.out, max_memory=int(a.max_memory * 2**30),
@@ -759,10 +755,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                   qps_seconds=a.qps_seconds, ladder=not a.no_ladder, method_timeout=a.method_timeout,
                   budget_minutes=a.budget_minutes, seed=a.seed)
     result = run(cfg)
-    console = Console(width=max(Console().width, 160))
-    for table in render(result):
-        console.print(table)
-    Console(stderr=True).print(f"wrote {save_json(result, cfg.out, default=_json_default)}")
+    show_and_save(render(result), result, cfg.out, 160, default=_json_default)
     return result
 
 

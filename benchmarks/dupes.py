@@ -45,7 +45,7 @@ from rich.table import Table
 
 from simsearch.benchmarks.ann import machine
 from simsearch.benchmarks.ann_data import Mixture, MixtureSpec, Throttle
-from simsearch.benchmarks.report import save_json
+from simsearch.benchmarks.report import save_json, script_logging
 from simsearch.encoders.registry import default_encoder, get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.indexer.images import load_rgb
@@ -425,8 +425,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=None,
                    help="JSON file (default: results/dupes.json, or results/dupes_scale.json with --scale)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("simsearch").setLevel(logging.INFO)
+    script_logging()
     console = Console(width=max(Console().width, 120))
     if a.scale:
         planted = a.planted if a.planted is not None else max(1, a.count // 100)

@@ -105,9 +105,7 @@ def render(result: dict):
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from rich.console import Console
-
-    from simsearch.benchmarks.report import save_json
+    from simsearch.benchmarks.report import script_logging, show_and_save
 
     d = DeviceConfig()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -119,13 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models-dir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=Path("results/encoder_device.json"))
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("simsearch").setLevel(logging.INFO)
+    script_logging()
     cfg = DeviceConfig(**({"images": a.images} if a.images else {}), photos=a.photos, encoder=a.encoder,
                        batch_sizes=a.batch_sizes, min_seconds=a.min_seconds, models_dir=a.models_dir)
     result = run(cfg)
-    Console(width=max(Console().width, 110)).print(render(result))
-    Console(stderr=True).print(f"wrote {save_json(result, a.out)}")
+    show_and_save([render(result)], result, a.out, 110)
 
 
 if __name__ == "__main__":

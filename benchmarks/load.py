@@ -350,9 +350,7 @@ def render(result: dict):
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
-    from rich.console import Console
-
-    from simsearch.benchmarks.report import save_json
+    from simsearch.benchmarks.report import script_logging, show_and_save
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--db", type=Path, default=None, help="the demo db (default: the imagenet-samples photos indexed "
@@ -369,17 +367,13 @@ def main(argv: list[str] | None = None) -> dict:
     a = p.parse_args(argv)
     # As `simsearch serve` does, before FAISS (and its OpenMP runtime) is loaded: the baseline gets the same footing.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("simsearch").setLevel(logging.INFO)
+    script_logging()
     images = {"images": a.images} if a.images else {}
     cfg = LoadConfig(**images, max_images=a.max_images, db=a.db, vectors=a.vectors, max_requests=a.max_requests,
                      max_seconds=a.max_seconds, concurrency=tuple(int(c) for c in a.concurrency.split(",")),
                      work_dir=a.work_dir, models_dir=a.models_dir)
     result = run(cfg)
-    console = Console(width=max(Console().width, 150))
-    for table in render(result):
-        console.print(table)
-    Console(stderr=True).print(f"wrote {save_json(result, a.out)}")
+    show_and_save(render(result), result, a.out, 150)
     return result
 
 

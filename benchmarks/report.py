@@ -97,6 +97,27 @@ def save_json(result: dict, path: Path, default=None) -> Path:
     return path
 
 
+def script_logging(spacer: str = " ") -> None:
+    """How a benchmark script logs: simsearch's progress at INFO, everything else's warnings, timestamped."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s{spacer}%(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("simsearch").setLevel(logging.INFO)
+
+
+def show_and_save(tables, result: dict, path: Path, width: int, default=None) -> Path:
+    """A benchmark script's ending: its tables on stdout (at least `width` columns wide, so they do not wrap
+    in a narrow terminal or a log), its JSON document at `path`, and where that went on stderr."""
+    from rich.console import Console
+
+    console = Console(width=max(Console().width, width))
+    for table in tables:
+        console.print(table)
+    saved = save_json(result, path, default)
+    Console(stderr=True).print(f"wrote {saved}")
+    return saved
+
+
 def write_plots(result: dict, out: Path) -> list[Path]:
     """hit@k curves (all encoders, chance, reference), ROC curves, confusion matrices, as PNG files."""
     import matplotlib

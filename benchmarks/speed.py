@@ -352,9 +352,7 @@ def render(result: dict):
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    from rich.console import Console
-
-    from simsearch.benchmarks.report import save_json
+    from simsearch.benchmarks.report import script_logging, show_and_save
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("results/speed.json"))
@@ -371,15 +369,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="photos decoded on one thread for the physical limit (g)")
     p.add_argument("--models-dir", type=Path, default=None)
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("simsearch").setLevel(logging.INFO)
+    script_logging()
     images = {"images": a.images} if a.images else {}
     cfg = SpeedConfig(**images, max_images=a.max_images, encoder=a.encoder, batch_size=a.batch_size,
                       min_seconds=a.min_seconds, vectors=a.vectors, queries=a.queries, cold_runs=a.cold_runs,
                       decode_images=a.decode_images, models_dir=a.models_dir)
     result = run(cfg)
-    Console(width=max(Console().width, 120)).print(render(result))
-    Console(stderr=True).print(f"wrote {save_json(result, a.out)}")
+    show_and_save([render(result)], result, a.out, 120)
 
 
 if __name__ == "__main__":
