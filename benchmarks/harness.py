@@ -223,15 +223,14 @@ def rerank_set(vectors: np.ndarray, reps: np.ndarray, s: datasets.PairSet, reran
     reordered by `Reranker.rerank` (the code `Searcher.rerank` runs). vectors (N, dim) and reps (N, ...) are
     the encoder's vectors and the reranker's representations of every image of the split.
 
-    -> (C, C) cosine scores (the partner of left q is right q), and (C, min(depth, C)) each left's reranked
-    candidates, best first, as indices into the set's rights.
+    -> (C,) each left's partner's rank in the vector search (the partner of left q is right q), and
+    (C, min(depth, C)) each left's reranked candidates, best first, as indices into the set's rights.
     """
-    scores = vectors[s.left_idx] @ vectors[s.right_idx].T  # (C, C)
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]  # (C, D): the vector search's candidates
+    c = metrics.pair_set_candidates(vectors[s.left_idx], vectors[s.right_idx], depth)
     rights = reps[s.right_idx]  # (C, ...)
-    reranked = [top[q][reranker.rerank(reps[left], rights[top[q]], scores[q, top[q]])[0]]
+    reranked = [c.top[q][reranker.rerank(reps[left], rights[c.top[q]], c.cosines[q])[0]]
                 for q, left in enumerate(s.left_idx)]
-    return scores, np.stack(reranked)
+    return c.rank, np.stack(reranked)
 
 
 def rerank_ranks(vectors: np.ndarray, reps: np.ndarray, sets: list[datasets.PairSet], reranker: Reranker,
@@ -248,9 +247,8 @@ def rerank_ranks(vectors: np.ndarray, reps: np.ndarray, sets: list[datasets.Pair
         if n_sets and (time.perf_counter() - t0) / n_sets * (n_sets + 1) > budget_seconds:
             break  # the next set would overrun the budget
         n_sets += 1
-        scores, reranked = rerank_set(vectors, reps, s, reranker, depth)
-        for q in range(len(scores)):
-            rank = int((scores[q] > scores[q, q]).sum())
+        ranks, reranked = rerank_set(vectors, reps, s, reranker, depth)
+        for q, rank in enumerate(ranks.tolist()):
             before.append(rank)
             hit = np.flatnonzero(reranked[q] == q)
             after.append(int(hit[0]) if hit.size else rank)
@@ -337,7 +335,6 @@ def run_checks(spec: EncoderSpec, config: BenchConfig, embed_for) -> dict | None
     (the ones its training left out), near-duplicates; None for a built-in encoder or when its training data
     is not here (logged)."""
     from simsearch.encoders.cards import Card
-    from simsearch.paths import calibration_dir, checks_cache
 
     if not spec.trained:
         return None
@@ -346,12 +343,10 @@ def run_checks(spec: EncoderSpec, config: BenchConfig, embed_for) -> dict | None
     if not data.is_dir():
         log.warning("%s: no checks against its base: its training data %s is not here", spec.name, data)
         return None
-    split = "val" if card.split == "train" else "train"
     unseen = card.validation.get("checks", {}).get("unseen_classes", [])
-    checks = generalisation.build_checks(data, split, unseen, calibration_dir(), checks_cache())
-    return {"data": str(data), "split": split, "unseen_classes": unseen,
-            **generalisation.compare(checks, lambda paths: embed_for(spec.name)(paths, "checks"),
-                                     lambda paths: embed_for(card.base)(paths, "checks (base)"))}
+    return {"data": str(data),
+            **generalisation.against_base(data, card.split, unseen, lambda paths: embed_for(spec.name)(paths, "checks"),
+                                          lambda paths: embed_for(card.base)(paths, "checks (base)"))}
 
 
 def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = None) -> dict:

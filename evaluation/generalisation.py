@@ -145,3 +145,14 @@ def compare(checks: list[Check], embed: Embed, embed_base: Embed) -> dict:
     """{check: {"description", "model": hits, "base": hits}} for a model and its base on the same images."""
     return {c.name: {"description": c.description, "model": hits(c, embed(c.paths)), "base": hits(c, embed_base(c.paths))}
             for c in checks}
+
+
+def against_base(data: Path, trained_split: str, unseen_classes: list[str], embed: Embed, embed_base: Embed) -> dict:
+    """A model trained on `trained_split` of `data` (leaving `unseen_classes` out) against its base, on the other
+    split: {"split", "unseen_classes", check: {"description", "model", "base"}}. What a trained encoder's card
+    records (training) and what `bench` re-measures through ONNX Runtime."""
+    from simsearch.paths import calibration_dir, checks_cache
+
+    split = "val" if trained_split == "train" else "train"
+    checks = build_checks(data, split, unseen_classes, calibration_dir(), checks_cache())
+    return {"split": split, "unseen_classes": unseen_classes, **compare(checks, embed, embed_base)}

@@ -28,6 +28,28 @@ def hit_ranks(queries: np.ndarray, gallery: np.ndarray, partner: np.ndarray, blo
 
 
 @dataclass(frozen=True)
+class Candidates:
+    """What reranking one pair set starts from: each left image's top `depth` rights by the vector search."""
+
+    top: np.ndarray  # (C, D) indices into the set's rights, best first (the partner of left q is right q)
+    cosines: np.ndarray  # (C, D) their scores
+    rank: np.ndarray  # (C,) the partner's 0-based rank in the whole vector ranking (ties go to the partner)
+
+    @property
+    def partner_column(self) -> np.ndarray:
+        """(C,) where each left's partner is in its row of `top`, -1 where the vector search missed it."""
+        match = self.top == np.arange(len(self.top))[:, None]
+        return np.where(match.any(1), match.argmax(1), -1)
+
+
+def pair_set_candidates(left: np.ndarray, right: np.ndarray, depth: int) -> Candidates:
+    """left, right (C, d): one pair set's vectors, left q's partner right q -> its `Candidates`."""
+    scores = left @ right.T  # (C, C)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :depth]  # (C, D)
+    return Candidates(top, np.take_along_axis(scores, top, 1), (scores > scores.diagonal()[:, None]).sum(1))
+
+
+@dataclass(frozen=True)
 class HitAtK:
     k: int
     rate: float

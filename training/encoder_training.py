@@ -17,7 +17,6 @@ import torch
 
 from simsearch.encoders.cards import HEAD, MODEL, Card, EncoderDetails
 from simsearch.encoders.registry import is_builtin
-from simsearch.encoders.spec import EncoderSpec
 from simsearch.encoders.trained import check_model_name
 from simsearch.errors import SimsearchError
 from simsearch.paths import trained_dir
@@ -101,22 +100,24 @@ def generalisation_checks(cfg, data: TrainingData, head: torch.nn.Module, models
     """The trained encoder against its base on the other split: in-domain, unseen classes, near-duplicates
     (evaluation/generalisation.py), through the base's cached features and the head in torch."""
     from simsearch.evaluation import generalisation
-    from simsearch.paths import calibration_dir, checks_cache
     from simsearch.training.features import base_features
 
-    split = "val" if cfg.split == "train" else "train"
-    checks = generalisation.build_checks(cfg.data, split, data.unseen_classes, calibration_dir(), checks_cache())
     module = HeadOnFeatures(head).eval()
+    last: dict[tuple, np.ndarray] = {}  # each check asks for the base's vectors of its images twice: read them once
 
     def embed_base(paths: list[Path]) -> np.ndarray:
-        return base_features(data.base, paths, models_dir, cfg.device,
-                             on_progress and (lambda d, t: on_progress("embedding the checks' images", d, t)))
+        key = tuple(paths)
+        if key not in last:
+            last.clear()
+            last[key] = base_features(data.base, paths, models_dir, cfg.device,
+                                      on_progress and (lambda d, t: on_progress("embedding the checks' images", d, t)))
+        return last[key]
 
     def embed(paths: list[Path]) -> np.ndarray:
         with torch.no_grad():
             return module(torch.from_numpy(embed_base(paths))).numpy()  # (N, in) -> (N, dim)
 
-    return {"split": split, "unseen_classes": data.unseen_classes, **generalisation.compare(checks, embed, embed_base)}
+    return generalisation.against_base(cfg.data, cfg.split, data.unseen_classes, embed, embed_base)
 
 
 def export_head(cfg, method: str, data: TrainingData, head_arch: dict, head: torch.nn.Module, result: FitResult,

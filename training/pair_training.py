@@ -26,7 +26,7 @@ from torch import nn
 
 from simsearch.devices import torch_device
 from simsearch.encoders.cards import METRIC, TOWER, WEIGHTS, Card, RerankerDetails
-from simsearch.evaluation import datasets
+from simsearch.evaluation import datasets, metrics
 from simsearch.paths import rerankers_dir
 from simsearch.training.loop import Budget, EpochPlan, LoopConfig, Trainer, checkpoint_path, fit, publish
 
@@ -93,14 +93,12 @@ def candidate_lists(vectors: np.ndarray, labels: np.ndarray, depth: int, seed: i
     """
     queries, cands, cosines, partner, rank = [], [], [], [], []
     for s in datasets.make_pair_sets(labels, seed):
-        sims = vectors[s.left_idx] @ vectors[s.right_idx].T  # (C, C); the partner of left q is right q
-        top = np.argsort(-sims, axis=1, kind="stable")[:, :depth]  # (C, D)
-        match = top == np.arange(len(top))[:, None]
+        c = metrics.pair_set_candidates(vectors[s.left_idx], vectors[s.right_idx], depth)
         queries.append(s.left_idx)
-        cands.append(s.right_idx[top])
-        cosines.append(np.take_along_axis(sims, top, 1))
-        partner.append(np.where(match.any(1), match.argmax(1), -1))
-        rank.append((sims > sims.diagonal()[:, None]).sum(1))
+        cands.append(s.right_idx[c.top])
+        cosines.append(c.cosines)
+        partner.append(c.partner_column)
+        rank.append(c.rank)
     return tuple(np.concatenate(v) for v in (queries, cands, cosines, partner, rank))
 
 
@@ -147,8 +145,6 @@ def predict(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, n: int, i: n
 
 def evaluate(tower: nn.Module, metric: nn.Module, batch_of: BatchOf, labels: np.ndarray, n_pairs: int,
              seed: int) -> dict:
-    from simsearch.evaluation import metrics
-
     i, j, same = datasets.balanced_pairs(labels, n_pairs, seed)
     p = predict(tower, metric, batch_of, len(labels), i, j)
     return {"balanced_accuracy": metrics.confusion(p, same, 0.5).balanced_accuracy, "roc_auc": metrics.roc_auc(p, same)}

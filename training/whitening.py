@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.encoders.cards import Card
-from simsearch.evaluation import datasets
 from simsearch.training.configs import WhiteningConfig
-from simsearch.training.features import FeatureSet, holdout, validation_ranks
+from simsearch.training.features import FeatureSet, validation_ranks
 
 log = logging.getLogger(__name__)
 
