@@ -1,6 +1,6 @@
 """The floors of the house: data flows one way, and no module imports from a floor above its own.
 
-    0  errors, devices, paths        1  encoders       2  indexer       3  retrieval
+    0  errors, devices, paths, atomic      1  encoders       2  indexer       3  retrieval
     4  evaluation (datasets, metrics shared by benchmarks and training)
     5  benchmarks | training (siblings: neither imports the other)       6  server (HTTP API)       7  cli
 
@@ -14,7 +14,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FLOOR = {"__init__": 0, "errors": 0, "devices": 0, "paths": 0, "encoders": 1, "indexer": 2, "retrieval": 3,
+FLOOR = {"__init__": 0, "errors": 0, "devices": 0, "paths": 0, "atomic": 0, "encoders": 1, "indexer": 2, "retrieval": 3,
          "evaluation": 4, "benchmarks": 5, "training": 5, "server": 6,
          "cli": 7}
 
