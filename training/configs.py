@@ -1,7 +1,7 @@
 """The configs of the `train` commands: plain frozen dataclasses, importable without torch.
 
 The CLI takes its option defaults from here (one place for every default), and each trainer module
-(barlow, triplet, matchnet, beit_pair) takes its config from here.
+(whitening, barlow, triplet, matchnet, beit_pair) takes its config from here.
 """
 
 from __future__ import annotations
