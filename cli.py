@@ -205,19 +205,20 @@ def index(
     from simsearch.encoders.runtime import OnnxEncoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import IndexConfig, refresh_index
-    from simsearch.retrieval.index_plan import KINDS, parse_bytes
-    from simsearch.retrieval.milvus_backend import leave_milvus, sync_milvus
+    from simsearch.retrieval.backend import RefreshConfig, get_backend, refresh
+    from simsearch.retrieval.index_plan import KINDS, IndexConfig, parse_bytes
 
-    if backend == "faiss" and milvus_uri:
-        raise SimsearchError("--milvus-uri goes with --backend milvus")
+    # --milvus-uri says where a Milvus index is: it asks for that backend unless another is named.
+    backend = backend or ("milvus" if milvus_uri else None)
+    if backend:
+        get_backend(backend).validate(RefreshConfig(uri=milvus_uri))  # before any work
     if not folder.exists():
         raise SimsearchError(f"{folder}: no such file or folder{_items_left_under(db, folder)}")
     config = IndexerConfig(batch_size=batch_size, workers=workers)
     if index_kind not in KINDS:  # fails before any work
         raise SimsearchError(f"unknown index kind {index_kind!r} (available: {', '.join(KINDS)})")
-    index_config = IndexConfig(kind=index_kind, recall=recall,
-                               max_memory=parse_bytes(max_index_memory) if max_index_memory else 0)
+    refresh_config = RefreshConfig(IndexConfig(kind=index_kind, recall=recall, max_memory=parse_bytes(max_index_memory)
+                                               if max_index_memory else 0), milvus_uri)
     spec = get_encoder(encoder or default_encoder(), models_dir).with_preprocess(preprocess)
     enc = OnnxEncoder(spec, device, models_dir)
     with Store(db, create=True, wait=not no_wait, rebuild=rebuild) as store:
@@ -227,11 +228,7 @@ def index(
             report = Indexer(enc, store, config).run(folder, progress)
         t = time.perf_counter()
         with _ProgressReporter("index") as progress:
-            if (backend or ("milvus" if milvus_uri else store.manifest.encoders[spec.name].backend)) == "milvus":
-                outcome = sync_milvus(store, spec.name, milvus_uri, progress.stage)
-            else:
-                leave_milvus(store, spec.name)  # a mirrored encoder asked back to FAISS: its index is built next
-                outcome = refresh_index(store, spec.name, index_config, progress.stage)
+            outcome = refresh(store, spec.name, refresh_config, progress.stage, backend)
         report.seconds["index"] = time.perf_counter() - t
         report.wall += report.seconds["index"]
     _print_index_report(report, outcome, verbose)
@@ -250,7 +247,8 @@ def _items_left_under(db: Path, folder: Path) -> str:
     return f"; the db still holds {n} items under it: `simsearch prune {shown(folder)}` drops them" if n else ""
 
 
-def _print_index_report(report, index_outcome: str | None, verbose: bool) -> None:
+def _print_index_report(report, index_outcome, verbose: bool) -> None:
+    """index_outcome: the RefreshOutcome of the encoder's index."""
     if report.embedded == 0 and report.reused == 0 and report.removed == 0:
         summary = f"nothing to embed: {report.unchanged} unchanged"
     else:
@@ -260,9 +258,9 @@ def _print_index_report(report, index_outcome: str | None, verbose: bool) -> Non
     if report.not_checked:
         extra += f", {report.not_checked} not checked (their folder could not be read: kept)"
     rebuilt = ""
-    if index_outcome and index_outcome.startswith("rebuilt") and not report.embedded:
-        rebuilt = f"; the index was {index_outcome.replace(':', ' from the stored vectors (', 1)})"
-    elif index_outcome and verbose:
+    if index_outcome.action == "rebuilt" and not report.embedded:
+        rebuilt = f"; the index was rebuilt from the stored vectors ({index_outcome.reason})"
+    elif verbose:
         rebuilt = f"; index {index_outcome}"
     err.print(f"[green]done[/green] in {report.wall:.1f}s: {summary}, skipped {len(report.skipped)}{extra}; "
               f"{report.total_items} items in the db{rebuilt}", highlight=False, soft_wrap=True)
@@ -380,32 +378,11 @@ def _exact(path: str, field: str) -> dict:
 @user_errors
 def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--json")] = False):
     """What the db holds: items, encoders, dimensions, index types, size on disk; a damaged index file is named."""
-    from simsearch.indexer.lock import writer_active
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import describe, index_kind, index_problem
-    from simsearch.retrieval.milvus_backend import resolve_uri
+    from simsearch.retrieval.views import db_info
 
     with Store(db, readonly=True) as store:
-        generation = store.generation
-        doc = {
-            "db": str(store.root.absolute()),
-            "schema_version": store.manifest.schema_version,
-            "items": store.item_count(),
-            "default_encoder": store.manifest.default_encoder,
-            "writer_active": writer_active(store.root),
-            "encoders": {
-                name: {"dim": e.dim, "preprocess": e.preprocess, "metric": e.metric, "index_type": index_kind(e),
-                       "index": describe(e), "index_params": e.index_params, "recall_at_10": e.recall,
-                       "recall_target": e.recall_target, "vectors_in_index": e.count,
-                       "weights": e.key, "index_file": e.index_file, "backend": e.backend,
-                       "backend_uri": resolve_uri(store.root, e.backend_uri) if e.backend_uri else None,
-                       "index_up_to_date": e.index_generation == generation and (e.index_file is not None
-                                                                                 or e.backend == "milvus"),
-                       "index_problem": index_problem(store, name, e) if e.backend == "faiss" else None}
-                for name, e in store.manifest.encoders.items()
-            },
-            "size_on_disk_bytes": store.size_on_disk(),
-        }
+        doc = db_info(store, verify=True)
     if as_json:
         print(json.dumps(doc, indent=2))
         return
@@ -417,8 +394,7 @@ def info(db: DbOption = DEFAULT_DB, as_json: Annotated[bool, typer.Option("--jso
     for name, e in doc["encoders"].items():
         default = " (default)" if name == doc["default_encoder"] else ""
         state = "yes" if e["index_up_to_date"] else "no: re-run index"
-        index = e["index"] if e["backend"] == "faiss" else f"milvus at {shown(e['backend_uri'])}: {e['index']}"
-        table.add_row(shown(name + default), str(e["dim"]), e["preprocess"], e["metric"], index,
+        table.add_row(shown(name + default), str(e["dim"]), e["preprocess"], e["metric"], shown(e["index"]),
                       str(e["vectors_in_index"]),
                       f"[red]{shown(e['index_problem'])}[/red]: run `simsearch check --repair`" if e["index_problem"]
                       else state)
@@ -437,7 +413,8 @@ def check(
     """Verify a db end to end (manifest, LMDB store, every index file against it); exit 1 if anything is damaged."""
     from simsearch.retrieval.check import check_db, repair_db
 
-    repaired = repair_db(db, wait=not no_wait) if repair else []
+    repaired = [f"the index of {name}: {outcome} ({outcome.count} vectors)"
+                for name, outcome in (repair_db(db, wait=not no_wait) if repair else [])]
     findings, facts = check_db(db)
     errors = [f for f in findings if f.level == "error"]
     if as_json:
@@ -468,7 +445,7 @@ def prune(
     """Drop items whose files no longer exist (a moved or deleted folder), then refresh the indexes."""
     from simsearch.indexer.scan import item_path, missing_items
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.check import refresh_encoder
+    from simsearch.retrieval.backend import refresh
 
     under = item_path(folder) if folder else None
     with Store(db, wait=not no_wait) as store:
@@ -480,8 +457,8 @@ def prune(
             return
         removed = store.remove_items(gone)
         for name, entry in store.manifest.encoders.items():
-            if entry.index_file or entry.backend == "milvus":
-                refresh_encoder(store, name)
+            if entry.has_index:
+                refresh(store, name)
         err.print(f"[green]dropped[/green] {removed} items; {store.item_count()} items in the db", highlight=False)
 
 
@@ -507,9 +484,7 @@ def dupes(
     from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, find_duplicates
 
     with Store(db, readonly=True) as store:
-        name = encoder or store.manifest.default_encoder
-        if name is None:
-            raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
+        name = store.manifest.encoder_name(encoder, store.root)
         with _ProgressReporter("finding near-duplicates") as progress:
             groups = find_duplicates(store, name, threshold, on_progress=progress.stage)
     threshold = DEFAULT_THRESHOLD if threshold is None else threshold

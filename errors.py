@@ -1,4 +1,5 @@
-"""Typed errors. The library raises these; only the CLI turns them into a one-line message and an exit code."""
+"""Typed errors. The library raises these; the CLI turns them into a one-line message and an exit code, the server
+into an HTTP status and a JSON body."""
 
 
 class SimsearchError(Exception):
@@ -35,3 +36,11 @@ class DbBusyError(SimsearchError):
 
 class DbCorruptError(SimsearchError):
     """A db file (manifest, LMDB, index) that is damaged; the message says which and how to recover."""
+
+
+class EmptyDbError(SimsearchError):
+    """The db holds no vectors yet (nothing indexed, or no image could be stored): there is nothing to search."""
+
+
+class NotFoundError(SimsearchError):
+    """An item the db does not hold (or no longer holds)."""

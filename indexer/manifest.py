@@ -1,51 +1,56 @@
 """`manifest.json`: what a db holds per encoder, validated field by field when read.
 
-A manifest is small and rewritten whole (temp file + `os.replace`), only by the process holding
-the db's writer lock, so two writers can never lose each other's entries.
+A manifest is small and rewritten whole (atomically), only by the process holding the db's writer lock,
+so two writers can never lose each other's entries.
+
+The store owns an entry's own fields (the encoder's key, dim, preprocessing policy, metric) and which
+backend serves its index, and from which store generation. The index's own state (a FAISS file and its
+checksum, a Milvus collection...) is one `index` object that only its backend reads and writes
+(`Store.set_index_state`); the backend validates it (see retrieval/backend.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field, fields
+import re
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from simsearch.encoders.spec import Preprocess
-from simsearch.errors import DbCorruptError, SchemaError
+from simsearch.errors import DbCorruptError, EmptyDbError, SchemaError
 
+# Every older manifest is read through the ladder in `_upgrade` and written back as the current schema:
 # 2: index files are named per build and carry their sha256 and size (schema 1 had one unverified
 # `index/<encoder>.faiss`). 3: each encoder entry names its preprocessing policy (before: always "crop").
 # 4: index kinds with tuned search parameters and the recall they were tuned to; the store logs changes
 # so an index is updated in place; an encoder's vectors may be served by Milvus instead of FAISS.
-# Older manifests are read and upgraded on the next write.
-SCHEMA_VERSION = 4
+# 5: the index's state is one `index` object owned by its backend; the entry keeps the store's fields.
+SCHEMA_VERSION = 5
 MANIFEST = "manifest.json"
 POLICIES = tuple(p.value for p in Preprocess)
-BACKENDS = ("faiss", "milvus")
 
 
 @dataclass
 class EncoderEntry:
-    """What the manifest says about one encoder's vectors and index in this db."""
+    """What the manifest says about one encoder's vectors in this db, and which backend indexes them."""
 
     key: str  # EncoderSpec.key (name, weights, precision, policy): vectors of another key are never mixed in
     dim: int
     preprocess: str = "crop"  # the policy the vectors were made with; queries are embedded the same way
     metric: str = "inner_product"
-    index_type: str = "none"  # flat | ivf | sq8 | ivfpq | hnsw (schema <= 3: "flat" or "ivf<nlist>,nprobe<p>")
-    index_params: dict = field(default_factory=dict)  # build and search parameters: nlist, nprobe, pq_m, ef_search...
-    recall: float | None = None  # recall@10 of the tuned search parameters against exact search, at build time
-    recall_target: float | None = None  # what they were tuned to reach
-    trained_count: int = 0  # vectors in the collection when the index was (re)trained: it is retrained at 2x
-    count: int = 0  # vectors in the index file
-    index_generation: int = -1  # store generation the index was built from (stale if different)
-    index_file: str | None = None  # file name under index/; None: never built
-    index_sha256: str | None = None  # None only for an index from schema 1 (not verifiable)
-    index_bytes: int = 0
-    backend: str = "faiss"  # faiss: the index file above; milvus: vectors mirrored to a Milvus collection
-    backend_uri: str | None = None  # the Milvus URI (a Milvus Lite file or http://host:19530)
+    backend: str = "faiss"  # the vector backend that serves this encoder's index (retrieval/backend.py)
+    # Store generation the published index was built from; -1: none published. The store keeps the path of every
+    # id removed after it (tombstones) and its change log since it, whatever the backend.
+    index_generation: int = -1
+    index: dict = field(default_factory=dict)  # the backend's own state; {} when none was published
+
+    def up_to_date(self, generation: int) -> bool:
+        """Whether an index is published and holds the store's state at `generation` (the store's now)."""
+        return self.index_generation == generation
+
+    @property
+    def has_index(self) -> bool:
+        return self.index_generation >= 0
 
 
 @dataclass
@@ -59,16 +64,22 @@ class Manifest:
         data["schema_version"] = SCHEMA_VERSION  # what is written is always the current schema
         return (json.dumps(data, indent=2) + "\n").encode()
 
+    def encoder_name(self, name: str | None, db: Path) -> str:
+        """`name`, else the db's default encoder; EmptyDbError when the db has none (nothing indexed yet)."""
+        name = name or self.default_encoder
+        if name is None:
+            raise EmptyDbError(f"the db at {db} holds no images yet: run `simsearch index FOLDER`")
+        return name
 
-_TYPES = {"key": str, "dim": int, "preprocess": str, "metric": str, "index_type": str, "count": int,
-          "index_generation": int, "index_file": (str, type(None)), "index_sha256": (str, type(None)), "index_bytes": int,
-          "index_params": dict, "recall": (float, int, type(None)), "recall_target": (float, int, type(None)),
-          "trained_count": int, "backend": str, "backend_uri": (str, type(None))}
+
+_TYPES = {"key": str, "dim": int, "preprocess": str, "metric": str, "backend": str, "index_generation": int,
+          "index": dict}
 _REQUIRED = ("key", "dim")
 
 
 def parse_manifest(raw: bytes, path: Path) -> Manifest:
-    """Manifest from the bytes of `path`; DbCorruptError names the first bad field, SchemaError a newer schema."""
+    """Manifest from the bytes of `path` (of any schema up to ours); DbCorruptError names the first bad field,
+    SchemaError a newer schema."""
 
     def bad(what: str) -> DbCorruptError:
         return DbCorruptError(f"{path}: {what}; move the db aside and index again with `simsearch index FOLDER --rebuild`")
@@ -91,7 +102,6 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
     encoders = data.get("encoders", {})
     if not isinstance(encoders, dict):
         raise bad(f"field 'encoders' must be an object of encoder name -> entry, found {type(encoders).__name__}")
-    known = {f.name for f in fields(EncoderEntry)}
     entries = {}
     for name, entry in encoders.items():
         if not isinstance(entry, dict):
@@ -99,8 +109,12 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
         for f in _REQUIRED:
             if f not in entry:
                 raise bad(f"field 'encoders.{name}.{f}' is missing")
+        try:
+            entry = _upgrade(dict(entry), version, name)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise bad(f"field 'encoders.{name}' cannot be read as schema {version} ({e})") from None
         for f, value in entry.items():
-            if f not in known:
+            if f not in _TYPES:
                 raise bad(f"unknown field 'encoders.{name}.{f}'")
             if not isinstance(value, _TYPES[f]) or (isinstance(value, bool) and _TYPES[f] is int):
                 raise bad(f"field 'encoders.{name}.{f}' has the wrong type ({type(value).__name__})")
@@ -108,24 +122,40 @@ def parse_manifest(raw: bytes, path: Path) -> Manifest:
             raise bad(f"field 'encoders.{name}.dim' must be positive (got {entry['dim']})")
         if entry.get("preprocess", "crop") not in POLICIES:
             raise bad(f"field 'encoders.{name}.preprocess' is not a policy ({', '.join(POLICIES)})")
-        if entry.get("backend", "faiss") not in BACKENDS:
-            raise bad(f"field 'encoders.{name}.backend' is not a backend ({', '.join(BACKENDS)})")
-        e = EncoderEntry(**entry)
-        if version == 1 and e.index_type != "none":
-            e.index_file = f"{name}.faiss"  # schema 1's single file, unverified until rebuilt
-        entries[name] = e
+        if entry.get("index") and entry.get("index_generation", -1) < 0:
+            raise bad(f"field 'encoders.{name}.index' is set but 'index_generation' says none was published")
+        entries[name] = EncoderEntry(**entry)
     return Manifest(version, default, entries)
 
 
-def write_atomic(path: Path, data: bytes | memoryview) -> None:
-    """Write a file so that a reader (or a crash) sees the old content or the new, never half."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+# The entry fields of schema 4 that schema 5 moved into the backend's `index` object.
+_V4_INDEX_FIELDS = ("index_type", "index_params", "recall", "recall_target", "trained_count", "count", "index_file",
+                    "index_sha256", "index_bytes", "backend_uri")
+
+
+def _upgrade(entry: dict, version: int, name: str) -> dict:
+    """One encoder entry of schema `version` as schema SCHEMA_VERSION has it: every migration, in order."""
+    if version < 2 and entry.get("index_type", "none") != "none":
+        entry["index_file"] = f"{name}.faiss"  # schema 1's single file, unverified (no sha256) until rebuilt
+    if version < 3:
+        entry.setdefault("preprocess", "crop")  # the only policy there was
+    if version < 4:
+        # "ivf<nlist>,nprobe<p>" named the parameters in the type: they become the kind and its parameters (the
+        # same nprobe the file was saved with).
+        if m := re.fullmatch(r"ivf(\d+),nprobe(\d+)", entry.get("index_type", "none")):
+            entry["index_type"], entry["index_params"] = "ivf", {"nlist": int(m[1]), "nprobe": int(m[2])}
+    if version < 5:
+        old = {f: entry.pop(f) for f in _V4_INDEX_FIELDS if f in entry}
+        backend = entry.setdefault("backend", "faiss")
+        params = dict(old.get("index_params", {}))
+        if backend == "milvus":
+            entry["index"] = {"uri": old.get("backend_uri"), "collection": params.pop("collection", None),
+                              "params": params, "count": old.get("count", 0)}
+        elif old.get("index_file") is not None:
+            entry["index"] = {"kind": old.get("index_type", "none"), "params": params, "recall": old.get("recall"),
+                              "recall_target": old.get("recall_target"), "trained_count": old.get("trained_count", 0),
+                              "count": old.get("count", 0), "file": old["index_file"],
+                              "sha256": old.get("index_sha256"), "bytes": old.get("index_bytes", 0)}
+        else:  # never built (an interrupted first `index`)
+            entry["index"], entry["index_generation"] = {}, -1
+    return entry

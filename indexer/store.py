@@ -1,9 +1,9 @@
 """The db folder: an LMDB environment (items, vectors) plus `manifest.json` and the FAISS index files.
 
 Layout of one db folder:
-    manifest.json                  schema version, per-encoder facts (dim, index file + sha256, counts)
+    manifest.json                  schema version, per-encoder facts (dim, policy, backend and its index state)
     store.lmdb/                    LMDB: items (path -> meta), ids (id -> path), removed, vectors, changes, meta
-    index/<encoder>.<gen>.faiss    the search index of each encoder, one file per build (see retrieval/)
+    index/                         what a vector backend keeps in the db (FAISS: one file per build; retrieval/)
     lock                           the writer lock (see lock.py)
 
 Vectors are keyed by encoder key + content sha256, not by path: a renamed or touched file reuses
@@ -39,7 +39,8 @@ import numpy as np
 from simsearch.errors import DbCorruptError, DbNotFoundError, SimsearchError
 from simsearch.indexer.lmdb_file import check_data_file
 from simsearch.indexer.lock import DbLock
-from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest, parse_manifest, write_atomic
+from simsearch.atomic import write_atomic
+from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +187,16 @@ class Store:
             self.save_manifest()
         return entry
 
+    def set_index_state(self, name: str, backend: str, generation: int, state: dict) -> EncoderEntry:
+        """Record that `backend` published `name`'s index of store generation `generation`, with its own `state`
+        (opaque here: the backend reads and validates it); saved at once. generation -1, state {}: none published."""
+        entry = self.manifest.encoders[name]
+        entry.backend, entry.index_generation, entry.index = backend, generation, dict(state)
+        self.save_manifest()
+        return entry
+
     def index_dir(self) -> Path:
         return self.root / INDEX_DIR
-
-    def index_file(self, entry: EncoderEntry) -> Path | None:
-        return self.index_dir() / entry.index_file if entry.index_file else None
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
@@ -379,7 +385,7 @@ class Store:
         reads every item (~7 s at 1M), so it waits until SWEEP_SHARE of the items have been forgotten:
         until then a removed image's vector stays (a file with that content added back reuses it).
         """
-        built = [e.index_generation for e in self.manifest.encoders.values() if e.index_file or e.backend == "milvus"]
+        built = [e.index_generation for e in self.manifest.encoders.values() if e.has_index]
         oldest = min(built, default=self.generation)
         n = 0
         with self.env.begin(write=True) as txn:

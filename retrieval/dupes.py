@@ -18,14 +18,13 @@ see faiss_index.py). A near-duplicate is its partner's first neighbour, and the 
 side finds the other, so far fewer than 5% of pairs are missed: none of 10,000 planted pairs among 1M
 vectors with an ivf index tuned to 0.95 (benchmarks/dupes.py --scale). Scores are exact cosines for flat, ivf, hnsw and
 ivfpq (re-scored from the stored vectors by LoadedIndex); sq8's 8-bit codes are re-scored here from the
-stored vectors for every candidate within SQ8_MARGIN of the threshold, so no pair is kept or dropped on a
-quantisation error. A pair the index never returns is not recovered: use `--index flat` for exact groups.
+stored vectors for every candidate within the index's `score_error` (faiss_index.SQ8_MARGIN) of the threshold,
+so no pair is kept or dropped on a quantisation error. A pair the index never returns is not recovered: use `--index flat` for exact groups.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -35,9 +34,7 @@ from simsearch.errors import SimsearchError
 from simsearch.indexer.images import header_size
 from simsearch.indexer.lock import writer_active
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import index_kind
-from simsearch.retrieval.milvus_backend import MilvusIndex
-from simsearch.retrieval.search import open_index
+from simsearch.retrieval.backend import Progress, VectorIndex, open_index, require_vectors
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +49,6 @@ FIRST_K = 16  # neighbours asked per vector at first (the vector itself is one o
 MAX_NEIGHBOURS = 4096  # a vector's neighbour list is not widened past this
 BLOCK_BYTES = 16 << 20  # vectors searched per block: 16 MiB of float32
 FLOAT_SLACK = 1e-6
-SQ8_MARGIN = 0.02  # sq8 scores within this of the threshold are re-scored exactly (its 8-bit error is < 0.01)
-
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
 
 @dataclass(frozen=True)
 class DupeItem:
@@ -86,37 +79,33 @@ def find_duplicates(store: Store, encoder: str, threshold: float | None = None, 
     if not 0.0 < threshold <= 1.0:
         raise SimsearchError(f"the threshold is a cosine in (0, 1] (got {threshold:g})")
     # One pass of queries on the CPU: a GPU copy of the index would cost more to make than it saves here.
-    index, entry = open_index(store, encoder, Device.cpu, None, None)
+    index, entry = open_index(store, encoder, Device.cpu)
     try:
-        if index.ntotal == 0:
-            raise SimsearchError(f"the index of {encoder} in {store.root} is empty: run `simsearch index FOLDER` "
-                                 "and see what it skipped")
-        if entry.index_generation != store.generation and not writer_active(store.root):
+        require_vectors(index, encoder, store)
+        if not entry.up_to_date(store.generation) and not writer_active(store.root):
             log.warning("the index of %s is older than the db: images added since are compared with the indexed "
                         "ones only; re-run `simsearch index` first for complete groups", encoder)
-        kind = "hnsw" if isinstance(index, MilvusIndex) else index_kind(entry)
         rows = block or max(256, BLOCK_BYTES // (4 * entry.dim))
         # float32 rounding: an image and an identical copy score 0.99999994, and `--threshold 1` must group them.
         cut = threshold - FLOAT_SLACK
-        edges, live = _edges(store, index, entry.key, entry.dim, cut, kind, rows, on_progress)
+        edges, live = _edges(store, index, entry.key, entry.dim, cut, rows, on_progress)
     finally:
-        if isinstance(index, MilvusIndex):
-            index.close()  # Milvus Lite serves one process per file
+        index.close()  # e.g. Milvus Lite serves one process per file
     edges = _only_between(edges, live)  # ids removed since the index was built are not items any more
     groups = _union(*edges)
     return _describe(store, entry.key, entry.dim, groups, on_progress)
 
 
-def _edges(store: Store, index, key: str, dim: int, threshold: float, kind: str, rows: int,
+def _edges(store: Store, index: VectorIndex, key: str, dim: int, threshold: float, rows: int,
            on_progress: Progress | None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     """Pairs (a (E,), b (E,), score (E,)) with a < b and score >= threshold, each once; and every id queried (N,)."""
     total, done = index.ntotal, 0  # read once: a Milvus collection counts on the server
-    search_cut = threshold - SQ8_MARGIN if kind == "sq8" else threshold
+    search_cut = threshold - index.score_error  # an approximate score (sq8) may be below the exact one
     found, queried = [], []
     widened = 0
     for ids, vecs in store.iter_vector_blocks(key, dim, rows):  # (n,), (n, dim)
         a, b, s, capped = _neighbours(index, total, ids, vecs, search_cut)
-        if kind == "sq8" and len(a):
+        if index.score_error and len(a):
             a, b, s = _rescore(store, key, dim, ids, vecs, a, b, threshold)
         widened += capped
         found.append((a, b, s))
@@ -139,7 +128,7 @@ def _edges(store: Store, index, key: str, dim: int, threshold: float, kind: str,
     return (lo[first], hi[first], s[first]), np.concatenate(queried)
 
 
-def _neighbours(index, ntotal: int, ids: np.ndarray, vecs: np.ndarray, threshold: float
+def _neighbours(index: VectorIndex, ntotal: int, ids: np.ndarray, vecs: np.ndarray, threshold: float
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(query id, neighbour id, score) of every neighbour above the threshold for this block, widening k for
     the rows whose list is still above it at its end; and how many rows hit MAX_NEIGHBOURS."""
@@ -165,7 +154,7 @@ def _neighbours(index, ntotal: int, ids: np.ndarray, vecs: np.ndarray, threshold
 
 def _rescore(store: Store, key: str, dim: int, ids: np.ndarray, vecs: np.ndarray, a: np.ndarray, b: np.ndarray,
              threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact cosines of candidate pairs from the stored vectors (an sq8 index ranks by 8-bit codes)."""
+    """Exact cosines of candidate pairs from the stored vectors (an sq8 index scores by 8-bit codes)."""
     other = store.vectors_of_ids(key, b.tolist(), dim)  # (E, dim)
     order = np.argsort(ids)  # a block is in path order, not id order
     mine = vecs[order[np.searchsorted(ids, a, sorter=order)]]  # (E, dim)

@@ -42,7 +42,7 @@ from simsearch.encoders.runtime import OnnxEncoder, ort_session
 from simsearch.encoders.spec import EncoderSpec
 from simsearch.errors import ModelError, SimsearchError
 from simsearch.indexer.images import load_rgb
-from simsearch.indexer.manifest import write_atomic
+from simsearch.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Build, update, save, load and search the FAISS index of one encoder in a db.
+"""The `faiss` backend: build, update, save, load and search the FAISS index of one encoder in a db.
 
 Ids in the index are the store's item ids (IVF lists store them; flat and HNSW sit in an IndexIDMap).
 The kind and its size come from `index_plan.choose_index` (a pure function of count, dim and memory
@@ -13,12 +13,14 @@ the collection outgrew what it was trained on (RETRAIN_GROWTH), the kind the pla
 HNSW holds more than HNSW_MAX_MARKED marked vectors, or the change log does not reach back.
 
 Each build is published as a new file `index/<encoder>.<generation>.<sha12>.faiss` whose sha256 and
-size the manifest records; readers verify a file before using it (`load_index`), so a damaged one is
-named with the way to rebuild it from the stored vectors (`refresh_index`), never half-read.
+size the manifest records (FaissState, the entry's `index` object); readers verify a file before using it
+(`load_index`), so a damaged one is named with the way to rebuild it from the stored vectors
+(`FaissBackend.refresh`), never half-read.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -31,12 +33,14 @@ import numpy as np
 
 from simsearch.devices import Device
 from simsearch.errors import DbCorruptError, SimsearchError
-from simsearch.indexer.manifest import EncoderEntry, write_atomic
+from simsearch.atomic import write_atomic
+from simsearch.indexer.manifest import EncoderEntry
 from simsearch.indexer.store import Store
 from simsearch.retrieval import tuning
+from simsearch.retrieval.backend import (REPAIR_HINT, Applied, Backend, Finding, IndexStatus, Job, Progress,
+                                         RefreshConfig, encoder_entry)
 from simsearch.retrieval.faiss_gpu import gpu_can_search, to_gpu
-from simsearch.retrieval.index_plan import (HNSW_EF_CONSTRUCTION, KINDS, RESCORE, IndexPlan, choose_index,
-                                            default_budget)
+from simsearch.retrieval.index_plan import HNSW_EF_CONSTRUCTION, RESCORE, IndexConfig, IndexPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,27 +52,8 @@ NPROBE_LADDER = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048]
 EF_LADDER = [16, 32, 64, 128, 256, 512, 1024, 2048]
 
 
-@dataclass(frozen=True)
-class IndexConfig:
-    kind: str = "auto"  # auto | flat | ivf | sq8 | ivfpq | hnsw (see index_plan.py)
-    max_memory: int = 0  # bytes the index may take in RAM; 0 = index_plan.default_budget()
-    recall: float | None = None  # recall@10 the search parameters are tuned to reach; None: the db's, else DEFAULT_RECALL
-    tune_queries: int = 500  # sampled from the collection itself
-    niter: int = 10  # k-means iterations: 10 is within ~1% of FAISS's 25 for IVF recall, at 40% of the cost
-    seed: int = 0
-
-    def plan(self, count: int, dim: int) -> IndexPlan:
-        budget = self.max_memory or default_budget()
-        plan = choose_index(count, dim, budget, self.kind)
-        if plan.memory_bytes(count, dim) > budget:
-            log.warning("--index %s: %d vectors take ~%.1f GiB, over the --max-index-memory budget of %.1f GiB",
-                        plan.kind, count, plan.memory_bytes(count, dim) / 2**30, budget / 2**30)
-        return plan
-
-
 BlockSource = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
 Fetch = Callable[[np.ndarray], np.ndarray]  # ids (m,) -> their exact vectors (m, dim), for re-scoring
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass
@@ -246,75 +231,73 @@ def _kind_of(index: faiss.Index) -> str:
     return {faiss.IndexIVFFlat: "ivf", faiss.IndexIVFScalarQuantizer: "sq8"}.get(type(ivf), "ivfpq")
 
 
-def index_kind(entry: EncoderEntry) -> str:
-    """The kind of a manifest entry's index ("ivf1264,nprobe39" in a schema-3 manifest is "ivf"; "sq8" stays "sq8")."""
-    head = entry.index_type.split(",")[0]
-    return head if head in KINDS else head.rstrip("0123456789") or entry.index_type
+SQ8_MARGIN = 0.02  # how far an sq8 score may be from the exact cosine (its 8-bit error is < 0.01)
+_STATE_TYPES = {"kind": str, "file": str, "sha256": (str, type(None)), "bytes": int, "count": int, "params": dict,
+                "recall": (float, int, type(None)), "recall_target": (float, int, type(None)), "trained_count": int}
 
 
-def describe(entry: EncoderEntry) -> str:
-    """One line for `info`: kind, parameters, and the recall they were tuned to."""
-    params = ", ".join(f"{k} {v}" for k, v in entry.index_params.items())
-    text = index_kind(entry) + (f" ({params})" if params else "")
-    if entry.recall is not None:
-        text += f"; recall@10 {entry.recall:.3f}" + (f" (target {entry.recall_target:.2f})" if entry.recall_target else "")
-    return text
+@dataclass(frozen=True)
+class FaissState:
+    """The FAISS backend's state of one encoder in the manifest (its entry's `index` object)."""
+
+    kind: str  # flat | ivf | sq8 | ivfpq | hnsw
+    file: str  # the index file under index/, one per build
+    sha256: str | None  # None only for an index from schema 1 (not verifiable)
+    bytes: int = 0
+    count: int = 0  # vectors in the index file (marked HNSW nodes excluded)
+    params: dict = field(default_factory=dict)  # build and search parameters: nlist, nprobe, pq_m, efSearch...
+    recall: float | None = None  # recall@10 of the tuned search parameters against exact search, at build time
+    recall_target: float | None = None  # what they were tuned to reach
+    trained_count: int = 0  # vectors in the collection when the index was (re)trained: it is retrained at 2x
+
+    @classmethod
+    def of(cls, entry: EncoderEntry, name: str) -> FaissState | None:
+        """The state an entry records (None: no FAISS index published); DbCorruptError names a bad field."""
+        if entry.backend != FaissBackend.name or not entry.index:
+            return None
+        for f, value in entry.index.items():
+            if f not in _STATE_TYPES or not isinstance(value, _STATE_TYPES[f]) or isinstance(value, bool):
+                raise DbCorruptError(f"the manifest's field 'encoders.{name}.index.{f}' is unknown or has the wrong "
+                                     f"type; {REPAIR_HINT}")
+        if "kind" not in entry.index or "file" not in entry.index or "sha256" not in entry.index:
+            raise DbCorruptError(f"the manifest's FAISS index of {name} names no kind, file or sha256; {REPAIR_HINT}")
+        return cls(**entry.index)
+
+    def path(self, store: Store) -> Path:
+        return store.index_dir() / self.file
 
 
-REPAIR_HINT = "run `simsearch check --repair` to rebuild it from the stored vectors (nothing is embedded again)"
+def _content_problem(path: Path, data: bytes, state: FaissState) -> str | None:
+    if state.sha256 is None:
+        return None  # schema-1 index: nothing to verify against (rebuilt with a checksum by the next `index`)
+    if len(data) != state.bytes:
+        return f"{path}: damaged index file ({len(data):,} bytes, the manifest says {state.bytes:,})"
+    if hashlib.sha256(data).hexdigest() != state.sha256:
+        return f"{path}: damaged index file (sha256 differs from the manifest)"
+    return None
 
 
-def index_problem(store: Store, name: str, entry: EncoderEntry) -> str | None:
-    """Why this encoder's index file cannot be used (missing, wrong size, wrong sha256, never built), or None."""
-    path = store.index_file(entry)
-    if path is None:
-        return f"the index of {name} was never built (an interrupted first `index`?)"
+def _file_problem(store: Store, state: FaissState) -> str | None:
+    """Why the index file cannot be used (missing, wrong size, wrong sha256), or None."""
+    path = state.path(store)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return f"{path}: index file missing"
     except OSError as e:
         return f"{path}: cannot read ({e.strerror})"
-    return _content_problem(path, data, entry)
+    return _content_problem(path, data, state)
 
 
-def _content_problem(path: Path, data: bytes, entry: EncoderEntry) -> str | None:
-    if entry.index_sha256 is None:
-        return None  # schema-1 index: nothing to verify against (rebuilt with a checksum by the next `index`)
-    if len(data) != entry.index_bytes:
-        return f"{path}: damaged index file ({len(data):,} bytes, the manifest says {entry.index_bytes:,})"
-    if hashlib.sha256(data).hexdigest() != entry.index_sha256:
-        return f"{path}: damaged index file (sha256 differs from the manifest)"
-    return None
-
-
-def publish_index(store: Store, name: str, index: faiss.Index, generation: int, kind: str, params: dict,
-                  recall: float | None = None, recall_target: float | None = None,
-                  trained_count: int | None = None) -> EncoderEntry:
-    """Write `index` under a new file name, point the manifest at it, then delete the encoder's older files.
-
-    A reader that read the old manifest still finds the old file until it is deleted, and a reader
-    that finds it deleted re-reads the manifest (`load_index`): it never mixes two builds.
-    recall / trained_count None: unchanged (an in-place update keeps what the build measured).
-    """
+def write_index(store: Store, name: str, index: faiss.Index, generation: int, kind: str, params: dict,
+                recall: float | None, recall_target: float | None, trained_count: int) -> FaissState:
+    """Write `index` under a new file name (never one a reader may be reading); its state for the manifest."""
     data = memoryview(faiss.serialize_index(index))  # (bytes,) uint8; not copied again by .tobytes(): 1 GB at 1M x 256
     sha = hashlib.sha256(data).hexdigest()
-    entry = store.manifest.encoders[name]
     file_name = f"{name}.{generation}.{sha[:12]}.faiss"
     write_atomic(store.index_dir() / file_name, data)
-    entry.index_file, entry.index_sha256, entry.index_bytes = file_name, sha, len(data)
-    entry.index_type, entry.index_params, entry.index_generation = kind, params, generation
-    entry.count = index.ntotal - marked_count(index)
-    if recall is not None:
-        entry.recall, entry.recall_target = recall, recall_target
-    if trained_count is not None:
-        entry.trained_count = trained_count
-    store.save_manifest()
-    for old in store.index_dir().iterdir():
-        if old.name != file_name and (old.name == f"{name}.faiss" or _is_build_of(old.name, name)):
-            old.unlink(missing_ok=True)
-    store.collect_tombstones()
-    return entry
+    return FaissState(kind, file_name, sha, len(data), index.ntotal - marked_count(index), params, recall,
+                      recall_target, trained_count)
 
 
 def _is_build_of(file_name: str, name: str) -> bool:
@@ -324,96 +307,173 @@ def _is_build_of(file_name: str, name: str) -> bool:
     return len(parts) >= 3 and parts[0].isdigit() and parts[2].startswith("faiss")
 
 
-def refresh_index(store: Store, name: str, config: IndexConfig = IndexConfig(),
-                  on_progress: Progress | None = None) -> str | None:
-    """Bring `name`'s index up to date with the store: in place when it can, else rebuilt.
-
-    Returns what was done ("updated: +A -R", "built", "rebuilt: <why>") or None when it was already
-    current. The store must be open for writing.
-    """
-    entry = store.manifest.encoders[name]
-    generation = store.generation
-    problem = index_problem(store, name, entry) if entry.index_file else "never built"
-    if entry.index_sha256 is None and problem is None:
-        problem = "no checksum (schema 1)"
-    if problem is None and config.kind not in ("auto", index_kind(entry)):
-        problem = f"--index {config.kind} asked (it is {index_kind(entry)})"
-    if problem is None and config.recall and entry.recall_target and config.recall != entry.recall_target:
-        problem = f"--recall {config.recall:g} asked (it was tuned to {entry.recall_target:g})"
-    config = replace(config, recall=config.recall or entry.recall_target or DEFAULT_RECALL)
-    if problem is None and entry.index_generation == generation:
-        return None
-    if problem is None:
-        changed = store.changed_ids(entry.index_generation)
-        if changed is None:
-            problem = "the store's change log does not reach back to this index"
-        else:
-            outcome = _update_in_place(store, name, entry, changed, config, generation)
-            if outcome.startswith("updated"):
-                return outcome
-            problem = outcome
-    elif entry.index_file:
-        log.warning("%s; rebuilding it from the stored vectors", problem)
-    count = store.vector_count(entry.key)
-    fetch = lambda ids: store.vectors_of_ids(entry.key, ids, entry.dim)  # noqa: E731
-    built = build_index(lambda: store.iter_vector_blocks(entry.key, entry.dim), entry.dim, count, config, fetch,
-                        on_progress)
-    params = {**_plan_params(built.plan), **built.params}
-    publish_index(store, name, built.index, generation, built.plan.kind, params, built.recall,
-                  config.recall if built.params else None, count)
-    return "built" if problem == "never built" else f"rebuilt: {problem}"
+def _delete_builds(store: Store, name: str, keep: str | None = None) -> None:
+    """Delete the encoder's index files but `keep` (schema 1's `<name>.faiss` included)."""
+    for old in store.index_dir().iterdir():
+        if old.name != keep and (old.name == f"{name}.faiss" or _is_build_of(old.name, name)):
+            old.unlink(missing_ok=True)
 
 
 def _plan_params(plan: IndexPlan) -> dict:
     return {k: v for k, v in (("nlist", plan.nlist), ("pq_m", plan.pq_m), ("hnsw_m", plan.hnsw_m)) if v}
 
 
-def _update_in_place(store: Store, name: str, entry: EncoderEntry, changed: np.ndarray, config: IndexConfig,
-                     generation: int) -> str:
-    """Apply the store's changes since the index's generation; "updated: ..." or why it must be rebuilt."""
-    index = load_index(store, name, Device.cpu)[0].cpu_index
-    ids, vectors = store.vectors_by_id(entry.key, changed, entry.dim)  # live items with a vector: (n,), (n, dim)
-    t = time.perf_counter()
-    update_index(index, changed, ids, vectors)
-    live = index.ntotal - marked_count(index)
-    kind = index_kind(entry)
-    if config.kind == "auto" and (wanted := config.plan(live, entry.dim).kind) != kind:
-        return f"{live} vectors call for {wanted}, not {kind}"
-    if kind != "flat" and kind != "hnsw" and entry.trained_count and live > RETRAIN_GROWTH * entry.trained_count:
-        return f"{live} vectors, over {RETRAIN_GROWTH:g}x the {entry.trained_count} it was trained on: retraining"
-    if marked_count(index) > HNSW_MAX_MARKED * index.ntotal:
-        return f"over {HNSW_MAX_MARKED:.0%} of the HNSW graph are removed items"
-    seconds = time.perf_counter() - t
-    removed = len(changed) - len(ids)
-    publish_index(store, name, index, generation, kind, entry.index_params)
-    log.info("updated the %s index of %s in place: %d added or changed, %d removed (%.3f s of index work)",
-             kind, name, len(ids), removed, seconds)
-    return f"updated: {len(ids)} added or changed, {removed} removed"
+class FaissBackend(Backend):
+    """An index file in the db per encoder, published whole per build or update: readers never see half of one.
+
+    A reader that read the old manifest still finds the old file until it is deleted, and a reader that finds
+    it deleted re-reads the manifest (`load_index`): it never mixes two builds.
+    """
+
+    name = "faiss"
+
+    def open(self, store: Store, name: str, entry: EncoderEntry, device: Device = Device.auto,
+             uri: str | None = None) -> PublishedIndex:
+        if uri:
+            raise SimsearchError(f"--milvus-uri given, but the db's {name} vectors are searched with faiss: drop it, "
+                                 "or mirror them with `simsearch index FOLDER --backend milvus`")
+        return load_index(store, name, device)[0]
+
+    # -- refresh steps ---------------------------------------------------------------------------------
+    def validate(self, config: RefreshConfig) -> None:
+        if config.uri:
+            raise SimsearchError("--milvus-uri goes with --backend milvus")
+
+    def rebuild_reason(self, job: Job) -> str | None:
+        config = job.config.index
+        try:
+            state = FaissState.of(job.entry, job.name)
+        except DbCorruptError as e:
+            return str(e)
+        problem = _file_problem(job.store, state)
+        if problem is None and state.sha256 is None:
+            problem = "no checksum (schema 1)"
+        if problem is None and config.kind not in ("auto", state.kind):
+            problem = f"--index {config.kind} asked (it is {state.kind})"
+        if problem is None and config.recall and state.recall_target and config.recall != state.recall_target:
+            problem = f"--recall {config.recall:g} asked (it was tuned to {state.recall_target:g})"
+        return problem
+
+    def _recall(self, job: Job) -> float:
+        """The recall target: asked, else the db's, else DEFAULT_RECALL."""
+        try:
+            state = FaissState.of(job.entry, job.name)
+        except DbCorruptError:
+            state = None  # being rebuilt for it
+        return job.config.index.recall or (state and state.recall_target) or DEFAULT_RECALL
+
+    def update(self, job: Job, changed: np.ndarray) -> Applied | str:
+        """Remove the changed ids, add back the live ones with their vectors, in place."""
+        state = FaissState.of(job.entry, job.name)
+        if not len(changed):
+            return Applied(dataclasses.asdict(state), state.count)
+        store, entry, config = job.store, job.entry, job.config.index
+        index = load_index(store, job.name, Device.cpu)[0].cpu_index
+        ids, vectors = store.vectors_by_id(entry.key, changed, entry.dim)  # live items with a vector: (n,), (n, dim)
+        t = time.perf_counter()
+        update_index(index, changed, ids, vectors)
+        live = index.ntotal - marked_count(index)
+        if config.kind == "auto" and (wanted := config.plan(live, entry.dim).kind) != state.kind:
+            return f"{live} vectors call for {wanted}, not {state.kind}"
+        if state.kind not in ("flat", "hnsw") and state.trained_count and live > RETRAIN_GROWTH * state.trained_count:
+            return f"{live} vectors, over {RETRAIN_GROWTH:g}x the {state.trained_count} it was trained on: retraining"
+        if marked_count(index) > HNSW_MAX_MARKED * index.ntotal:
+            return f"over {HNSW_MAX_MARKED:.0%} of the HNSW graph are removed items"
+        log.debug("%s index of %s: %.3f s of FAISS work for the update", state.kind, job.name, time.perf_counter() - t)
+        # An in-place update keeps what the build measured (recall, what it was trained on).
+        new = write_index(store, job.name, index, job.generation, state.kind, state.params, state.recall,
+                          state.recall_target, state.trained_count)
+        return Applied(dataclasses.asdict(new), new.count, len(ids), len(changed) - len(ids))
+
+    def rebuild(self, job: Job) -> Applied:
+        store, entry = job.store, job.entry
+        config = replace(job.config.index, recall=self._recall(job))
+        count = store.vector_count(entry.key)
+        fetch = lambda ids: store.vectors_of_ids(entry.key, ids, entry.dim)  # noqa: E731
+        built = build_index(lambda: store.iter_vector_blocks(entry.key, entry.dim), entry.dim, count, config, fetch,
+                            job.on_progress)
+        state = write_index(store, job.name, built.index, job.generation, built.plan.kind,
+                            {**_plan_params(built.plan), **built.params}, built.recall,
+                            config.recall if built.params else None, count)
+        return Applied(dataclasses.asdict(state), state.count, state.count)
+
+    def published(self, job: Job, state: dict) -> None:
+        _delete_builds(job.store, job.name, keep=state["file"])
+
+    def drop(self, store: Store, name: str, state: dict) -> None:
+        _delete_builds(store, name)
+
+    # -- check and info --------------------------------------------------------------------------------
+    def check(self, store: Store, name: str, entry: EncoderEntry, known_ids: set[int]) -> tuple[list[Finding], dict | None]:
+        if not entry.has_index:
+            return [Finding("warning", f"the index of {name} was never built (an interrupted first `index`?): "
+                                       f"{REPAIR_HINT}")], None
+        try:  # one read of the file: verified against the manifest's sha256, then deserialized
+            loaded, _ = load_index(store, name, Device.cpu)
+        except DbCorruptError as e:
+            return [Finding("error", str(e))], None
+        state = loaded.state
+        index = loaded.cpu_index
+        ids = index_ids(index)
+        facts = {"vectors": len(ids), "file": state.file}
+        if len(ids) != state.count or index.d != entry.dim:
+            return [Finding("error", f"{state.path(store)}: holds {len(ids)} vectors of {index.d} dimensions, the "
+                                     f"manifest says {state.count} of {entry.dim}; {REPAIR_HINT}")], facts
+        if not entry.up_to_date(store.generation):
+            unknown = set(ids.tolist()) - known_ids
+            if unknown:
+                return [Finding("error", f"the index of {name} returns {len(unknown)} ids the store does not know; "
+                                         f"{REPAIR_HINT}")], facts
+            return [Finding("warning", f"the index of {name} is older than the store (an interrupted or running "
+                                       f"`index`): {REPAIR_HINT}")], facts
+        expected = {int(i) for block, _ in store.iter_vector_blocks(entry.key, entry.dim) for i in block}
+        got = set(ids.tolist())
+        if got != expected:
+            return [Finding("error", f"the index of {name} holds {len(got - expected)} ids without a stored vector "
+                                     f"and misses {len(expected - got)}; {REPAIR_HINT}")], facts
+        return [], facts
+
+    def status(self, store: Store, name: str, entry: EncoderEntry, verify: bool = False) -> IndexStatus:
+        try:
+            state = FaissState.of(entry, name)
+        except DbCorruptError as e:
+            return IndexStatus(self.name, "none", 0, "unreadable", problem=str(e))
+        if state is None:
+            return IndexStatus(self.name, "none", 0, "none",
+                               problem=f"the index of {name} was never built (an interrupted first `index`?)"
+                               if verify else None)
+        params = ", ".join(f"{k} {v}" for k, v in state.params.items())
+        text = state.kind + (f" ({params})" if params else "")
+        if state.recall is not None:
+            text += f"; recall@10 {state.recall:.3f}" + (f" (target {state.recall_target:.2f})"
+                                                         if state.recall_target else "")
+        return IndexStatus(self.name, state.kind, state.count, text, state.params, state.recall, state.recall_target,
+                           file=state.file, up_to_date=entry.up_to_date(store.generation),
+                           problem=_file_problem(store, state) if verify else None)
 
 
-def load_index(store: Store, name: str, device: Device = Device.auto, attempts: int = 3) -> tuple[LoadedIndex, EncoderEntry]:
+def load_index(store: Store, name: str, device: Device = Device.auto, attempts: int = 3) -> tuple[PublishedIndex, EncoderEntry]:
     """The published index of `name` and its manifest entry, verified against the manifest's sha256,
     with its tuned search parameters set (and, for ivfpq, exact re-scoring from the stored vectors).
 
     The manifest is re-read first, so a long-lived reader follows a writer's newer build.
     """
     for attempt in range(attempts):
-        entry = store.read_manifest().encoders.get(name)
-        if entry is None:
-            have = ", ".join(store.read_manifest().encoders) or "none"
-            raise SimsearchError(f"the db at {store.root} has no vectors of encoder {name!r} (indexed: {have}); "
-                                 f"run `simsearch index FOLDER --encoder {name}`")
-        path = store.index_file(entry)
-        if path is None:
+        entry = encoder_entry(store.read_manifest(), name, store.root)
+        if entry.backend != FaissBackend.name:
+            raise SimsearchError(f"the db's {name} vectors are searched with {entry.backend} now: open them again")
+        state = FaissState.of(entry, name)
+        if state is None:
             raise DbCorruptError(f"the index of {name} in {store.root} was never built (an interrupted first "
                                  f"`index`?): {REPAIR_HINT}, or re-run `simsearch index FOLDER --encoder {name}`")
+        path = state.path(store)
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             if attempt + 1 < attempts and store.read_manifest().encoders.get(name) != entry:
                 continue  # a writer published a newer build and deleted this one meanwhile
             raise DbCorruptError(f"{path}: index file missing; {REPAIR_HINT}") from None
-        problem = _content_problem(path, data, entry)
+        problem = _content_problem(path, data, state)
         if problem is None:
             try:
                 # faiss.deserialize_index, with the file's bytes dropped once FAISS has its copy: the peak is 2x the
@@ -427,9 +487,9 @@ def load_index(store: Store, name: str, device: Device = Device.auto, attempts: 
                 problem = f"{path}: damaged index file ({str(e).splitlines()[0][:120]})"
             else:
                 fetch = None
-                if index_kind(entry) == "ivfpq":
+                if state.kind == "ivfpq":
                     fetch = lambda ids: store.vectors_of_ids(entry.key, ids, entry.dim)  # noqa: E731
-                return LoadedIndex(index, device, entry.index_params, fetch, index_kind(entry)), entry
+                return PublishedIndex(index, store, name, state, device, fetch), entry
         if attempt + 1 < attempts and store.read_manifest().encoders.get(name) != entry:
             continue
         raise DbCorruptError(f"{problem}; {REPAIR_HINT}")
@@ -452,8 +512,18 @@ class LoadedIndex:
         self.marked = marked_count(index)
         # Removed HNSW nodes carry id -1: the search skips them (the selector sees the stored ids).
         self.search_params = faiss.SearchParameters(sel=faiss.IDSelectorRange(0, 2**62)) if self.marked else None
-        self.gpu_index = to_gpu(index, kind or _kind_of(index), device)  # None: on the CPU (logged when asked)
+        kind = kind or _kind_of(index)
+        self.gpu_index = to_gpu(index, kind, device)  # None: on the CPU (logged when asked)
         self.device = "cuda" if self.gpu_index is not None else "cpu"
+        # ivfpq re-scored from the stored vectors is exact; sq8's 8-bit codes are not
+        self.score_error = SQ8_MARGIN if kind == "sq8" else 0.0
+
+    def reload(self) -> LoadedIndex:
+        """An index not read from a db has no newer state."""
+        return self
+
+    def close(self) -> None:
+        """Nothing to release: the index is memory, freed with the object."""
 
     @property
     def ntotal(self) -> int:
@@ -489,3 +559,16 @@ class LoadedIndex:
         out_scores = np.take_along_axis(exact, order, axis=1)
         out_ids[~np.isfinite(out_scores)] = -1
         return out_scores, out_ids
+
+
+class PublishedIndex(LoadedIndex):
+    """The index a db's manifest names for an encoder (`load_index`): it can follow the writer's newer builds."""
+
+    def __init__(self, index: faiss.Index, store: Store, name: str, state: FaissState, device: Device = Device.auto,
+                 fetch: Fetch | None = None):
+        super().__init__(index, device, state.params, fetch, state.kind)
+        self.store, self.name, self.state, self.asked_device = store, name, state, device
+
+    def reload(self) -> PublishedIndex:
+        """The build the manifest names now (the writer publishes each as a new file)."""
+        return load_index(self.store, self.name, self.asked_device)[0]

@@ -22,11 +22,14 @@ than the rest of the build. HNSW is not chosen automatically: its build is the s
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
 
 from simsearch.errors import SimsearchError
+
+log = logging.getLogger(__name__)
 
 KINDS = ("auto", "flat", "ivf", "sq8", "ivfpq", "hnsw")
 FLAT_MAX = 10_000  # exact search up to here: a 10k x 1280 scan is ~1 ms on 2 cores
@@ -142,3 +145,23 @@ def parse_bytes(text: str) -> int:
     if value <= 0:
         raise SimsearchError(f"a memory size must be positive (got {text!r})")
     return int(value * scale)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """How a FAISS index is built: its kind (or auto), the memory it may take, the recall it is tuned to."""
+
+    kind: str = "auto"  # auto | flat | ivf | sq8 | ivfpq | hnsw (see above)
+    max_memory: int = 0  # bytes the index may take in RAM; 0 = default_budget()
+    recall: float | None = None  # recall@10 the search parameters are tuned to; None: the db's, else DEFAULT_RECALL
+    tune_queries: int = 500  # sampled from the collection itself
+    niter: int = 10  # k-means iterations: 10 is within ~1% of FAISS's 25 for IVF recall, at 40% of the cost
+    seed: int = 0
+
+    def plan(self, count: int, dim: int) -> IndexPlan:
+        budget = self.max_memory or default_budget()
+        plan = choose_index(count, dim, budget, self.kind)
+        if plan.memory_bytes(count, dim) > budget:
+            log.warning("--index %s: %d vectors take ~%.1f GiB, over the --max-index-memory budget of %.1f GiB",
+                        plan.kind, count, plan.memory_bytes(count, dim) / 2**30, budget / 2**30)
+        return plan

@@ -20,29 +20,31 @@ its lock released) as soon as the work is done. pymilvus is imported only here, 
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
 import logging
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.errors import SimsearchError
+from simsearch.devices import Device
+from simsearch.errors import DbCorruptError, SimsearchError
 from simsearch.indexer.manifest import EncoderEntry
 from simsearch.indexer.store import Store
+from simsearch.retrieval.backend import REPAIR_HINT, Applied, Backend, Finding, IndexStatus, Job, Progress
 
 log = logging.getLogger(__name__)
 
 LITE_FILE = "milvus.db"  # the default Milvus Lite data folder, inside the db folder
 INSTALL_HINT = "pip install -e '.[milvus]'"
 MAX_TOPK = 16384  # the most hits a Milvus server returns per query
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass(frozen=True)
@@ -189,76 +191,165 @@ def _dim(client, collection: str) -> int | None:
     return next((int(f["params"]["dim"]) for f in fields if f["name"] == "vector"), None)
 
 
-# -- mirroring ---------------------------------------------------------------------------------------
+# -- the backend --------------------------------------------------------------------------------------
 
-def sync_milvus(store: Store, name: str, uri: str | None = None, on_progress: Progress | None = None,
-                config: MilvusConfig = MilvusConfig()) -> str | None:
-    """Bring the Milvus mirror of `name`'s stored vectors up to date, then point the manifest at it.
+@dataclass(frozen=True)
+class MilvusState:
+    """The Milvus backend's state of one encoder in the manifest (its entry's `index` object)."""
 
-    uri: a server or a Milvus Lite file (a path, relative to the working directory); None: the one the
-    manifest records, else `<db>/milvus.db`. Returns what was done ("updated: ...", "built", "rebuilt: <why>")
-    or None when the mirror was already current. The store must be open for writing.
-    """
-    entry = store.manifest.encoders[name]
-    mirrored = entry.backend == "milvus"
-    if uri is None:
-        uri = resolve_uri(store.root, entry.backend_uri) if mirrored and entry.backend_uri else str(store.root / LITE_FILE)
-    recorded = record_uri(store.root, uri)
-    collection = (entry.index_params.get("collection") if mirrored else None) or collection_name(store.root, name)
-    generation = store.generation
-    expected = store.vector_count(entry.key)
-    params = config.index_params()
-    with _connect(uri, config.connect_timeout_s) as client:
-        problem = _mirror_problem(client, collection, entry, recorded, params) if mirrored else "never mirrored"
-        if problem is None:
-            client.load_collection(collection)  # counted below; a server counts only loaded collections
-            changed = store.changed_ids(entry.index_generation)
-            if changed is None:
-                problem = "the store's change log does not reach back to the mirror"
-            else:
-                upserted, deleted = _apply_changes(client, collection, store, entry, changed, config, on_progress)
-                count = _count(client, collection)
-                if count == expected:
-                    if not len(changed):
-                        return None
-                    outcome = f"updated: {upserted} added or changed, {deleted} removed"
-                else:
-                    problem = f"the collection holds {count} vectors, the store {expected}"
-        if problem is not None:
-            if mirrored:
-                log.warning("Milvus collection %s at %s: %s; mirroring every stored vector again", collection, uri,
-                            problem)
-            _fill(client, collection, store, entry, expected, config, on_progress)
-            count = _count(client, collection)
-            if count != expected:
-                raise SimsearchError(f"Milvus at {uri}: the collection {collection} holds {count} vectors after "
-                                     f"mirroring {expected}")
-            outcome = f"rebuilt: {problem}" if mirrored else "built"
-    old_file = store.index_file(entry)
-    entry.backend, entry.backend_uri, entry.index_type = "milvus", recorded, "hnsw"
-    entry.index_params = {"collection": collection, **params}
-    entry.count, entry.index_generation = count, generation
-    entry.index_file, entry.index_sha256, entry.index_bytes = None, None, 0
-    entry.recall = entry.recall_target = None  # measured for a FAISS index; the mirror's are not tuned
-    store.save_manifest()
-    if old_file is not None:  # the FAISS index this encoder was searched with before
-        old_file.unlink(missing_ok=True)
-    store.collect_tombstones()
-    return outcome
+    uri: str  # as `record_uri` keeps it: a Lite folder inside the db relative to it
+    collection: str
+    params: dict  # the HNSW parameters it was built with (MilvusConfig.index_params)
+    count: int = 0  # vectors in the collection
+
+    @classmethod
+    def of(cls, entry: EncoderEntry, name: str) -> MilvusState | None:
+        """The state an entry records (None: no Milvus mirror published); DbCorruptError names a bad field."""
+        if entry.backend != MilvusBackend.name or not entry.index:
+            return None
+        types = {"uri": str, "collection": str, "params": dict, "count": int}
+        if set(entry.index) != set(types) or any(not isinstance(entry.index[f], t) for f, t in types.items()):
+            raise DbCorruptError(f"the manifest's Milvus state of {name} is not uri, collection, params and count; "
+                                 f"{REPAIR_HINT}")
+        return cls(**entry.index)
 
 
-def _mirror_problem(client, collection: str, entry: EncoderEntry, recorded: str, params: dict) -> str | None:
-    """Why the recorded mirror cannot be updated in place, or None."""
-    if entry.backend_uri != recorded:
-        return f"the URI changed from {entry.backend_uri} to {recorded}"
-    if {k: entry.index_params.get(k) for k in params} != params:
-        return "other index parameters asked"
-    dim = _dim(client, collection)
-    if dim is None:
-        return "the collection is missing"
-    if dim != entry.dim:
-        return f"the collection holds {dim}-d vectors, the encoder makes {entry.dim}-d"
-    return None
+@dataclass
+class _Mirror:
+    """What one refresh works on: an open client, the URI it reached, the collection."""
+
+    client: object
+    uri: str
+    recorded: str
+    collection: str
+
+
+class MilvusBackend(Backend):
+    """The encoder's stored vectors mirrored to a Milvus collection, searched there."""
+
+    name = "milvus"
+
+    def __init__(self, config: MilvusConfig = MilvusConfig()):
+        self.config = config
+
+    def open(self, store: Store, name: str, entry: EncoderEntry, device: Device = Device.auto,
+             uri: str | None = None) -> MilvusIndex:
+        """The search side of `name`'s mirror; `uri` (a server, or a Lite file relative to the working directory)
+        overrides the recorded one."""
+        state = MilvusState.of(entry, name)
+        if state is None:
+            raise SimsearchError(f"the Milvus mirror of {name} in {store.root} was never made: {REPAIR_HINT}")
+        return MilvusIndex(uri or resolve_uri(store.root, state.uri), state.collection, entry.dim, state.params,
+                           self.config.connect_timeout_s)
+
+    # -- refresh steps ---------------------------------------------------------------------------------
+    @contextmanager
+    def connect(self, job: Job) -> Iterator[_Mirror]:
+        """uri: the one asked (a path is relative to the working directory), else the recorded one, else
+        `<db>/milvus.db`."""
+        try:
+            state = MilvusState.of(job.entry, job.name)
+        except DbCorruptError:
+            state = None  # mirrored again from scratch
+        uri = job.config.uri or (resolve_uri(job.store.root, state.uri) if state else str(job.store.root / LITE_FILE))
+        collection = state.collection if state else collection_name(job.store.root, job.name)
+        with _connect(uri, self.config.connect_timeout_s) as client:
+            yield _Mirror(client, uri, record_uri(job.store.root, uri), collection)
+
+    def _state(self, job: Job, count: int) -> dict:
+        return dataclasses.asdict(MilvusState(job.conn.recorded, job.conn.collection, self.config.index_params(),
+                                              count))
+
+    def rebuild_reason(self, job: Job) -> str | None:
+        """Why the recorded mirror cannot be updated in place, or None."""
+        try:
+            state = MilvusState.of(job.entry, job.name)
+        except DbCorruptError as e:
+            return str(e)
+        if state.uri != job.conn.recorded:
+            return f"the URI changed from {state.uri} to {job.conn.recorded}"
+        if state.params != self.config.index_params():
+            return "other index parameters asked"
+        dim = _dim(job.conn.client, job.conn.collection)
+        if dim is None:
+            return "the collection is missing"
+        if dim != job.entry.dim:
+            return f"the collection holds {dim}-d vectors, the encoder makes {job.entry.dim}-d"
+        return None
+
+    def update(self, job: Job, changed: np.ndarray) -> Applied | str:
+        """Upsert the changed ids that are live with a vector, delete the others; then the collection must hold
+        what the store does."""
+        client, collection = job.conn.client, job.conn.collection
+        client.load_collection(collection)  # counted below; a server counts only loaded collections
+        upserted, deleted = _apply_changes(client, collection, job.store, job.entry, changed, self.config,
+                                           job.on_progress)
+        count, expected = _count(client, collection), job.store.vector_count(job.entry.key)
+        if count != expected:
+            why = f"the collection holds {count} vectors, the store {expected}"
+            log.warning("Milvus collection %s at %s: %s; mirroring every stored vector again", collection,
+                        job.conn.uri, why)
+            return why
+        return Applied(self._state(job, count), count, upserted, deleted)
+
+    def rebuild(self, job: Job) -> Applied:
+        client, collection = job.conn.client, job.conn.collection
+        expected = job.store.vector_count(job.entry.key)
+        _fill(client, collection, job.store, job.entry, expected, self.config, job.on_progress)
+        count = _count(client, collection)
+        if count != expected:
+            raise SimsearchError(f"Milvus at {job.conn.uri}: the collection {collection} holds {count} vectors after "
+                                 f"mirroring {expected}")
+        return Applied(self._state(job, count), count, count)
+
+    def drop(self, store: Store, name: str, state: dict) -> None:
+        """The Milvus collection is left where it is: dropping it would need the server."""
+        log.info("the index of %s left Milvus; the collection %s at %s is left as it is", name,
+                 state.get("collection"), state.get("uri"))
+
+    # -- check and info --------------------------------------------------------------------------------
+    def check(self, store: Store, name: str, entry: EncoderEntry, known_ids: set[int]) -> tuple[list[Finding], dict | None]:
+        """A mirror has no index file: its collection must exist and hold what the manifest and the store say
+        (counts; Milvus is not asked for every id)."""
+        try:
+            state = MilvusState.of(entry, name)
+            if state is None:
+                return [Finding("warning", f"the Milvus mirror of {name} was never made: {REPAIR_HINT}")], None
+            with _connect(resolve_uri(store.root, state.uri), self.config.connect_timeout_s) as client:
+                present = client.has_collection(state.collection)
+                if present:
+                    client.load_collection(state.collection)
+                    count = _count(client, state.collection)
+        except SimsearchError as e:
+            return [Finding("error", str(e))], None
+        collection = f"the Milvus collection {state.collection} of {name} at {state.uri}"
+        if not present:
+            return [Finding("error", f"{collection} is missing; {REPAIR_HINT}")], None
+        facts = {"vectors": count, "backend": self.name, "uri": state.uri}
+        if count != state.count:
+            return [Finding("error", f"{collection} holds {count} vectors, the manifest says {state.count}; "
+                                     f"{REPAIR_HINT}")], facts
+        if not entry.up_to_date(store.generation):
+            return [Finding("warning", f"{collection} is older than the store (an interrupted or running `index`): "
+                                       f"{REPAIR_HINT}")], facts
+        expected = store.vector_count(entry.key)
+        if count != expected:
+            return [Finding("error", f"{collection} holds {count} vectors, the store {expected}; {REPAIR_HINT}")], facts
+        return [], facts
+
+    def status(self, store: Store, name: str, entry: EncoderEntry, verify: bool = False) -> IndexStatus:
+        """Read from the manifest only: `check` asks Milvus."""
+        try:
+            state = MilvusState.of(entry, name)
+        except DbCorruptError as e:
+            return IndexStatus(self.name, "none", 0, "unreadable", problem=str(e))
+        if state is None:
+            return IndexStatus(self.name, "none", 0, "none")
+        uri = resolve_uri(store.root, state.uri)
+        params = {"collection": state.collection, **state.params}
+        text = "hnsw (" + ", ".join(f"{k} {v}" for k, v in params.items()) + ")"
+        return IndexStatus(self.name, "hnsw", state.count, f"milvus at {uri}: {text}", params, uri=uri,
+                           up_to_date=entry.up_to_date(store.generation))
 
 
 def _rows_per_request(dim: int, config: MilvusConfig) -> int:
@@ -317,48 +408,13 @@ def _fill(client, collection: str, store: Store, entry: EncoderEntry, expected: 
     log.info("Milvus collection %s: created, %d vectors inserted", collection, done)
 
 
-def leave_milvus(store: Store, name: str) -> None:
-    """Point a mirrored encoder back at FAISS (its index is built by the next `refresh_index`); the Milvus
-    collection is left where it is (dropping it would need the server)."""
-    entry = store.manifest.encoders[name]
-    if entry.backend != "milvus":
-        return
-    log.info("the index of %s goes back to FAISS; the Milvus collection %s at %s is left as it is", name,
-             entry.index_params.get("collection"), entry.backend_uri)
-    entry.backend, entry.backend_uri, entry.index_type, entry.index_params = "faiss", None, "none", {}
-    entry.count, entry.index_generation = 0, -1
-
-
-def mirror_count(store: Store, entry: EncoderEntry, config: MilvusConfig = MilvusConfig()) -> int | None:
-    """Vectors in the encoder's collection (for `check`), None when there is no such collection;
-    SimsearchError when Milvus cannot be reached."""
-    uri = resolve_uri(store.root, entry.backend_uri or LITE_FILE)
-    collection = entry.index_params.get("collection", "")
-    with _connect(uri, config.connect_timeout_s) as client:
-        if not client.has_collection(collection):
-            return None
-        client.load_collection(collection)
-        return _count(client, collection)
-
-
-# -- searching ---------------------------------------------------------------------------------------
-
-def open_milvus(store: Store, name: str, entry: EncoderEntry, uri: str | None = None,
-                config: MilvusConfig = MilvusConfig()) -> MilvusIndex:
-    """The search side of `name`'s mirror; `uri` (a server, or a Lite file relative to the working directory)
-    overrides the recorded one."""
-    uri = uri or resolve_uri(store.root, entry.backend_uri or LITE_FILE)
-    return MilvusIndex(uri, entry.index_params.get("collection") or collection_name(store.root, name), entry.dim,
-                       entry.index_params, config.connect_timeout_s)
-
 
 class MilvusIndex:
-    """A Milvus collection with FAISS's LoadedIndex interface (ntotal, search, device) for the Searcher.
-
-    The client is opened by the first call and held until `close()`.
-    """
+    """A Milvus collection as a VectorIndex (backend.py). The client is opened by the first call and held until
+    `close()`."""
 
     device = "cpu"  # the vectors are searched on the Milvus side; nothing runs on this machine's GPU
+    score_error = 0.0  # HNSW over float vectors: its scores are exact inner products
 
     def __init__(self, uri: str, collection: str, dim: int, params: dict, connect_timeout_s: float = 10.0):
         self.uri = uri
@@ -382,6 +438,10 @@ class MilvusIndex:
                 raise
             self._client = client
         return self._client
+
+    def reload(self) -> MilvusIndex:
+        """A collection is updated in place: searching it again sees the newest state."""
+        return self
 
     def close(self) -> None:
         if self._client is not None:

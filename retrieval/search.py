@@ -1,10 +1,10 @@
-"""Query a db: image -> encoder (ONNX Runtime) -> FAISS or Milvus top-k -> (path, score). No torch on this path."""
+"""Query a db: image -> encoder (ONNX Runtime) -> the db's vector backend, top k -> (path, score). No torch on this path."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +14,11 @@ from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import INT8_SUFFIX
-from simsearch.errors import ImageLoadError, SimsearchError
+from simsearch.errors import ImageLoadError, NotFoundError, SimsearchError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.lock import writer_active
-from simsearch.indexer.manifest import EncoderEntry
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import LoadedIndex, load_index
-from simsearch.retrieval.milvus_backend import MilvusIndex, open_milvus
+from simsearch.retrieval.backend import VectorIndex, open_index, require_vectors
 from simsearch.retrieval.rerank import Reranker
 
 log = logging.getLogger(__name__)
@@ -47,23 +45,6 @@ class QueryResult:
 QUERY_BATCH = 32
 
 
-def open_index(store: Store, name: str, device: Device, backend: str | None,
-               milvus_uri: str | None) -> tuple[LoadedIndex | MilvusIndex, EncoderEntry]:
-    """The index the manifest names for encoder `name` (a FAISS file or a Milvus collection), and its entry."""
-    entry = store.read_manifest().encoders.get(name)
-    if entry is None:
-        return load_index(store, name, device)  # names the encoders the db has
-    if backend and backend != entry.backend:
-        raise SimsearchError(f"the db's {name} vectors are searched with {entry.backend}, not {backend}: drop "
-                             f"--backend, or switch with `simsearch index FOLDER --backend {backend}`")
-    if entry.backend == "milvus":
-        return open_milvus(store, name, entry, milvus_uri), entry
-    if milvus_uri:
-        raise SimsearchError(f"--milvus-uri given, but the db's {name} vectors are searched with faiss: drop it, or "
-                             "mirror them with `simsearch index FOLDER --backend milvus`")
-    return load_index(store, name, device)
-
-
 class Searcher:
     """Answers top-k queries against one encoder's index in a db.
 
@@ -73,7 +54,7 @@ class Searcher:
     search repeated. It holds its store open until `close()` (or the end of a `with Searcher.open(...)` block).
     """
 
-    def __init__(self, store: Store, encoder: OnnxEncoder, index: LoadedIndex | MilvusIndex, name: str | None = None,
+    def __init__(self, store: Store, encoder: OnnxEncoder, index: VectorIndex, name: str | None = None,
                  device: Device = Device.auto):
         self.store = store
         self.encoder = encoder
@@ -83,29 +64,28 @@ class Searcher:
 
     @classmethod
     def open(cls, db: str | Path | Store, encoder: str | OnnxEncoder | None = None, device: Device = Device.auto,
-             models_dir: Path | None = None, backend: str | None = None, milvus_uri: str | None = None) -> Searcher:
+             models_dir: Path | None = None, backend: str | None = None, uri: str | None = None) -> Searcher:
         """A searcher over the db's published index of `encoder` (a name, the db's default, or a session
         already made — a server or a loop of queries reuses it).
 
         db: a db folder, or a Store already open read-only (a server shares one between its searchers: LMDB
         must not be opened twice in one process, as closing either copy drops the process's locks on it);
         a Store passed in is left open if this fails.
-        The index is the one the manifest names: a FAISS file, or a Milvus collection (`milvus_uri` overrides
-        the recorded URI). `backend`, when given, must be the one the db uses.
+        The index is the one the manifest names, with the backend it records (`uri` overrides where a backend
+        outside the db is, e.g. a Milvus server). `backend`, when given, must be the one the db uses.
         """
         store = db if isinstance(db, Store) else Store(db, readonly=True)
         try:
-            name = encoder.spec.name if isinstance(encoder, OnnxEncoder) else encoder or store.manifest.default_encoder
-            if name is None:
-                raise SimsearchError(f"the db at {store.root} holds no images yet: run `simsearch index FOLDER`")
+            name = encoder.spec.name if isinstance(encoder, OnnxEncoder) else store.manifest.encoder_name(encoder,
+                                                                                                         store.root)
             spec = encoder.spec if isinstance(encoder, OnnxEncoder) else get_encoder(name, models_dir)
-            index, entry = open_index(store, name, device, backend, milvus_uri)
+            index, entry = open_index(store, name, device, backend, uri)
             if not isinstance(encoder, OnnxEncoder):  # queries are embedded as the db's vectors were
                 spec = spec.with_preprocess(entry.preprocess)
             if entry.key != spec.key:
                 raise SimsearchError(f"the db's {name} vectors were made by {entry.key}, not by this encoder "
                                      f"({spec.key}): re-run `simsearch index FOLDER --encoder {name}`")
-            if entry.index_generation != store.generation and not writer_active(store.root):
+            if not entry.up_to_date(store.generation) and not writer_active(store.root):
                 log.warning("the index of %s is older than the db (an interrupted `index`?): re-run `simsearch index` "
                             "or `simsearch check --repair` to refresh it", name)
             session = encoder if isinstance(encoder, OnnxEncoder) else OnnxEncoder(spec, device, models_dir)
@@ -116,8 +96,7 @@ class Searcher:
             raise
 
     def close(self) -> None:
-        if isinstance(self.index, MilvusIndex):
-            self.index.close()  # Milvus Lite serves one process per file: let the next `index` open it
+        self.index.close()  # e.g. Milvus Lite serves one process per file: let the next `index` open it
         self.store.close()
 
     def __enter__(self) -> Searcher:
@@ -136,14 +115,27 @@ class Searcher:
             if None not in paths or attempt + 1 == attempts:
                 break
             log.debug("a newer index was published during the search: reloading it")
-            if not isinstance(self.index, MilvusIndex):  # a collection is updated in place: searching again suffices
-                self.index, _ = load_index(self.store, self.name, self.device)
+            self.index = self.index.reload()
         found = iter(paths)
         out = []
         for row_scores, row_ids in zip(scores, ids):
             row = [(int(i), float(s), next(found)) for i, s in zip(row_ids, row_scores) if i >= 0]
             out.append([Hit(r, p, s, id=i) for r, (i, s, p) in enumerate((h for h in row if h[2] is not None), 1)])
         return out
+
+    def similar(self, item_id: int, k: int = 10) -> list[Hit]:
+        """The k items most similar to the db's item `item_id`, itself first: its stored vector (as it was indexed,
+        no image decoded) searched against the index. NotFoundError when the db holds no such item."""
+        path = self.store.paths_of([item_id])[0]
+        if path is None or self.store.get_item(path) is None:
+            raise NotFoundError(f"no item with id {item_id} in the db")
+        spec = self.encoder.spec
+        vector = self.store.vectors_of_ids(spec.key, [item_id], spec.dim)  # (1, dim)
+        hits = self.search_vectors(vector, k)[0]
+        own = next((h for h in hits if h.id == item_id), None)
+        if own is not None and hits[0] is not own:  # an exact duplicate tied with it: the item itself comes first
+            hits = [replace(h, rank=r) for r, h in enumerate([own] + [h for h in hits if h is not own], 1)]
+        return hits
 
     def query(self, paths: list[str | Path], k: int = 10, reranker: Reranker | None = None,
               depth: int = 100) -> list[QueryResult]:
@@ -153,9 +145,7 @@ class Searcher:
         """
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
-        if self.index.ntotal == 0:
-            raise SimsearchError(f"the index of {self.name} in {self.store.root} is empty (no image could be stored): "
-                                 "run `simsearch index FOLDER` and see what it skipped")
+        require_vectors(self.index, self.name, self.store)
         if reranker is not None:
             self._check_reranker(reranker)
             if depth < k:
