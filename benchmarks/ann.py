@@ -1,6 +1,6 @@
 """ANN benchmark: simsearch's FAISS indexes against the libraries a user would pick instead.
 
-    python -m simsearch.benchmarks.ann [--sizes 100000,1000000] [--dims 256,1280] [--kinds auto,ivf,...]
+    python -m simsearch.benchmarks ann [--sizes 100000,1000000] [--dims 256,1280] [--kinds auto,ivf,...]
         [--peers hnswlib,usearch,milvus] [--queries 1000] [--slow] [--db PATH [--encoder NAME]] [--out results/ann.json]
 
 Data: (a) clustered synthetic vectors (`ann_data.Mixture`: a hierarchy of clusters of very different sizes and
@@ -36,25 +36,25 @@ equal recall (each method's best QPS among its rows reaching the --recall target
 
 from __future__ import annotations
 
-import argparse
-import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from simsearch.benchmarks import ann_data
 from simsearch.benchmarks.ann_data import MixtureSpec, Throttle, VectorFile
+from simsearch.benchmarks.common import Clock, config_json, json_default, machine, option
+from simsearch.benchmarks.report import save_json
+from simsearch.errors import DatasetError, UnknownNameError
 
 log = logging.getLogger("simsearch.benchmarks.ann")
 
@@ -67,75 +67,51 @@ PEER_LADDER = (10, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 SLOW_N = 10_000_000
 SLOW_BUDGET = 8 << 30  # the 10M target's RAM, also the index memory budget auto gets there
 HNSW_M = 32
+WORKER = "ann-worker"  # `python -m simsearch.benchmarks ann-worker TASK`: one method in a fresh process
 
 
 @dataclass(frozen=True)
 class AnnConfig:
-    sizes: tuple[int, ...] = (100_000, 1_000_000)
-    dims: tuple[int, ...] = (256, 1280)
-    kinds: tuple[str, ...] = KINDS
-    peers: tuple[str, ...] = PEERS
-    queries: int = 1000
-    k: int = 10
-    recall: float = 0.95  # simsearch tunes to it; peers' main row is their first ladder rung reaching it
-    slow: bool = False  # adds 10M x 256 for the compressed kinds
-    synthetic: bool = True
-    db: Path | None = None
-    encoder: str | None = None
-    preprocess: str | None = None  # the policy of a registry encoder (a db without manifest entries)
-    threads: int = 0  # builds and batch search; 0: every core
-    single_threads: int = 1  # single-query latency (0: every core, FAISS's default)
-    work_dir: Path = Path("/tmp/simsearch-ann")
-    out: Path = Path("results/ann.json")
-    max_memory: int = 0  # auto's index budget (0: simsearch's default, half the RAM); 10M rows use SLOW_BUDGET
-    flat_max: int = 100_000  # exact search is measured up to this n
-    efc: int = 128  # construction beam of the peers' HNSW graphs
-    milvus_max: int = 1_000_000  # Milvus Lite above this n is skipped (insertion through the client)
-    milvus_index_wait: float = 900.0  # seconds to wait for Milvus Lite's background index build
-    latency_seconds: float = 5.0  # single queries stop after this long (at least min_latency_queries)
-    min_latency_queries: int = 100
-    qps_seconds: float = 1.0  # the batch search repeats for at least this long
-    ladder: bool = True
-    method_timeout: float = 1800.0  # seconds one method may take; killed past it (row marked skipped)
-    budget_minutes: float = 0.0  # 0: none; past it no method is started (rows marked skipped)
-    seed: int = 0
+    sizes: tuple[int, ...] = option((100_000, 1_000_000), "synthetic collection sizes.")
+    dims: tuple[int, ...] = option((256, 1280), "synthetic vector widths.")
+    kinds: tuple[str, ...] = option(KINDS, f"simsearch index kinds, of {', '.join(KINDS)}.")
+    peers: tuple[str, ...] = option(PEERS, f"peer libraries, of {', '.join(PEERS)} (empty: none).")
+    queries: int = option(1000, "queries, never rows of the base.")
+    k: int = option(10, "neighbours per query.")
+    recall: float = option(0.95, "recall@k simsearch tunes to; a peer's main row is its first ladder rung reaching it.")
+    slow: bool = option(False, f"add {SLOW_N:,} x 256 for {', '.join(COMPRESSED)}.")
+    synthetic: bool = option(True, "measure the synthetic data (--no-synthetic: only the --db data).")
+    db: Path | None = option(None, "a simsearch db whose real embeddings are measured too.")
+    encoder: str | None = option(None, "the db's encoder (a manifest name, or a registry name).")
+    preprocess: str | None = option(None, "the policy of a registry --encoder (a db without manifest entries).")
+    threads: int = option(0, "threads for builds and batch search (0: every core).")
+    single_threads: int = option(1, "threads for single-query latency (0: every core, FAISS's default).")
+    work_dir: Path = option(Path("/tmp/simsearch-ann"), "vector files, ground truth, temporary indexes.")
+    max_memory: float = option(0.0, "auto's index budget in GiB (0: simsearch's default, half the RAM; the 10M rows: "
+                                    f"{SLOW_BUDGET >> 30} GiB).")
+    flat_max: int = option(100_000, "exact search is measured up to this many vectors.")
+    efc: int = option(128, "construction beam of the peers' HNSW graphs.")
+    milvus_max: int = option(1_000_000, "Milvus Lite above this many vectors is skipped (insertion is slow).")
+    milvus_index_wait: float = option(900.0, "seconds to wait for Milvus Lite's background index build.")
+    latency_seconds: float = option(5.0, "single queries stop after this long (at least --min-latency-queries).")
+    min_latency_queries: int = option(100, "single queries timed at least.")
+    qps_seconds: float = option(1.0, "the batch search repeats for at least this long.")
+    ladder: bool = option(True, "measure settings around each method's tuned one (--no-ladder: only that one).")
+    method_timeout: float = option(1800.0, "seconds one method may take; killed past it (its row marked skipped).")
+    budget_minutes: float = option(0.0, "past this no method is started (rows marked skipped); 0: no limit.")
+    seed: int = option(0, "seed of the data and of simsearch's index builds.")
+
+    def __post_init__(self):
+        for what, names, allowed in (("index kind", self.kinds, KINDS), ("peer", self.peers, PEERS)):
+            if bad := [x for x in names if x not in allowed]:
+                raise UnknownNameError(f"unknown {what} {', '.join(bad)} (choose from {', '.join(allowed)})")
 
     def nthreads(self) -> int:
         return self.threads or os.cpu_count() or 1
 
-
-# ----------------------------------------------------------------------------------------------------------
-# The machine
-
-
-def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 0
-    versions = {}
-    for pkg in ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "numpy", "hnswlib", "usearch", "pymilvus", "milvus-lite"):
-        try:
-            versions[pkg] = importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    flags = ""
-    try:
-        import faiss
-
-        flags = faiss.get_compile_options()
-    except (ImportError, AttributeError):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gib": round(ram / 2**30, 1), "python": platform.python_version(),
-            "platform": platform.platform(), "versions": versions, "faiss_compile": flags}
+    def index_budget(self, n: int) -> int:
+        """Bytes auto may give an index of n vectors (0: simsearch's default)."""
+        return int(self.max_memory * 2**30) or (SLOW_BUDGET if n >= SLOW_N else 0)
 
 
 def rss() -> dict:
@@ -162,7 +138,8 @@ def _faiss_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
-def measure(one: SearchFn, batch: SearchFn, queries: np.ndarray, task: dict) -> tuple[dict, np.ndarray]:
+def measure(one: SearchFn, batch: SearchFn, queries: np.ndarray, task: dict,
+            clock: Clock = time.perf_counter) -> tuple[dict, np.ndarray]:
     """Single-query latency (one query per call, on task["single_threads"] threads), then batch QPS (all
     queries per call, on task["threads"]); and the ids the batch search found (the parent computes recall)."""
     q = np.ascontiguousarray(queries, dtype=np.float32)
@@ -170,22 +147,22 @@ def measure(one: SearchFn, batch: SearchFn, queries: np.ndarray, task: dict) -> 
     for i in range(min(10, len(q))):  # warm-up
         one(q[i:i + 1])
     lat = []
-    deadline = time.perf_counter() + task["latency_seconds"]
+    deadline = clock() + task["latency_seconds"]
     for i in range(len(q)):
-        t = time.perf_counter()
+        t = clock()
         one(q[i:i + 1])
-        lat.append(time.perf_counter() - t)
-        if len(lat) >= task["min_latency_queries"] and time.perf_counter() > deadline:
+        lat.append(clock() - t)
+        if len(lat) >= task["min_latency_queries"] and clock() > deadline:
             break
     lat_ms = np.asarray(lat) * 1e3
     _faiss_threads(task["threads"])
-    reps, t0 = 0, time.perf_counter()
+    reps, t0 = 0, clock()
     while True:
         found = batch(q)
         reps += 1
-        if time.perf_counter() - t0 >= task["qps_seconds"]:
+        if (elapsed := clock() - t0) >= task["qps_seconds"]:
             break
-    qps = reps * len(q) / (time.perf_counter() - t0)
+    qps = reps * len(q) / elapsed
     return {"p50_ms": float(np.percentile(lat_ms, 50)), "p95_ms": float(np.percentile(lat_ms, 95)),
             "latency_queries": len(lat), "qps": float(qps)}, np.asarray(found, dtype=np.int64)
 
@@ -425,7 +402,7 @@ def worker(task_path: Path) -> None:
         # The machine's 1-minute load average around this method: above its core count, other work competed.
         r.update(base_rss_mb=before["rss_mb"], peak_rss_mb=after["peak_mb"], load_avg=[load0, os.getloadavg()[0]])
     np.savez(task_path.with_suffix(".found.npz"), **found)
-    task_path.with_suffix(".out.json").write_text(json.dumps(rows, default=_json_default))
+    save_json(rows, task_path.with_suffix(".out.json"), default=json_default)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -462,7 +439,7 @@ def _datasets(cfg: AnnConfig) -> list[Dataset]:
             with Store(cfg.db, readonly=True) as store:
                 names = list(store.manifest.encoders)
             if len(names) != 1:
-                raise SystemExit(f"--db {cfg.db}: pass --encoder (the manifest lists {', '.join(names) or 'none'})")
+                raise DatasetError(f"--db {cfg.db}: pass --encoder (the manifest lists {', '.join(names) or 'none'})")
             encoder = names[0]
         else:
             encoder = cfg.encoder
@@ -486,7 +463,7 @@ def _plan(cfg: AnnConfig, kind: str, n: int, dim: int):
     """simsearch's plan for (kind, n, dim) under the budget the task gets (a pure function: no build)."""
     from simsearch.retrieval.faiss_index import IndexConfig
 
-    return IndexConfig(kind=kind, max_memory=cfg.max_memory or (SLOW_BUDGET if n >= SLOW_N else 0)).plan(n, dim)
+    return IndexConfig(kind=kind, max_memory=cfg.index_budget(n)).plan(n, dim)
 
 
 def _skip_reason(cfg: AnnConfig, method: str, n: int, started: float) -> str | None:
@@ -505,7 +482,7 @@ def run(cfg: AnnConfig) -> dict:
     started = time.monotonic()
     work = Path(cfg.work_dir)
     (work / "tasks").mkdir(parents=True, exist_ok=True)
-    result = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+    result = {"config": config_json(cfg),
               "machine": machine(), "threads": cfg.nthreads(), "datasets": [], "rows": []}
     for ds in _datasets(cfg):
         for n in ds.sizes:
@@ -551,21 +528,20 @@ def run(cfg: AnnConfig) -> dict:
 def _run_task(cfg: AnnConfig, ds: Dataset, n: int, method: str, kind: str, label: str, q_path: Path,
               gt_path: Path) -> list[dict]:
     work = Path(cfg.work_dir)
-    max_memory = cfg.max_memory or (SLOW_BUDGET if n >= SLOW_N else 0)
     task = {"method": method, "kind": kind, "label": label, "base": str(ds.base.path), "n": n, "dim": ds.base.dim,
             "queries": str(q_path), "gt": str(gt_path), "k": cfg.k, "recall": cfg.recall, "threads": cfg.nthreads(),
             "single_threads": cfg.single_threads or cfg.nthreads(),
-            "work": str(work), "max_memory": max_memory, "efc": cfg.efc, "seed": cfg.seed, "ladder": cfg.ladder,
+            "work": str(work), "max_memory": cfg.index_budget(n), "efc": cfg.efc, "seed": cfg.seed, "ladder": cfg.ladder,
             "latency_seconds": cfg.latency_seconds, "min_latency_queries": cfg.min_latency_queries,
             "qps_seconds": cfg.qps_seconds, "milvus_index_wait": cfg.milvus_index_wait}
     path = work / "tasks" / f"{method}-{kind}-{ds.facts['key']}-{n}.json"
     for suffix in (".out.json", ".found.npz"):
         path.with_suffix(suffix).unlink(missing_ok=True)
-    path.write_text(json.dumps(task))
+    save_json(task, path)
     env = {**os.environ, "OMP_NUM_THREADS": str(cfg.nthreads())}
     t = time.perf_counter()
     try:
-        proc = subprocess.run([sys.executable, "-m", "simsearch.benchmarks.ann", "--worker", str(path)],
+        proc = subprocess.run([sys.executable, "-m", "simsearch.benchmarks", WORKER, str(path)],
                               timeout=cfg.method_timeout, env=env, stdout=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
         log.warning("%s: killed after %.0f s", label, cfg.method_timeout)
@@ -641,7 +617,7 @@ def _params(r: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items() if k != "quantizer_efSearch")
 
 
-def render(result: dict):
+def render(result: dict) -> tuple:
     """(main table, trade-off table, targets table) as rich Tables."""
     from rich.table import Table
 
@@ -691,85 +667,3 @@ def markdown(result: dict) -> str:
                      f"{r['qps']:,.0f} | {r['recall']:.3f} | {_fmt(r.get('tuned_recall'), '.3f')} | "
                      f"{_fmt(r.get('peak_rss_mb'), ',.0f')} |")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(float(x)) for x in text.split(",") if x.strip())
-
-
-def _names(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        names = tuple(x.strip() for x in text.split(",") if x.strip())
-        bad = [x for x in names if x not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)} (choose from {', '.join(allowed)})")
-        return names
-    return parse
-
-
-def main(argv: list[str] | None = None) -> dict | None:
-    from simsearch.benchmarks.report import script_logging, show_and_save
-
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["--worker"]:
-        script_logging("   ")
-        worker(Path(argv[1]))
-        return None
-    d = AnnConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=_ints, default=d.sizes, help="synthetic collection sizes (comma separated)")
-    p.add_argument("--dims", type=_ints, default=d.dims)
-    p.add_argument("--kinds", type=_names(KINDS), default=d.kinds, help="simsearch index kinds")
-    p.add_argument("--peers", type=lambda s: _names(PEERS)(s) if s.strip() else (), default=d.peers)
-    p.add_argument("--queries", type=int, default=d.queries)
-    p.add_argument("--recall", type=float, default=d.recall)
-    p.add_argument("--slow", action="store_true", help=f"add {SLOW_N:,} x 256 for {', '.join(COMPRESSED)}")
-    p.add_argument("--no-synthetic", action="store_true", help="only the --db data")
-    p.add_argument("--db", type=Path, default=None, help="a simsearch db whose real embeddings are measured too")
-    p.add_argument("--encoder", default=None, help="the db's encoder (a manifest name, or a registry name)")
-    p.add_argument("--preprocess", default=None, help="policy of a registry --encoder in a cache db")
-    p.add_argument("--threads", type=int, default=d.threads, help="threads for builds and batch search (0: all)")
-    p.add_argument("--single-threads", type=int, default=d.single_threads,
-                   help="threads for single-query latency (0: all, FAISS's default)")
-    p.add_argument("--work-dir", type=Path, default=d.work_dir, help="vector files, ground truth, temp indexes")
-    p.add_argument("--out", type=Path, default=d.out)
-    p.add_argument("--max-memory", type=float, default=0, help="auto's index budget in GiB (0: simsearch's default)")
-    p.add_argument("--flat-max", type=int, default=d.flat_max)
-    p.add_argument("--efc", type=int, default=d.efc, help="peers' HNSW construction beam")
-    p.add_argument("--milvus-max", type=int, default=d.milvus_max)
-    p.add_argument("--latency-seconds", type=float, default=d.latency_seconds)
-    p.add_argument("--qps-seconds", type=float, default=d.qps_seconds)
-    p.add_argument("--no-ladder", action="store_true", help="only each method's tuned setting")
-    p.add_argument("--method-timeout", type=float, default=d.method_timeout)
-    p.add_argument("--budget-minutes", type=float, default=d.budget_minutes)
-    p.add_argument("--seed", type=int, default=d.seed)
-    a = p.parse_args(argv)
-    script_logging()
-    cfg = replace(d, sizes=a.sizes, dims=a.dims, kinds=a.kinds, peers=a.peers, queries=a.queries, recall=a.recall,
-                  slow=a.slow, synthetic=not a.no_synthetic, db=a.db, encoder=a.encoder, preprocess=a.preprocess,
-                  threads=a.threads, single_threads=a.single_threads, work_dir=a.work_dir, out=a.out, max_memory=int(a.max_memory * 2**30),
-                  flat_max=a.flat_max, efc=a.efc, milvus_max=a.milvus_max, latency_seconds=a.latency_seconds,
-                  qps_seconds=a.qps_seconds, ladder=not a.no_ladder, method_timeout=a.method_timeout,
-                  budget_minutes=a.budget_minutes, seed=a.seed)
-    result = run(cfg)
-    show_and_save(render(result), result, cfg.out, 160, default=_json_default)
-    return result
-
-
-def _json_default(x):
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, Path):
-        return str(x)
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
-
-
-if __name__ == "__main__":
-    main()

@@ -1,7 +1,7 @@
 """Near-duplicate groups (`retrieval/dupes.py`): the calibration of the default threshold, and the cost at scale.
 
-    python -m simsearch.benchmarks.dupes [--max-images 1000] [--encoder NAME] [--out results/dupes.json]
-    python -m simsearch.benchmarks.dupes --scale --count 1000000 --dim 256 [--out results/dupes_scale.json]
+    python -m simsearch.benchmarks dupes [--max-images 1000] [--encoder NAME] [--out results/dupes.json]
+    python -m simsearch.benchmarks dupes-scale --count 1000000 --dim 256 [--out results/dupes_scale.json]
 
 Photos (default mode): the imagenet-samples photos are split in two seeded halves. Each original gets
 COPIES augmented copies (seeded: a crop of 4-12% off each side, a resize to 35-70%, a JPEG re-encode at
@@ -15,7 +15,7 @@ two different originals grouped together are listed (imagenet-samples may hold g
 The peer, imagededup's PHash, runs on the held-out half when it imports here; otherwise the reason is
 recorded.
 
-Scale (--scale): a db of --count synthetic clustered vectors (benchmarks/ann_data.py; --planted of them
+Scale (dupes-scale): a db of --count synthetic clustered vectors (benchmarks/ann_data.py; --planted of them
 are noisy copies of others, cosine ~0.96-0.996) built through the real Store and indexed with --index
 auto; `find_duplicates` at SCALE_THRESHOLD runs in a fresh process, timed, with its peak memory (anonymous,
 sampled; and the peak RSS, which also counts the LMDB file pages read); it must put every planted pair in one
@@ -24,7 +24,6 @@ group. Targets: <= 10 minutes, <= 2 GB beyond the index.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -35,23 +34,24 @@ import shutil
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from simsearch.benchmarks.ann import machine
 from simsearch.benchmarks.ann_data import Mixture, MixtureSpec, Throttle
-from simsearch.benchmarks.report import save_json, script_logging
+from simsearch.benchmarks.common import default_images, machine, option, photos
+from simsearch.benchmarks.report import save_json
 from simsearch.encoders.registry import default_encoder, get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
+from simsearch.errors import DatasetError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
-from simsearch.paths import shared_data
 from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, find_duplicates
 from simsearch.retrieval.faiss_index import IndexConfig, refresh_index
 
@@ -66,6 +66,26 @@ SCALE_MINUTES, SCALE_EXTRA_BYTES = 10, 2 << 30
 # copies): at 0.86, 14% of 20k of its vectors join natural groups (the largest 366); at 0.95 none of 20k do, and the
 # planted copies (0.96-0.996) are the duplicates to find, as in a photo collection where copies are the exception.
 SCALE_THRESHOLD = 0.95
+WORK_DIR = Path("/tmp/simsearch-dupes")
+
+
+@dataclass(frozen=True)
+class DupesConfig:
+    images: Path = option(help="folder of JPEGs (default: the shared imagenet-samples).", factory=default_images)
+    max_images: int = option(1000, "originals: the first photos of --images.")
+    encoder: str | None = option(None, "encoder to calibrate (default: the default encoder).")
+    seed: int = option(0, "seed of the halves and of the copies.")
+    work_dir: Path = option(WORK_DIR, "copies and dbs, kept: a re-run reuses them.")
+
+
+@dataclass(frozen=True)
+class DupesScaleConfig:
+    count: int = option(1_000_000, "items of the db.")
+    dim: int = option(256, "width of their synthetic vectors.")
+    planted: int | None = option(None, "planted pairs (default: 1% of --count).")
+    threshold: float = option(SCALE_THRESHOLD, "the threshold find_duplicates runs at.")
+    build_only: bool = option(False, "build the db and its index (kept in --work-dir), measure nothing.")
+    work_dir: Path = option(WORK_DIR, "where the db is built once and kept.")
 
 
 # -- photos: augmented copies, two dbs, a threshold sweep --------------------------------------------------------
@@ -227,15 +247,16 @@ def imagededup_peer(folder: Path, paths: list[str]) -> dict:
             "precision": correct / len(found) if found else 1.0, "recall": correct / positives, "seconds": seconds}
 
 
-def run_photos(images: Path, max_images: int, encoder: str, seed: int, work: Path) -> dict:
-    originals = sorted(images.glob("*.JPEG"))[:max_images]
+def run_photos(cfg: DupesConfig) -> dict:
+    images, seed, work = cfg.images, cfg.seed, cfg.work_dir
+    originals = photos(images, cfg.max_images)
     if len(originals) < 4:
-        raise SystemExit(f"{images}: {len(originals)} photos, need at least 4")
+        raise DatasetError(f"{images}: {len(originals)} photos, need at least 4")
     order = np.random.default_rng(seed).permutation(len(originals))
     halves = {"tune": sorted(originals[i] for i in order[: len(order) // 2]),
               "report": sorted(originals[i] for i in order[len(order) // 2:])}
-    spec = get_encoder(encoder)
-    result: dict = {"encoder": spec.name, "seed": seed, "originals": len(originals), "copies": list(COPIES)}
+    spec = get_encoder(cfg.encoder or default_encoder())
+    result: dict = {"machine": machine(), "encoder": spec.name, "seed": seed, "originals": len(originals), "copies": list(COPIES)}
     curves, paths = {}, {}
     for name, files in halves.items():
         folder, db = work / f"{name}-s{seed}-n{len(originals)}", work / f"db-{name}-s{seed}-n{len(originals)}-{spec.name}"
@@ -263,7 +284,8 @@ def run_photos(images: Path, max_images: int, encoder: str, seed: int, work: Pat
     return result
 
 
-def render_photos(result: dict) -> Table:
+def render_photos(result: dict) -> tuple:
+    """The threshold sweep (the chosen row in bold), and the choice with its closest different originals."""
     chosen = result["chosen_threshold"]
     table = Table("threshold", "tune P", "tune R", "held-out P", "held-out R", "held-out F1", "groups",
                   title=f"simsearch dupes calibration: {result['originals']} photos + {len(result['copies'])} copies "
@@ -273,7 +295,12 @@ def render_photos(result: dict) -> Table:
         mark = "bold green" if t["threshold"] == chosen else None
         table.add_row(f"{t['threshold']:.2f}", f"{t['precision']:.3f}", f"{t['recall']:.3f}", f"{r['precision']:.3f}",
                       f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["groups"]), style=mark)
-    return table
+    held = result["held_out"]
+    summary = (f"chosen threshold {chosen:.2f} (tune half); held-out precision {held['precision']:.3f}, recall "
+               f"{held['recall']:.3f}; {len(result['original_pairs_at_chosen'])} pairs of different originals at or "
+               "above it (closest: " + ", ".join(f"{p['a']} ~ {p['b']} {p['cosine']:.3f}"
+                                                 for p in result["closest_originals"][:3]) + ")")
+    return table, Text(summary)
 
 
 def _peer_line(peer: dict) -> str:
@@ -325,7 +352,7 @@ def make_scale_db(root: Path, count: int, dim: int, planted: int, seed: int = 0)
                  "db_seconds": build - start,
                  "index_seconds": time.perf_counter() - build, "index_kind": entry.index_type,
                  "index_params": entry.index_params, "index_bytes": entry.index_bytes}
-    facts_path.write_text(json.dumps(facts))
+    save_json(facts, facts_path)
     return facts
 
 
@@ -371,11 +398,13 @@ def _measure_child(db: str, threshold: float) -> dict:
             "label": label}
 
 
-def run_scale(count: int, dim: int, planted: int, work: Path, threshold: float, build_only: bool = False) -> dict:
-    root = work / f"scale-{count}x{dim}-p{planted}"
+def run_scale(cfg: DupesScaleConfig) -> dict:
+    count, dim, threshold = cfg.count, cfg.dim, cfg.threshold
+    planted = cfg.planted if cfg.planted is not None else max(1, count // 100)
+    root = cfg.work_dir / f"scale-{count}x{dim}-p{planted}"
     facts = make_scale_db(root, count, dim, planted)
-    if build_only:
-        return {k: v for k, v in facts.items() if k not in ("pairs", "cosines")}
+    if cfg.build_only:
+        return {"machine": machine(), "db": str(root), **{k: v for k, v in facts.items() if k not in ("pairs", "cosines")}}
     load = os.getloadavg()
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         m = pool.submit(_measure_child, str(root), threshold).result()
@@ -384,7 +413,8 @@ def run_scale(count: int, dim: int, planted: int, work: Path, threshold: float, 
     expected = [c >= threshold for c in facts["cosines"]]
     found = sum(g and e for g, e in zip(grouped, expected))
     extra = m["peak_anon"] - m["anon_before"] - facts["index_bytes"]
-    return {**{k: v for k, v in facts.items() if k not in ("pairs", "cosines")}, **m, "threshold": threshold,
+    return {"machine": machine(), **{k: v for k, v in facts.items() if k not in ("pairs", "cosines")}, **m,
+            "threshold": threshold,
             "planted_expected": sum(expected), "planted_found": found,
             "planted_recall": found / sum(expected) if any(expected) else 1.0,
             "planted_cosine_range": [min(facts["cosines"], default=0), max(facts["cosines"], default=0)],
@@ -392,7 +422,10 @@ def run_scale(count: int, dim: int, planted: int, work: Path, threshold: float, 
             "met": m["seconds"] <= SCALE_MINUTES * 60 and extra <= SCALE_EXTRA_BYTES and found == sum(expected)}
 
 
-def render_scale(r: dict) -> Table:
+def render_scale(r: dict) -> tuple:
+    if "seconds" not in r:  # build_only: the db is there, nothing was measured
+        return (Text(f"built {r['db']}: {r['count']:,} x {r['dim']}, {r['planted']:,} planted pairs, "
+                     f"{r['index_kind']} index in {r['index_seconds']:.1f} s"),)
     table = Table("measure", "value", "target", title=f"simsearch dupes at scale: {r['count']:,} x {r['dim']} synthetic "
                   f"clustered vectors, {r['planted']:,} planted pairs ({r['index_kind']} index)")
     table.add_row("find_duplicates", f"{r['seconds']:.1f} s", f"<= {SCALE_MINUTES} min")
@@ -405,50 +438,4 @@ def render_scale(r: dict) -> Table:
     table.add_row("groups / items grouped / largest", f"{r['groups']:,} / {r['grouped_items']:,} / {r['largest_group']}",
                   "")
     table.add_row("load average (1, 5, 15 min) before", ", ".join(f"{x:.2f}" for x in r["load_average_before"]), "")
-    return table
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--scale", action="store_true", help="the scale mode (synthetic vectors) instead of the photos")
-    p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: the shared imagenet-samples)")
-    p.add_argument("--max-images", type=int, default=1000)
-    p.add_argument("--encoder", default=None, help="default: the default encoder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--count", type=int, default=1_000_000)
-    p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--planted", type=int, default=None, help="planted pairs (default: 1%% of --count)")
-    p.add_argument("--build-only", action="store_true",
-                   help="--scale: build the db and its index (kept in --work-dir), measure nothing")
-    p.add_argument("--threshold", type=float, default=SCALE_THRESHOLD, help="--scale: the threshold used")
-    p.add_argument("--work-dir", type=Path, default=Path("/tmp/simsearch-dupes"))
-    p.add_argument("--out", type=Path, default=None,
-                   help="JSON file (default: results/dupes.json, or results/dupes_scale.json with --scale)")
-    a = p.parse_args(argv)
-    script_logging()
-    console = Console(width=max(Console().width, 120))
-    if a.scale:
-        planted = a.planted if a.planted is not None else max(1, a.count // 100)
-        result = run_scale(a.count, a.dim, planted, a.work_dir, a.threshold, a.build_only)
-        if a.build_only:
-            console.print(f"built {a.work_dir}: {result}")
-            return result
-        console.print(render_scale(result))
-    else:
-        images = a.images or shared_data() / "imagenet-samples"
-        result = run_photos(images, a.max_images, a.encoder or default_encoder(), a.seed, a.work_dir)
-        console.print(render_photos(result))
-        held = result["held_out"]
-        console.print(f"chosen threshold {result['chosen_threshold']:.2f} (tune half); held-out precision "
-                      f"{held['precision']:.3f}, recall {held['recall']:.3f}; {len(result['original_pairs_at_chosen'])} "
-                      "pairs of different originals at or above it (closest: "
-                      + ", ".join(f"{p['a']} ~ {p['b']} {p['cosine']:.3f}" for p in result["closest_originals"][:3]) + ")",
-                      highlight=False)
-    out = a.out or Path("results/dupes_scale.json" if a.scale else "results/dupes.json")
-    doc = {"machine": machine(), **result}
-    Console(stderr=True).print(f"wrote {save_json(doc, out, default=str)}")
-    return doc
-
-
-if __name__ == "__main__":
-    main()
+    return (table,)

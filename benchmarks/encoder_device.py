@@ -1,6 +1,6 @@
 """Encoder throughput per device: ONNX Runtime on CUDA against the same machine's CPU, in one run.
 
-    python -m simsearch.benchmarks.encoder_device [--encoder efficientnet-lite0] [--batch-sizes 1,32,128,256]
+    python -m simsearch.benchmarks encoder-device [--encoder efficientnet-lite0] [--batch-sizes 1,32,128,256]
         [--images DIR] [--out results/encoder_device.json]
 
 For the fp32 encoder and its int8 variant, at each batch size: img/s of `OnnxEncoder` with `--device cuda`
@@ -17,36 +17,37 @@ figure is ever reported for a run that did not get one.
 from __future__ import annotations
 
 import logging
-import platform
 import subprocess
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.benchmarks.speed import SpeedConfig, _photos, _real_batch, _specs, _throughput
+from simsearch.benchmarks.common import (Clock, config_json, default_images, machine, option, photos, precisions,
+                                         real_batch, throughput)
 from simsearch.encoders.registry import DEFAULT_BASE
-from simsearch.paths import shared_data
+from simsearch.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DeviceConfig:
-    images: Path = field(default_factory=lambda: shared_data() / "imagenet-samples")
-    photos: int = 64  # distinct real photos; larger batches repeat them
-    encoder: str = DEFAULT_BASE
-    batch_sizes: tuple[int, ...] = (1, 32, 128, 256)
-    min_seconds: float = 3.0
-    models_dir: Path | None = None
+    images: Path = option(help="folder of JPEGs (default: the shared imagenet-samples).", factory=default_images)
+    photos: int = option(64, "distinct real photos; larger batches repeat them.")
+    encoder: str = option(DEFAULT_BASE, "fp32 or int8 name of one encoder: both precisions are measured.")
+    batch_sizes: tuple[int, ...] = option((1, 32, 128, 256), "batch sizes measured.")
+    min_seconds: float = option(3.0, "each throughput is timed for at least this long (after one warm-up batch).")
+    models_dir: Path | None = option(None, "encoder cache folder (default: simsearch's).")
 
 
 def _batch(cfg: DeviceConfig, spec, size: int) -> np.ndarray:
-    base = _real_batch(SpeedConfig(images=cfg.images, batch_size=cfg.photos, models_dir=cfg.models_dir), spec)
+    base = real_batch(photos(cfg.images, cfg.photos), spec)
     return np.resize(base, (size, *base.shape[1:]))  # (size, 3, S, S): the photos, repeated
 
 
-def measure(cfg: DeviceConfig, spec) -> list[dict]:
+def measure(cfg: DeviceConfig, spec, clock: Clock = time.perf_counter) -> list[dict]:
     """One row per batch size: CUDA and CPU img/s of `spec`, and the CUDA/CPU vectors' cosine."""
     from simsearch.devices import Device
     from simsearch.encoders.runtime import OnnxEncoder, cpu_count
@@ -57,7 +58,8 @@ def measure(cfg: DeviceConfig, spec) -> list[dict]:
     rows = []
     for size in cfg.batch_sizes:
         batch = _batch(cfg, spec, size)
-        ips = {d.value: _throughput(lambda e=e: e.embed(batch), size, cfg.min_seconds) for d, e in encoders.items()}
+        ips = {d.value: throughput(lambda e=e: e.embed(batch), size, cfg.min_seconds, clock)
+               for d, e in encoders.items()}
         rows.append({"encoder": spec.name, "batch": size, "cuda_ran_on": encoders[Device.cuda].device,
                      "cuda_img_s": ips["cuda"], "cpu_img_s": ips["cpu"], "cpu_threads": cpu_count(),
                      "ratio": ips["cuda"] / ips["cpu"],
@@ -76,20 +78,20 @@ def gpu_name() -> str:
         return "none"
 
 
-def run(cfg: DeviceConfig) -> dict:
+def run(cfg: DeviceConfig, clock: Clock = time.perf_counter) -> dict:
     import onnxruntime as ort
 
-    fp32, int8 = _specs(SpeedConfig(encoder=cfg.encoder, models_dir=cfg.models_dir))
-    n = len(_photos(SpeedConfig(images=cfg.images, max_images=cfg.photos)))
+    fp32, int8 = precisions(cfg.encoder, cfg.models_dir)
+    n = len(photos(cfg.images, cfg.photos))
     if n < cfg.photos:
-        raise ValueError(f"{cfg.images} holds {n} JPEGs, {cfg.photos} needed (--photos)")
-    return {"machine": {"gpu": gpu_name(), "cpu": platform.processor(), "python": platform.python_version(),
-                        "onnxruntime": ort.__version__, "providers": ort.get_available_providers()},
-            "config": {k: str(v) if isinstance(v, Path) else v for k, v in cfg.__dict__.items()},
-            "rows": measure(cfg, fp32) + measure(cfg, int8)}
+        raise DatasetError(f"{cfg.images} holds {n} JPEGs, {cfg.photos} needed (--photos)")
+    return {"machine": {**machine(), "gpu": gpu_name(), "onnxruntime": ort.__version__,
+                        "providers": ort.get_available_providers()},
+            "config": config_json(cfg),
+            "rows": measure(cfg, fp32, clock) + measure(cfg, int8, clock)}
 
 
-def render(result: dict):
+def render(result: dict) -> tuple:
     from rich.table import Table
 
     m = result["machine"]
@@ -99,30 +101,4 @@ def render(result: dict):
         cuda = f"{r['cuda_img_s']:.0f}" + ("" if r["cuda_ran_on"] == "cuda" else " [red](ran on CPU)[/red]")
         table.add_row(r["encoder"], str(r["batch"]), cuda, f"{r['cpu_img_s']:.0f} ({r['cpu_threads']} thr)",
                       f"{r['ratio']:.1f}x", f"{r['cosine_min']:.4f} / {r['cosine_mean']:.4f}")
-    return table
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from simsearch.benchmarks.report import script_logging, show_and_save
-
-    d = DeviceConfig()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--encoder", default=d.encoder, help="fp32 or int8 name: both precisions are measured")
-    p.add_argument("--batch-sizes", type=lambda s: tuple(int(x) for x in s.split(",")), default=d.batch_sizes)
-    p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: the shared imagenet-samples)")
-    p.add_argument("--photos", type=int, default=d.photos)
-    p.add_argument("--min-seconds", type=float, default=d.min_seconds)
-    p.add_argument("--models-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=Path("results/encoder_device.json"))
-    a = p.parse_args(argv)
-    script_logging()
-    cfg = DeviceConfig(**({"images": a.images} if a.images else {}), photos=a.photos, encoder=a.encoder,
-                       batch_sizes=a.batch_sizes, min_seconds=a.min_seconds, models_dir=a.models_dir)
-    result = run(cfg)
-    show_and_save([render(result)], result, a.out, 110)
-
-
-if __name__ == "__main__":
-    main()
+    return (table,)

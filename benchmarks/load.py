@@ -1,7 +1,7 @@
 """Load benchmark of `simsearch serve`: latency and throughput of the HTTP API against the library's own rate.
 
-    python -m simsearch.benchmarks.load [--db DB] [--vectors 100000] [--max-requests 3000] [--max-seconds 10]
-                                        [--work-dir DIR] [--out results/load.json]
+    python -m simsearch.benchmarks load [--db DB] [--vectors 100000] [--max-requests 3000] [--max-seconds 10]
+                                       [--work-dir DIR] [--out results/load.json]
 
 Two dbs: the demo db (the 1,000 imagenet-samples photos, indexed here in --work-dir, or --db), and a db of
 --vectors items: a copy of the demo db padded with clustered synthetic vectors stored as the same encoder's
@@ -43,12 +43,12 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from simsearch.paths import shared_data
+from simsearch.benchmarks.common import Clock, config_json, default_images, machine, option, photos
 
 log = logging.getLogger(__name__)
 
@@ -61,16 +61,17 @@ URL_LINE = re.compile(r"on (http://127\.0\.0\.1:(\d+))")
 
 @dataclass(frozen=True)
 class LoadConfig:
-    images: Path = field(default_factory=lambda: shared_data() / "imagenet-samples")
-    max_images: int = 1000  # photos in the demo db
-    db: Path | None = None  # the demo db as it is; None: built from `images` in work_dir
-    vectors: int = 100_000  # items in the large db (0: measure the demo db only)
-    max_requests: int = 3000  # per (db, operation, concurrency), and as many for the baseline
-    max_seconds: float = 10.0
-    concurrency: tuple[int, ...] = CONCURRENCY
-    work_dir: Path = Path("/tmp/simsearch-load")
-    models_dir: Path | None = None
-    seed: int = 0
+    images: Path = option(help="photos of the demo db and the uploads (default: the shared imagenet-samples).",
+                          factory=default_images)
+    max_images: int = option(1000, "photos in the demo db.")
+    db: Path | None = option(None, "the demo db as it is (default: the photos indexed in --work-dir).")
+    vectors: int = option(100_000, "items of the large db (0: measure the demo db only).")
+    max_requests: int = option(3000, "requests per (db, operation, concurrency), and as many for the baseline.")
+    max_seconds: float = option(10.0, "a run stops after this long if --max-requests are not sent yet.")
+    concurrency: tuple[int, ...] = option(CONCURRENCY, "client threads, each its own connection.")
+    work_dir: Path = option(Path("/tmp/simsearch-load"), "where the dbs are built once and kept.")
+    models_dir: Path | None = option(None, "encoder cache folder (default: simsearch's).")
+    seed: int = option(0, "seed of the items drawn for `similar`.")
 
 
 # -- the server as a child process -----------------------------------------------------------------------------------
@@ -157,24 +158,24 @@ def _answered(status: int, body: bytes) -> bool:
 Op = Callable[[int, int], bool]  # (thread, request number) -> answered
 
 
-def drive(op: Op, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+def drive(op: Op, concurrency: int, max_requests: int, max_seconds: float, clock: Clock = time.perf_counter) -> dict:
     """Run `op` from `concurrency` threads, each calling again as soon as its last call returned, until
     max_requests calls were started or max_seconds passed. An exception counts as an error."""
     numbers = itertools.count()
     latencies: list[list[float]] = [[] for _ in range(concurrency)]
     errors = [0] * concurrency
-    t0 = time.perf_counter()
+    t0 = clock()
     deadline = t0 + max_seconds
 
     def worker(w: int) -> None:
-        while (i := next(numbers)) < max_requests and time.perf_counter() < deadline:
-            t = time.perf_counter()
+        while (i := next(numbers)) < max_requests and clock() < deadline:
+            t = clock()
             try:
                 ok = op(w, i)
             except Exception as e:  # noqa: BLE001 - any failure of a request is an error to count
                 log.debug("request %d failed: %r", i, e)
                 ok = False
-            latencies[w].append(time.perf_counter() - t)
+            latencies[w].append(clock() - t)
             errors[w] += not ok
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
@@ -182,7 +183,7 @@ def drive(op: Op, concurrency: int, max_requests: int, max_seconds: float) -> di
         t.start()
     for t in threads:
         t.join()
-    seconds = time.perf_counter() - t0
+    seconds = clock() - t0
     lat = np.concatenate([np.asarray(x) for x in latencies]) if any(latencies) else np.zeros(1)
     return {"requests": int(sum(map(len, latencies))), "seconds": seconds,
             "rps": sum(map(len, latencies)) / seconds, "p50_ms": float(np.percentile(lat, 50) * 1e3),
@@ -209,7 +210,7 @@ def demo_db(cfg: LoadConfig) -> Path:
     folder = cfg.work_dir / f"photos-{cfg.max_images}"
     if not folder.is_dir():
         folder.mkdir(parents=True)
-        for p in sorted(cfg.images.glob("*.JPEG"))[: cfg.max_images]:
+        for p in photos(cfg.images, cfg.max_images):
             (folder / p.name).symlink_to(p.resolve())
     encoder = OnnxEncoder(get_encoder(default_encoder(), cfg.models_dir), models_dir=cfg.models_dir)
     with Store(root, create=True) as store:
@@ -241,12 +242,12 @@ def large_db(cfg: LoadConfig, demo: Path) -> Path:
 
 
 # -- one db ----------------------------------------------------------------------------------------------------------
-def measure_db(cfg: LoadConfig, label: str, db: Path, photos: list[Path]) -> list[dict]:
+def measure_db(cfg: LoadConfig, label: str, db: Path, query_photos: list[Path]) -> list[dict]:
     """Every (operation, concurrency) on one db: through the server, then in this process."""
     from simsearch.retrieval.search import Searcher
 
     rng = np.random.default_rng(cfg.seed)
-    uploads = [multipart("image", p.name, p.read_bytes()) for p in photos]
+    uploads = [multipart("image", p.name, p.read_bytes()) for p in query_photos]
     rows = []
     with Searcher.open(db, models_dir=cfg.models_dir) as searcher:
         ids = np.fromiter((i for i, _, live in searcher.store.iter_ids() if live), dtype=np.int64)
@@ -260,7 +261,7 @@ def measure_db(cfg: LoadConfig, label: str, db: Path, photos: list[Path]) -> lis
             return bool(searcher.search_vectors(vector, K)[0])
 
         def query_here(w: int, i: int) -> bool:
-            return bool(searcher.query([photos[i % len(photos)]], K)[0].hits)
+            return bool(searcher.query([query_photos[i % len(query_photos)]], K)[0].hits)
 
         here = (("similar", similar_here), ("query", query_here))
         baseline = {(op, c): _warm_and_drive(fn, c, cfg) for op, fn in here for c in cfg.concurrency}
@@ -310,23 +311,23 @@ def _judge(rows: list[dict]) -> list[dict]:
 
 
 def run(cfg: LoadConfig) -> dict:
-    from simsearch.benchmarks.ann import machine
-
+    """Both dbs, every operation and concurrency. Set OMP_WAIT_POLICY=PASSIVE before FAISS is first imported, as
+    `simsearch serve` does, to give the in-process baseline the server's footing (the entry point does)."""
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    photos = sorted(cfg.images.glob("*.JPEG"))[:QUERY_PHOTOS]
+    query_photos = photos(cfg.images, QUERY_PHOTOS)
     demo = demo_db(cfg)
     dbs = [("demo", demo)] + ([(f"{cfg.vectors // 1000}k", large_db(cfg, demo))] if cfg.vectors else [])
     rows = []
     for label, db in dbs:
-        rows += measure_db(cfg, label, db, photos)
-    return {"config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        rows += measure_db(cfg, label, db, query_photos)
+    return {"config": config_json(cfg),
             "machine": {**machine(), "load_average_at_end": list(os.getloadavg()),
                         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")},
             "rows": rows, "targets": _judge(rows), "wall_seconds": time.perf_counter() - t0}
 
 
-def render(result: dict):
+def render(result: dict) -> tuple:
     from rich.table import Table
 
     loads = [x for r in result["rows"] for x in r["load_average"]]
@@ -345,37 +346,3 @@ def render(result: dict):
     for t in result["targets"]:
         targets.add_row(t["target"], t["db"], f"{t['value']:.2f}", "yes" if t["met"] else "[red]no[/red]")
     return table, targets
-
-
-def main(argv: list[str] | None = None) -> dict:
-    import argparse
-
-    from simsearch.benchmarks.report import script_logging, show_and_save
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--db", type=Path, default=None, help="the demo db (default: the imagenet-samples photos indexed "
-                                                          "in --work-dir)")
-    p.add_argument("--images", type=Path, default=None, help="photos of the demo db and the uploads")
-    p.add_argument("--max-images", type=int, default=LoadConfig.max_images)
-    p.add_argument("--vectors", type=int, default=LoadConfig.vectors, help="items of the large db (0: none)")
-    p.add_argument("--max-requests", type=int, default=LoadConfig.max_requests)
-    p.add_argument("--max-seconds", type=float, default=LoadConfig.max_seconds)
-    p.add_argument("--concurrency", default=",".join(map(str, CONCURRENCY)))
-    p.add_argument("--work-dir", type=Path, default=LoadConfig.work_dir)
-    p.add_argument("--models-dir", type=Path, default=None)
-    p.add_argument("--out", type=Path, default=Path("results/load.json"))
-    a = p.parse_args(argv)
-    # As `simsearch serve` does, before FAISS (and its OpenMP runtime) is loaded: the baseline gets the same footing.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    script_logging()
-    images = {"images": a.images} if a.images else {}
-    cfg = LoadConfig(**images, max_images=a.max_images, db=a.db, vectors=a.vectors, max_requests=a.max_requests,
-                     max_seconds=a.max_seconds, concurrency=tuple(int(c) for c in a.concurrency.split(",")),
-                     work_dir=a.work_dir, models_dir=a.models_dir)
-    result = run(cfg)
-    show_and_save(render(result), result, a.out, 150)
-    return result
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Build the benchmark's extra domains from the shared data:
 
-    python -m simsearch.benchmarks.pair_folders low-data OUT    # 1,225 same-class pairs from Tiny ImageNet train
-    python -m simsearch.benchmarks.pair_folders ood OUT         # imagenet-samples photos <-> augmented copies
-    python -m simsearch.benchmarks.pair_folders aspect OUT      # Tiny ImageNet with 2:3 and 3:2 val images
+    python -m simsearch.benchmarks pair-folders low-data OUT    # 1,225 same-class pairs from Tiny ImageNet train
+    python -m simsearch.benchmarks pair-folders ood OUT         # imagenet-samples photos <-> augmented copies
+    python -m simsearch.benchmarks pair-folders aspect OUT      # Tiny ImageNet with 2:3 and 3:2 val images
 
 low-data: the research's regime — a triplet fine-tune on 900 matched pairs (the pair folder's default
 train split; the other 325 are its val). Train on it with `simsearch train triplet --data OUT`, then
@@ -15,13 +15,15 @@ photos is paired with a seeded random crop + flip + colour change of itself; `si
 
 from __future__ import annotations
 
-import argparse
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from simsearch.benchmarks.common import option
+from simsearch.errors import UnknownNameError
 from simsearch.evaluation import datasets, generalisation
 from simsearch.paths import shared_data
 
@@ -77,14 +79,16 @@ def aspect(out: Path, root: Path | None = None, seed: int = 0) -> None:
 KINDS = {"low-data": low_data, "ood": ood, "aspect": aspect}
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("kind", choices=tuple(KINDS))
-    p.add_argument("out", type=Path)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    KINDS[a.kind](a.out, seed=a.seed)
+@dataclass(frozen=True)
+class PairFoldersConfig:
+    kind: str = option(help=f"which folder to build: {', '.join(KINDS)}.")
+    out: Path = option(help="the folder to write.")
+    seed: int = option(0, "seed of every random choice.")
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise UnknownNameError(f"unknown kind {self.kind!r} (choose from {', '.join(KINDS)})")
 
 
-if __name__ == "__main__":
-    main()
+def run(cfg: PairFoldersConfig) -> None:
+    KINDS[cfg.kind](cfg.out, seed=cfg.seed)

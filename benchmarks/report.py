@@ -1,6 +1,8 @@
-"""Render a benchmark result (the dict of `harness.run`): rich tables, one JSON file, PNG plots.
+"""Render the quality benchmark's result (the dict of `harness.run`) as rich tables and PNG plots, and write any
+benchmark's JSON document.
 
-Nothing here prints: tables are returned for the CLI to show, files are written where asked.
+Nothing here prints: tables are returned for the caller to show (`simsearch bench`, `python -m
+simsearch.benchmarks`), files are written where asked.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import re
 from pathlib import Path
 
 from rich.table import Table
+
+from simsearch.atomic import write_atomic
 
 
 def _pct(x: float) -> str:
@@ -90,32 +94,12 @@ def write_json(result: dict, out: Path) -> Path:
     return save_json(result, out / "bench.json")
 
 
-def save_json(result: dict, path: Path, default=None) -> Path:
-    """Every benchmark's JSON document, written where asked (its folder made first)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1, default=default))
+def save_json(result: dict | list, path: Path, default=None) -> Path:
+    """Every benchmark's JSON document, written where asked (its folder made first), atomically: a run killed
+    while writing leaves the previous document, never half of one (kept files such as a scale db's facts are
+    read back as a sign the work is done)."""
+    write_atomic(path, json.dumps(result, indent=1, default=default).encode())
     return path
-
-
-def script_logging(spacer: str = " ") -> None:
-    """How a benchmark script logs: simsearch's progress at INFO, everything else's warnings, timestamped."""
-    import logging
-
-    logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s{spacer}%(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("simsearch").setLevel(logging.INFO)
-
-
-def show_and_save(tables, result: dict, path: Path, width: int, default=None) -> Path:
-    """A benchmark script's ending: its tables on stdout (at least `width` columns wide, so they do not wrap
-    in a narrow terminal or a log), its JSON document at `path`, and where that went on stderr."""
-    from rich.console import Console
-
-    console = Console(width=max(Console().width, width))
-    for table in tables:
-        console.print(table)
-    saved = save_json(result, path, default)
-    Console(stderr=True).print(f"wrote {saved}")
-    return saved
 
 
 def write_plots(result: dict, out: Path) -> list[Path]:

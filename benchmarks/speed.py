@@ -1,7 +1,7 @@
 """Speed benchmark: encoder throughput (fp32 and int8), end-to-end indexing against the machine's limit,
 warm query latency, cold start.
 
-    python -m simsearch.benchmarks.speed [--out results/speed.json] [--encoder efficientnet-lite0]
+    python -m simsearch.benchmarks speed [--out results/speed.json] [--encoder efficientnet-lite0]
 
 Every figure is measured in this one run on this machine, and each is reported as a ratio against a
 baseline measured alongside it (timings on shared machines drift by tens of percent between runs):
@@ -26,38 +26,36 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from simsearch.benchmarks.common import (Clock, config_json, default_images, machine, option, photos, precisions,
+                                         real_batch, throughput, timed)
 from simsearch.encoders.registry import DEFAULT_BASE
-from simsearch.paths import shared_data
 
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class SpeedConfig:
-    images: Path = field(default_factory=lambda: shared_data() / "imagenet-samples")
-    max_images: int = 1000  # photos indexed in (b) and (f); also the source of the real batch in (a) and (e)
-    encoder: str = DEFAULT_BASE
-    batch_size: int = 32
-    min_seconds: float = 8.0  # each throughput is timed for at least this long (after one warm-up batch)
-    decode_images: int = 300  # of the indexed photos, decoded one thread in (g)
-    vectors: int = 100_000
-    dim: int = 1280  # the baseline encoder's width
-    queries: int = 1000
-    k: int = 10
-    cold_runs: int = 5
-    models_dir: Path | None = None
+    images: Path = option(help="folder of JPEGs (default: the shared imagenet-samples).", factory=default_images)
+    max_images: int = option(1000, "photos indexed in (b) and (f); the real batch of (a) and (e) is their first.")
+    encoder: str = option(DEFAULT_BASE, "fp32 or int8 name of one encoder: both precisions are measured.")
+    batch_size: int = option(32, "images per encoder call.")
+    min_seconds: float = option(8.0, "each throughput is timed for at least this long (after one warm-up batch).")
+    decode_images: int = option(300, "of the indexed photos, decoded on one thread for the physical limit (g).")
+    vectors: int = option(100_000, "synthetic vectors searched in (c).")
+    dim: int = option(1280, "their width (the baseline encoder's).")
+    queries: int = option(1000, "single queries timed in (c).")
+    k: int = option(10, "neighbours per query in (c).")
+    cold_runs: int = option(5, "fresh `simsearch query` processes in (d); the best counts.")
+    models_dir: Path | None = option(None, "encoder cache folder (default: simsearch's).")
 
 
 @dataclass
@@ -76,75 +74,43 @@ class Measure:
         return self.value / self.baseline if self.baseline else None
 
 
-def _throughput(fn: Callable[[], None], items_per_call: int, min_seconds: float) -> float:
-    """Items per second of `fn`, after one warm-up call, timed for at least `min_seconds`."""
-    fn()
-    calls, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < min_seconds or calls < 2:
-        fn()
-        calls += 1
-    return calls * items_per_call / elapsed
-
-
-def _photos(cfg: SpeedConfig) -> list[Path]:
-    """The photos `index` reads in (b) and (f), in order; the real batch is their first batch_size."""
-    return sorted(cfg.images.glob("*.JPEG"))[: cfg.max_images]
-
-
-def _specs(cfg: SpeedConfig):
-    """(fp32, int8) specs of the encoder cfg.encoder names (either of the two names works)."""
-    from simsearch.encoders.registry import get_encoder
-    from simsearch.encoders.spec import INT8_SUFFIX, Precision
-
-    spec = get_encoder(cfg.encoder, cfg.models_dir)
-    fp32 = spec.fp32()
-    int8 = spec if spec.precision is Precision.int8 else get_encoder(fp32.name + INT8_SUFFIX, cfg.models_dir)
-    return fp32, int8
-
-
-def _real_batch(cfg: SpeedConfig, spec) -> np.ndarray:
-    from simsearch.encoders.preprocess import decode_side, to_input
-    from simsearch.indexer.images import load_rgb
-
-    paths = _photos(cfg)[: cfg.batch_size]
-    return np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in paths])  # (B, 3, S, S)
-
-
-def _ort_throughput(cfg: SpeedConfig, spec, batch: np.ndarray, threads: int) -> float:
+def _ort_throughput(cfg: SpeedConfig, spec, batch: np.ndarray, threads: int, clock: Clock) -> float:
     """img/s of ONNX Runtime on CPU with `threads` intra-op threads (int8: quantised first, untimed)."""
     from simsearch.devices import Device
     from simsearch.encoders.runtime import OnnxEncoder
 
     encoder = OnnxEncoder(spec, Device.cpu, cfg.models_dir, threads=threads)
-    return _throughput(lambda: encoder.embed(batch), len(batch), cfg.min_seconds)
+    return throughput(lambda: encoder.embed(batch), len(batch), cfg.min_seconds, clock)
 
 
-def encoder_throughput(cfg: SpeedConfig, spec, batch: np.ndarray) -> tuple[Measure, float]:
+def encoder_throughput(cfg: SpeedConfig, spec, batch: np.ndarray, clock: Clock = time.perf_counter
+                       ) -> tuple[Measure, float]:
     """(a): torch eager vs ONNX Runtime (fp32) on the same batch; returns the measure and ORT img/s."""
     import torch
 
     from simsearch.encoders.export import build_embedding_model
     from simsearch.encoders.runtime import cpu_count
 
-    ort_ips = _ort_throughput(cfg, spec, batch, cpu_count())
+    ort_ips = _ort_throughput(cfg, spec, batch, cpu_count(), clock)
     torch.set_num_threads(cpu_count())
     model = build_embedding_model(spec)
     x = torch.from_numpy(batch)
     with torch.inference_mode():
-        torch_ips = _throughput(lambda: model(x), len(batch), cfg.min_seconds)
+        torch_ips = throughput(lambda: model(x), len(batch), cfg.min_seconds, clock)
     m = Measure("(a) encoder, ORT vs torch", ort_ips, "img/s", torch_ips, "torch eager", ">= 2x",
                 detail=f"{spec.name}, batch {len(batch)} of real photos, {cpu_count()} threads")
     m.met = m.ratio >= 2.0
     return m, ort_ips
 
 
-def int8_throughput(cfg: SpeedConfig, fp32, int8, batch: np.ndarray, fp32_ips: float) -> tuple[Measure, float]:
+def int8_throughput(cfg: SpeedConfig, fp32, int8, batch: np.ndarray, fp32_ips: float,
+                    clock: Clock = time.perf_counter) -> tuple[Measure, float]:
     """(e): ORT int8 vs ORT fp32 (fp32_ips: (a)'s ORT figure), same batch, same threads; returns the measure
     and int8 img/s."""
     from simsearch.encoders.quantize import int8_fast_here
     from simsearch.encoders.runtime import cpu_count
 
-    int8_ips = _ort_throughput(cfg, int8, batch, cpu_count())
+    int8_ips = _ort_throughput(cfg, int8, batch, cpu_count(), clock)
     fast = int8_fast_here()
     m = Measure("(e) encoder, int8 vs fp32", int8_ips, "img/s", fp32_ips, "fp32 ORT", ">= 3x",
                 detail=f"{int8.name} vs {fp32.name}, batch {len(batch)} of real photos, {cpu_count()} threads; "
@@ -154,7 +120,8 @@ def int8_throughput(cfg: SpeedConfig, fp32, int8, batch: np.ndarray, fp32_ips: f
 
 
 def index_throughput(cfg: SpeedConfig, spec, ort_ips: float, folder: Path, db: Path,
-                     name: str = "(b) index, end to end", baseline_name: str = "pure ORT") -> Measure:
+                     name: str = "(b) index, end to end", baseline_name: str = "pure ORT",
+                     clock: Clock = time.perf_counter) -> Measure:
     """(b), (f): a fresh `index` of real JPEGs (scan, read, hash, decode, embed, write, FAISS build)."""
     from simsearch.devices import Device
     from simsearch.encoders.runtime import OnnxEncoder
@@ -163,13 +130,13 @@ def index_throughput(cfg: SpeedConfig, spec, ort_ips: float, folder: Path, db: P
     from simsearch.retrieval.faiss_index import refresh_index
 
     encoder = OnnxEncoder(spec, Device.cpu, cfg.models_dir)
-    t = time.perf_counter()
+    t = clock()
     with Store(db, create=True) as store:
         report = Indexer(encoder, store, IndexerConfig(batch_size=cfg.batch_size)).run(folder)
-        t_index = time.perf_counter()
+        t_index = clock()
         refresh_index(store, encoder.spec.name)
-        report.seconds["index"] = time.perf_counter() - t_index
-    report.wall = time.perf_counter() - t
+        report.seconds["index"] = clock() - t_index
+    report.wall = clock() - t
     log.info("index (%s): %d images in %.1f s, stages %s", spec.name, report.embedded,
              report.wall, {k: round(v, 2) for k, v in report.seconds.items()})
     stages = ", ".join(f"{k} {v:.1f} s" for k, v in report.seconds.items())
@@ -180,7 +147,7 @@ def index_throughput(cfg: SpeedConfig, spec, ort_ips: float, folder: Path, db: P
     return m
 
 
-def decode_core_seconds(cfg: SpeedConfig, spec) -> dict:
+def decode_core_seconds(cfg: SpeedConfig, spec, clock: Clock = time.perf_counter) -> dict:
     """Single-threaded wall (and CPU) seconds per image of what `index` does to a new photo before the encoder:
     read the file, load_rgb at decode_side(spec), to_input; over up to cfg.decode_images of the photos `index`
     reads (evenly spaced), after one untimed warm-up. Left out: sha256 (~0.07 ms of ~4.5 ms per photo here) and the
@@ -188,26 +155,26 @@ def decode_core_seconds(cfg: SpeedConfig, spec) -> dict:
     from simsearch.encoders.preprocess import decode_side, to_input
     from simsearch.indexer.images import load_rgb
 
-    photos = _photos(cfg)
-    sample = photos[:: max(1, len(photos) // cfg.decode_images)][: cfg.decode_images]
+    indexed = photos(cfg.images, cfg.max_images)
+    sample = indexed[:: max(1, len(indexed) // cfg.decode_images)][: cfg.decode_images]
     side = decode_side(spec)
 
     def prepare(p: Path) -> None:
         to_input(load_rgb(p, side, data=p.read_bytes()), spec)
 
     prepare(sample[0])
-    wall, cpu = time.perf_counter(), time.thread_time()
+    wall, cpu = clock(), time.thread_time()
     for p in sample:
         prepare(p)
-    return {"images": len(sample), "wall_seconds_per_image": (time.perf_counter() - wall) / len(sample),
+    return {"images": len(sample), "wall_seconds_per_image": (clock() - wall) / len(sample),
             "cpu_seconds_per_image": (time.thread_time() - cpu) / len(sample)}
 
 
-def physical_limit(cfg: SpeedConfig, spec, batch: np.ndarray, decode: dict) -> dict:
+def physical_limit(cfg: SpeedConfig, spec, batch: np.ndarray, decode: dict, clock: Clock = time.perf_counter) -> dict:
     """The end-to-end img/s ceiling of this machine for `spec`: cores / (decode + encoder core-seconds per image)."""
     from simsearch.encoders.runtime import cpu_count
 
-    one_thread_ips = _ort_throughput(cfg, spec, batch, threads=1)
+    one_thread_ips = _ort_throughput(cfg, spec, batch, 1, clock)
     encoder_s = 1.0 / one_thread_ips
     decode_s = decode["wall_seconds_per_image"]
     return {"encoder": spec.name, "cores": cpu_count(), "decode_core_seconds": decode_s,
@@ -242,7 +209,7 @@ def clustered_vectors(n: int, dim: int, rng: np.random.Generator, centers: int =
     return out
 
 
-def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
+def query_latency(cfg: SpeedConfig, clock: Clock = time.perf_counter) -> tuple[Measure, dict]:
     """(c): one query at a time, as a user's query arrives; the "auto" index vs exact search."""
     from simsearch.retrieval.faiss_index import IndexConfig, LoadedIndex, build_index
     from simsearch.retrieval.tuning import recall_at_k
@@ -258,16 +225,12 @@ def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
 
     results = {}
     for kind in ("flat", "auto"):
-        t = time.perf_counter()
-        built = build_index(blocks, cfg.dim, cfg.vectors, IndexConfig(kind=kind))
+        built, build_s = timed(lambda: build_index(blocks, cfg.dim, cfg.vectors, IndexConfig(kind=kind)), clock)
         index = LoadedIndex(built.index, params=built.params)
-        build_s = time.perf_counter() - t
         index.search(queries[:10], cfg.k)  # warm-up
         lat, found = np.empty(cfg.queries), np.empty((cfg.queries, cfg.k), dtype=np.int64)
         for i in range(cfg.queries):
-            t = time.perf_counter()
-            _, found[i] = index.search(queries[i:i + 1], cfg.k)
-            lat[i] = time.perf_counter() - t
+            (_, found[i]), lat[i] = timed(lambda: index.search(queries[i:i + 1], cfg.k), clock)
         params = ",".join(f"{k}{v}" for k, v in built.params.items())
         results[kind] = {"index": built.plan.kind + (f"{built.plan.nlist},{params}" if params else ""), "build_seconds": build_s,
                          "p50_ms": float(np.percentile(lat, 50) * 1e3), "p95_ms": float(np.percentile(lat, 95) * 1e3),
@@ -284,20 +247,16 @@ def query_latency(cfg: SpeedConfig) -> tuple[Measure, dict]:
     return m, results
 
 
-def cold_query(cfg: SpeedConfig, db: Path) -> Measure:
+def cold_query(cfg: SpeedConfig, db: Path, clock: Clock = time.perf_counter) -> Measure:
     """(d): wall time of `simsearch query` as a fresh process, best of `cold_runs` (page cache warm)."""
-    query = sorted(cfg.images.glob("*.JPEG"))[0]
+    query = photos(cfg.images, 1)[0]
     cmd = [sys.executable, "-m", "simsearch.cli", "query", str(query), "-k", "10", "--db", str(db)]
     env_models = {"SIMSEARCH_MODELS_DIR": str(cfg.models_dir)} if cfg.models_dir else {}
 
     def best(argv: list[str]) -> float:
         env = {**os.environ, **env_models}
-        times = []
-        for _ in range(cfg.cold_runs):
-            t = time.perf_counter()
-            subprocess.run(argv, check=True, capture_output=True, env=env)
-            times.append(time.perf_counter() - t)
-        return min(times)
+        return min(timed(lambda: subprocess.run(argv, check=True, capture_output=True, env=env), clock)[1]
+                   for _ in range(cfg.cold_runs))
 
     m = Measure("(d) cold `simsearch query`", best(cmd), "s", best([sys.executable, "-c", "pass"]),
                 "python -c pass", "<= 1.5 s", detail=f"best of {cfg.cold_runs} processes, k=10")
@@ -305,40 +264,42 @@ def cold_query(cfg: SpeedConfig, db: Path) -> Measure:
     return m
 
 
-def run(cfg: SpeedConfig) -> dict:
+def run(cfg: SpeedConfig, clock: Clock = time.perf_counter) -> dict:
+    """Every measure, (a) to (g), in one run; `clock` times them all (a test passes a fake one)."""
     from simsearch.encoders.quantize import int8_fast_here
-    from simsearch.encoders.runtime import cpu_count
 
-    fp32, int8 = _specs(cfg)
-    batch = _real_batch(cfg, fp32)  # int8 variants share their fp32 encoder's preprocessing: the same batch
+    fp32, int8 = precisions(cfg.encoder, cfg.models_dir)
+    indexed = photos(cfg.images, cfg.max_images)
+    # int8 variants share their fp32 encoder's preprocessing: the same batch
+    batch = real_batch(indexed[: cfg.batch_size], fp32)
     with tempfile.TemporaryDirectory(prefix="simsearch-speed-") as tmp:
         db = Path(tmp) / "db"
         folder = Path(tmp) / "images"
         folder.mkdir()
-        for p in _photos(cfg):
+        for p in indexed:
             (folder / p.name).symlink_to(p)
-        a, fp32_ips = encoder_throughput(cfg, fp32, batch)
-        e, int8_ips = int8_throughput(cfg, fp32, int8, batch, fp32_ips)
-        b = index_throughput(cfg, fp32, fp32_ips, folder, db)
+        a, fp32_ips = encoder_throughput(cfg, fp32, batch, clock)
+        e, int8_ips = int8_throughput(cfg, fp32, int8, batch, fp32_ips, clock)
+        b = index_throughput(cfg, fp32, fp32_ips, folder, db, clock=clock)
         f = index_throughput(cfg, int8, int8_ips, folder, Path(tmp) / "db-int8",
-                             "(f) index, end to end, int8", "pure int8 ORT")
-        decode = decode_core_seconds(cfg, fp32)  # after (b): the photos are in the page cache, as for (f)
-        limits = {"fp32": physical_limit(cfg, fp32, batch, decode), "int8": physical_limit(cfg, int8, batch, decode)}
+                             "(f) index, end to end, int8", "pure int8 ORT", clock)
+        decode = decode_core_seconds(cfg, fp32, clock)  # after (b): the photos are in the page cache, as for (f)
+        limits = {"fp32": physical_limit(cfg, fp32, batch, decode, clock),
+                  "int8": physical_limit(cfg, int8, batch, decode, clock)}
         g = [limit_measure(index, limits[precision], decode, precision) for index, precision in ((b, "fp32"), (f, "int8"))]
-        c, search = query_latency(cfg)
-        d = cold_query(cfg, db)
+        c, search = query_latency(cfg, clock)
+        d = cold_query(cfg, db, clock)
     measures = [a, b, c, d, e, f, *g]
     return {
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
-        "machine": {"cores": cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-                    "int8_fast": int8_fast_here()},
+        "config": config_json(cfg),
+        "machine": {**machine(), "int8_fast": int8_fast_here()},
         "measures": [{**asdict(m), "ratio": m.ratio} for m in measures],
         "search": search,
         "limit": {"decode": decode, **limits},
     }
 
 
-def render(result: dict):
+def render(result: dict) -> tuple:
     from rich.table import Table
 
     table = Table("measure", "value", "baseline", "ratio", "target", "met", title="simsearch speed",
@@ -346,37 +307,4 @@ def render(result: dict):
     for m in result["measures"]:
         table.add_row(m["name"], f"{m['value']:.2f} {m['unit']}", f"{m['baseline']:.2f} {m['unit']} ({m['baseline_name']})",
                       f"{m['ratio']:.2f}x", m["target"], "yes" if m["met"] else "[red]no[/red]")
-    return table
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    from simsearch.benchmarks.report import script_logging, show_and_save
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("results/speed.json"))
-    p.add_argument("--images", type=Path, default=None, help="folder of JPEGs (default: the shared imagenet-samples)")
-    p.add_argument("--max-images", type=int, default=SpeedConfig.max_images)
-    p.add_argument("--encoder", default=SpeedConfig.encoder,
-                   help="fp32 or int8 name of one encoder: both precisions are measured")
-    p.add_argument("--batch-size", type=int, default=SpeedConfig.batch_size)
-    p.add_argument("--min-seconds", type=float, default=SpeedConfig.min_seconds)
-    p.add_argument("--vectors", type=int, default=SpeedConfig.vectors)
-    p.add_argument("--queries", type=int, default=SpeedConfig.queries)
-    p.add_argument("--cold-runs", type=int, default=SpeedConfig.cold_runs)
-    p.add_argument("--decode-images", type=int, default=SpeedConfig.decode_images,
-                   help="photos decoded on one thread for the physical limit (g)")
-    p.add_argument("--models-dir", type=Path, default=None)
-    a = p.parse_args(argv)
-    script_logging()
-    images = {"images": a.images} if a.images else {}
-    cfg = SpeedConfig(**images, max_images=a.max_images, encoder=a.encoder, batch_size=a.batch_size,
-                      min_seconds=a.min_seconds, vectors=a.vectors, queries=a.queries, cold_runs=a.cold_runs,
-                      decode_images=a.decode_images, models_dir=a.models_dir)
-    result = run(cfg)
-    show_and_save([render(result)], result, a.out, 120)
-
-
-if __name__ == "__main__":
-    main()
+    return (table,)

@@ -1,4 +1,5 @@
-"""The speed benchmark runs end to end at a tiny size (figures are not judged here: machines are noisy)."""
+"""The speed benchmark's measures, each at a tiny size with a fake clock (the figure it must report is known), and
+the whole run end to end behind `slow` (its figures are not judged there: machines are noisy)."""
 
 import json
 import math
@@ -6,68 +7,95 @@ import math
 import numpy as np
 import pytest
 
-from simsearch.benchmarks import speed
+from simsearch.benchmarks import common, speed
+from simsearch.benchmarks.__main__ import main
+from simsearch.encoders.quantize import parse_cpuinfo_flags
+
+from .clocks import TickClock
 
 
 @pytest.fixture(scope="module")
-def run_tiny(tmp_path_factory, models_dir):
-    """Every measure at a tiny size, once for the module: the printed table and the JSON it wrote."""
-    out = tmp_path_factory.mktemp("speed") / "speed.json"
-    speed.main(["--max-images", "8", "--batch-size", "4", "--min-seconds", "0.05", "--vectors", "12000",
-                "--queries", "20", "--cold-runs", "1", "--decode-images", "6", "--models-dir", str(models_dir),
-                "--out", str(out)])
-    return json.loads(out.read_text())
+def tiny(models_dir):
+    cfg = speed.SpeedConfig(max_images=8, batch_size=2, min_seconds=1.0, decode_images=4, vectors=2000, dim=16,
+                            queries=20, cold_runs=1, models_dir=models_dir)
+    fp32, int8 = common.precisions(cfg.encoder, models_dir)
+    return cfg, fp32, int8, common.real_batch(common.photos(cfg.images, 2), fp32)
 
 
-def test_speed_benchmark_runs_and_writes_json(run_tiny):
-    doc = run_tiny
-    names = [m["name"][:3] for m in doc["measures"]]
-    assert names == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(g)"]
-    for m in doc["measures"]:
-        assert m["value"] > 0 and m["baseline"] > 0 and m["ratio"] == m["value"] / m["baseline"]
-        assert math.isfinite(m["value"]) and math.isfinite(m["baseline"])
-        assert isinstance(m["met"], bool)
-    assert doc["search"]["auto"]["index"].startswith("ivf")  # 12,000 > flat_max: the IVF path is exercised
-    assert doc["search"]["flat"]["index"] == "flat"
-    assert 0.8 <= doc["search"]["auto"]["recall_at_k"] <= 1.0
-    assert isinstance(doc["machine"]["int8_fast"], bool)
+def test_encoder_measures_against_a_fake_clock(tiny):
+    cfg, fp32, int8, batch = tiny
+    # Every call takes one 0.25 s tick: 3 timed calls of 2 images in 1.0 s (min_seconds) = 6 img/s, for ORT and
+    # torch alike, so ORT is 1.0x torch: short of the 2x target.
+    a, fp32_ips = speed.encoder_throughput(cfg, fp32, batch, TickClock(0.25))
+    assert (a.value, a.baseline, a.ratio, a.met, fp32_ips) == (6.0, 6.0, 1.0, False, 6.0)
+    assert "efficientnet-lite0, batch 2 of real photos" in a.detail
 
 
-def test_int8_and_limit_measures_reuse_their_baselines(run_tiny):
-    a, b, _, _, e, f, g32, g8 = run_tiny["measures"]
-    assert "efficientnet-lite0-int8" in e["detail"] and "VNNI" in e["detail"]
-    assert e["baseline"] == a["value"]  # int8 vs the fp32 ORT rate of (a), same batch and threads
-    assert b["baseline"] == a["value"] and f["baseline"] == e["value"]  # index vs pure ORT of its own precision
-    assert f["name"].endswith("int8") and f["target"] == ">= 0.85x"
-    assert (g32["name"], g8["name"]) == ("(g) index vs physical limit, fp32", "(g) index vs physical limit, int8")
-    assert g32["value"] == b["value"] and g8["value"] == f["value"]
-    limit = run_tiny["limit"]
-    assert limit["decode"]["images"] == 6
-    for precision, g in (("fp32", g32), ("int8", g8)):
-        lim = limit[precision]
-        assert lim["decode_core_seconds"] == limit["decode"]["wall_seconds_per_image"] > 0
-        assert lim["encoder_core_seconds"] > 0
-        assert lim["limit_ips"] == pytest.approx(lim["cores"] / (lim["decode_core_seconds"] + lim["encoder_core_seconds"]))
-        assert g["baseline"] == lim["limit_ips"] and math.isfinite(g["baseline"]) and g["baseline"] > 0
-        assert f"{lim['cores']} cores" in g["detail"] and "decode" in g["detail"] and "encoder" in g["detail"]
-    assert limit["int8"]["encoder"] == "efficientnet-lite0-int8" and limit["fp32"]["encoder"] == "efficientnet-lite0"
+def test_int8_measure_against_a_fake_clock(tiny):
+    cfg, fp32, int8, batch = tiny
+    # int8 at 6 img/s against an fp32 rate of 2 img/s: 3.0x, the target met.
+    e, int8_ips = speed.int8_throughput(cfg, fp32, int8, batch, 2.0, TickClock(0.25))
+    assert (e.value, e.baseline, e.ratio, e.met, int8_ips) == (6.0, 2.0, 3.0, True, 6.0)
+    assert "efficientnet-lite0-int8 vs efficientnet-lite0" in e.detail and "VNNI" in e.detail
 
 
-def test_table_lists_every_measure(run_tiny):
+def test_physical_limit_and_its_measure(tiny):
+    cfg, fp32, _, batch = tiny
+    decode = speed.decode_core_seconds(cfg, fp32, TickClock(0.5))
+    assert decode["images"] == 4 and decode["wall_seconds_per_image"] == 0.5 / 4  # one tick over the 4 photos
+    assert 0 < decode["cpu_seconds_per_image"] < 1
+    decode["wall_seconds_per_image"] = 0.5
+    limit = speed.physical_limit(cfg, fp32, batch, decode, TickClock(0.25))
+    # ORT at 1 thread: 6 img/s, so 1/6 core-second per image; decode 0.5: cores / (2/3) = 1.5 img/s per core.
+    assert limit["encoder_1_thread_ips"] == 6.0 and limit["encoder_core_seconds"] == pytest.approx(1 / 6)
+    assert limit["limit_ips"] == pytest.approx(1.5 * limit["cores"])
+    at = speed.Measure("(b)", 0.9 * 1.5 * limit["cores"], "img/s")
+    g = speed.limit_measure(at, limit, decode, "fp32")
+    assert g.baseline == limit["limit_ips"] and g.ratio == pytest.approx(0.9) and g.met
+    assert f"{limit['cores']} cores" in g.detail and "decode 500.00 ms" in g.detail and "encoder 166.67 ms" in g.detail
+    at.value *= 0.99
+    assert not speed.limit_measure(at, limit, decode, "fp32").met
+
+
+def test_index_measure_against_a_fake_clock(tiny, tmp_path):
+    cfg, fp32, _, _ = tiny
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for p in common.photos(cfg.images, 3):
+        (folder / p.name).symlink_to(p)
+    # Four readings of a 0.5 s clock: start, index start, index end, end: 3 photos in 1.5 s = 2 img/s.
+    b = speed.index_throughput(cfg, fp32, 4.0, folder, tmp_path / "db", clock=TickClock(0.5))
+    assert (b.value, b.baseline, b.ratio, b.met) == (2.0, 4.0, 0.5, False)
+    assert "3 JPEGs in 1.5 s" in b.detail and "index 0.5 s" in b.detail
+
+
+def test_query_latency_against_a_fake_clock(tiny):
+    cfg, *_ = tiny
+    c, search = speed.query_latency(cfg, TickClock(0.002))
+    # 2,000 vectors: "auto" is exact search, so its recall is 1; every search and build is one 2 ms tick.
+    assert search["auto"] == pytest.approx({"index": "flat", "build_seconds": 0.002, "p50_ms": 2.0, "p95_ms": 2.0,
+                                            "recall_at_k": 1.0})
+    assert search["flat"] == pytest.approx({"index": "flat", "build_seconds": 0.002, "p50_ms": 2.0, "p95_ms": 2.0})
+    assert (c.value, c.baseline, c.met) == (pytest.approx(2.0), pytest.approx(2.0), True)
+
+
+def test_table_shows_the_json_figures():
     from rich.console import Console
 
+    measures = [speed.Measure("(a) encoder, ORT vs torch", 123.456, "img/s", 41.2, "torch eager", ">= 2x", True, "a"),
+                speed.Measure("(c) warm search p50", 0.731, "ms", 9.5, "exact search", "p50 <= 5 ms", False, "c")]
     console = Console(width=200, record=True)
-    console.print(speed.render(run_tiny))
+    console.print(*speed.render({"measures": [{**vars(m), "ratio": m.ratio} for m in measures]}))
     text = console.export_text()
-    assert "simsearch speed" in text and "physical limit" in text and "int8 vs fp32" in text
+    assert "123.46 img/s" in text and "41.20 img/s (torch eager)" in text and "3.00x" in text
+    assert "0.73 ms" in text and "0.08x" in text and "no" in text
 
 
 def test_an_int8_name_measures_its_fp32_encoder_too(models_dir):
-    cfg = speed.SpeedConfig(encoder="efficientnet-lite0-int8", models_dir=models_dir)
-    fp32, int8 = speed._specs(cfg)
+    fp32, int8 = common.precisions("efficientnet-lite0-int8", models_dir)
     assert (fp32.name, int8.name) == ("efficientnet-lite0", "efficientnet-lite0-int8")
     assert (fp32.precision.value, int8.precision.value) == ("fp32", "int8")
-    assert speed._specs(speed.SpeedConfig(models_dir=models_dir)) == (fp32, int8)
+    assert common.precisions("efficientnet-lite0", models_dir) == (fp32, int8)
 
 
 def test_clustered_vectors_are_unit_norm_and_clustered():
@@ -75,3 +103,30 @@ def test_clustered_vectors_are_unit_norm_and_clustered():
     np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
     sims = x[:200] @ x[:200].T
     assert np.percentile(sims, 99) > 0.3  # neighbours exist (uniform random 64-d vectors stay near 0)
+
+
+@pytest.mark.slow
+def test_speed_end_to_end_through_the_entry_point(tmp_path, models_dir):
+    from rich.console import Console
+
+    out = tmp_path / "speed.json"
+    returned = main(["speed", "--max-images", "8", "--batch-size", "4", "--min-seconds", "0.05", "--vectors", "12000",
+                     "--queries", "20", "--cold-runs", "1", "--decode-images", "6", "--models-dir", str(models_dir),
+                     "--out", str(out)], standalone_mode=False)
+    doc = json.loads(out.read_text())
+    assert doc == json.loads(json.dumps(returned, default=common.json_default))
+    assert [m["name"][:3] for m in doc["measures"]] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)", "(g)", "(g)"]
+    a, b, _, _, e, f, g32, g8 = doc["measures"]
+    assert e["baseline"] == a["value"] and b["baseline"] == a["value"] and f["baseline"] == e["value"]
+    assert g32["value"] == b["value"] and g8["value"] == f["value"]
+    assert doc["limit"]["decode"]["images"] == 6 and doc["config"]["max_images"] == 8
+    assert doc["search"]["auto"]["index"].startswith("ivf")  # 12,000 > the exact-search limit: the IVF path
+    assert 0.8 <= doc["search"]["auto"]["recall_at_k"] <= 1.0
+    flags = parse_cpuinfo_flags(open("/proc/cpuinfo").read())
+    assert doc["machine"]["int8_fast"] == bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})
+    console = Console(width=250, record=True)
+    console.print(*speed.render(doc))
+    text = console.export_text()
+    for m in doc["measures"]:
+        assert math.isfinite(m["value"]) and m["value"] > 0 and m["baseline"] > 0
+        assert f"{m['value']:.2f} {m['unit']}" in text and f"{m['ratio']:.2f}x" in text
