@@ -358,13 +358,14 @@ async function loadInfo() {
   try {
     const info = await getJSON("/api/info");
     generation = info.generation;
-    const enc = info.encoders.find((e) => e.name === info.default_encoder);
+    const names = Object.keys(info.encoders);
+    const enc = info.encoders[info.default_encoder];
     $("db-info").textContent = `${plural(info.items, "image")} · ${info.default_encoder}`
-      + (enc && enc.index ? ` · ${enc.index}` : "");
+      + (enc ? ` · ${enc.index_type}` : "");
     $("db-info").title = info.db;
-    if (info.encoders.length > 1) {
+    if (names.length > 1) {
       const select = $("encoder");
-      select.replaceChildren(...info.encoders.map((e) => el("option", { value: e.name, text: e.name })));
+      select.replaceChildren(...names.map((name) => el("option", { value: name, text: name })));
       select.value = info.default_encoder;
       $("encoder-label").hidden = false;
     }

@@ -1,0 +1,166 @@
+"""The routes: each calls the library the CLI calls (Searcher, Store, retrieval.explain, retrieval.dupes) and sends
+its JSON view (retrieval/views.py) as it is, declaring its answer's model and every error status it can give.
+
+Files are served by item id only: a path is never taken from a request. JSON answers are ready `JSONResponse`s:
+FastAPI would validate a returned dict against the response model first (~0.3 ms of the "similar" route's ~1.4 ms
+of server CPU); the models still document them, and the suite's Schemathesis run checks each answer against them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse, Response
+
+from simsearch.errors import ImageLoadError
+from simsearch.indexer.images import header_size
+from simsearch.indexer.scan import shown_path
+from simsearch.retrieval.views import hit_view, path_fields
+from simsearch.server.errors import responses
+from simsearch.server.library import Library
+from simsearch.server.schemas import (DupesOut, ExplainOut, HealthOut, InfoOut, ItemOut, ItemsOut, QueryOut,
+                                      SimilarOut)
+from simsearch.server.uploads import saved_upload, upload_name
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_ID = 2**63 - 1  # ids are stored as signed 64-bit integers
+MAX_K = 1000
+MAX_DEPTH = 10_000
+
+# Parameter types shared by the routes (module level: FastAPI resolves the annotations by name).
+ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="the store's item id")]
+AnyId = Annotated[int, Query(ge=0, le=MAX_ID, description="the store's item id")]
+K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+EncoderName = Annotated[str | None, Query(
+    description="one of the db's encoders (`encoders` in /api/info); empty or absent: the db's default. A name the "
+                "db holds no vectors of answers 404")]
+Format = Annotated[Literal["json", "png"], Query(description="json: the grids; png: the overlays")]
+Method = Annotated[Literal["auto", "decomposition", "occlusion"], Query(
+    description="auto: the exact decomposition where the encoder allows it, else occlusion")]
+Image = Annotated[UploadFile, File(description="an image file (any format `simsearch index` reads)")]
+
+# The upload's part must be an image: said in the multipart encoding (FastAPI does not write one).
+IMAGE_PART = {"requestBody": {"content": {"multipart/form-data": {"encoding": {"image": {"contentType": "image/*"}}}}}}
+EXPLAINED = {200: {"description": "the explanation: its grids (format=json) or the two overlays (format=png)",
+                   "content": {"application/json": {"schema": ExplainOut.model_json_schema()}, "image/png": {}}}}
+
+
+def add_routes(app: FastAPI, lib: Library) -> None:
+    """The JSON API under /api and the web page at / over `lib` (on the app itself, not an included router: the
+    405 handler in errors.py reads the app's routes)."""
+    config = lib.config
+
+    @app.get("/api/health", response_model=HealthOut, responses=responses(503))
+    def health():
+        generation = lib.refresh()[0]
+        return JSONResponse({"status": "ok", "generation": generation, "items": lib.store.item_count()})
+
+    @app.get("/api/info", response_model=InfoOut, responses=responses(503))
+    def info():
+        return JSONResponse({**lib.info(), "max_upload_bytes": config.max_upload_bytes})
+
+    @app.post("/api/query", response_model=QueryOut, responses=responses(400, 404, 413, 422, 503),
+                 openapi_extra=IMAGE_PART)
+    def query(image: Image, k: K = 10, encoder: EncoderName = None,
+              rerank: Annotated[str | None, Query(description="reranker name (see `simsearch rerankers`); an "
+                                                              "unknown one answers 404")] = None,
+              depth: Annotated[int, Query(ge=1, le=MAX_DEPTH, description="candidates the reranker sees")] = 100):
+        searcher = lib.searcher(encoder)
+        reranker = lib.reranker(rerank) if rerank else None
+        with saved_upload(image, config.max_upload_bytes) as path:
+            (result,) = searcher.query([path], k, reranker, depth)
+        if result.error:
+            raise ImageLoadError(result.error.replace(str(path), upload_name(image)))
+        return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "reranker": rerank,
+                             "hits": [hit_view(h) for h in result.hits], "seconds": result.seconds})
+
+    @app.get("/api/items/{item_id}/similar", response_model=SimilarOut, responses=responses(404, 422, 503))
+    def similar(item_id: ItemId, k: K = 10, encoder: EncoderName = None):
+        searcher = lib.searcher(encoder)
+        hits = searcher.similar(item_id, k)
+        return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "query_id": item_id,
+                             "hits": [hit_view(h) for h in hits]})
+
+    @app.get("/api/items", response_model=ItemsOut, responses=responses(422, 503))
+    def items(offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+              q: Annotated[str, Query(description="case-insensitive path substring")] = ""):
+        listed = lib.items()
+        if q:
+            needle = q.casefold()
+            listed = [(p, i) for p, i in listed if needle in p.casefold()]
+        return JSONResponse({"total": len(listed), "offset": offset, "limit": limit,
+                             "items": [{"id": i, **path_fields(p)} for p, i in listed[offset:offset + limit]]})
+
+    @app.get("/api/items/{item_id}", response_model=ItemOut, responses=responses(404, 422, 503))
+    def item(item_id: ItemId):
+        path, record = lib.item(item_id)
+        width, height = header_size(path)  # (0, 0): a file gone or unreadable since it was indexed
+        return JSONResponse({"id": item_id, **path_fields(path), "bytes": record.size, "sha256": record.sha256,
+                             "mtime_ns": record.mtime_ns, "width": width, "height": height,
+                             "exists": os.path.isfile(path)})
+
+    @app.get("/api/items/{item_id}/thumbnail", response_class=Response,
+                responses={200: {"description": "a JPEG, longest side ServerConfig.thumbnail_side",
+                                 "content": {"image/jpeg": {}}}, **responses(404, 422, 503)})
+    def thumbnail(item_id: ItemId):
+        thumb = lib.thumbnail(item_id)
+        headers = {"Cache-Control": "public, max-age=86400"}
+        if isinstance(thumb, bytes):
+            return Response(thumb, media_type="image/jpeg", headers=headers)
+        return FileResponse(thumb, media_type="image/jpeg", headers=headers)
+
+    @app.get("/api/items/{item_id}/image", response_class=FileResponse,
+                responses={200: {"description": "the original file", "content": {"image/*": {}}},
+                           **responses(404, 422, 503)})
+    def image(item_id: ItemId):
+        path, _ = lib.file(item_id)
+        return FileResponse(path, headers={"X-Content-Type-Options": "nosniff"})
+
+    def explained(expl, a: Path | str, b: Path | str, fmt: str, names: tuple[str, str] | None = None) -> Response:
+        from simsearch.retrieval.explain import render_png
+
+        if fmt == "png":
+            return Response(render_png(expl, a, b, names), media_type="image/png")
+        return Response(json.dumps(expl.to_dict()), media_type="application/json")
+
+    @app.get("/api/explain", response_class=Response, responses={**EXPLAINED, **responses(400, 404, 422, 503)})
+    def explain(a: AnyId, b: AnyId, format: Format = "json", encoder: EncoderName = None, method: Method = "auto"):
+        from simsearch.retrieval.explain import explain_pair
+
+        searcher = lib.searcher(encoder)
+        (path_a, _), (path_b, _) = lib.item(a), lib.item(b)
+        expl = explain_pair(searcher.encoder, path_a, path_b, method=method, models_dir=config.models_dir)
+        return explained(expl, path_a, path_b, format)
+
+    @app.post("/api/explain", response_class=Response,
+                 responses={**EXPLAINED, **responses(400, 404, 413, 422, 503)}, openapi_extra=IMAGE_PART)
+    def explain_upload(image: Image, b: AnyId, format: Format = "json", encoder: EncoderName = None,
+                       method: Method = "auto"):
+        from simsearch.retrieval.explain import explain_pair
+
+        searcher = lib.searcher(encoder)
+        path_b, _ = lib.item(b)
+        with saved_upload(image, config.max_upload_bytes) as path_a:
+            try:
+                expl = explain_pair(searcher.encoder, path_a, path_b, method=method, models_dir=config.models_dir)
+                # titled with the upload's own name, not its temp file's
+                names = (upload_name(image), Path(shown_path(str(path_b))).name)
+                return explained(expl, path_a, path_b, format, names)
+            except ImageLoadError as e:
+                raise ImageLoadError(str(e).replace(str(path_a), upload_name(image))) from None
+
+    @app.get("/api/dupes", response_model=DupesOut, responses=responses(400, 404, 422, 503))
+    def dupes(threshold: Annotated[float | None, Query(gt=0.0, le=1.0, description="cosine (default: calibrated)")]
+              = None, encoder: EncoderName = None):
+        return JSONResponse(lib.dupes(encoder, threshold))
+
+    @app.get("/", response_class=FileResponse, include_in_schema=False)
+    def page():
+        index = STATIC / "index.html"
+        if not index.is_file():
+            raise HTTPException(404, "the web page is not installed (server/static/index.html is missing)")
+        return FileResponse(index)

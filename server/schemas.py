@@ -1,0 +1,153 @@
+"""The shapes the API answers with: the OpenAPI document at /openapi.json is made from these.
+
+The routes send the library's JSON views (retrieval/views.py) as they are, so these models document those views
+field for field; `extra="forbid"` puts `additionalProperties: false` in the document, and the suite's Schemathesis
+run checks every answer against it.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+PATH_BYTES = Field(None, description="base64 of the path's exact bytes; only for a name that is not valid UTF-8 "
+                                     "(`path` then shows those bytes as \\xNN)")
+
+
+class ErrorOut(Model):
+    """Every error answer."""
+
+    detail: str = Field(description="what went wrong, on one line")
+
+
+class HitOut(Model):
+    rank: int
+    id: int
+    path: str
+    path_bytes: str | None = PATH_BYTES
+    score: float = Field(description="cosine similarity")
+    rerank_score: float | None = Field(description="P(same) from the reranker; null when not reranked")
+
+
+class QueryOut(Model):
+    k: int = Field(description="hits per query: the k asked for, or every item when the db holds fewer")
+    encoder: str
+    reranker: str | None
+    hits: list[HitOut]
+    seconds: dict[str, float] = Field(description="time per stage: load+embed, search, rerank")
+
+
+class SimilarOut(Model):
+    k: int
+    encoder: str
+    query_id: int
+    hits: list[HitOut]
+
+
+class ItemRef(Model):
+    id: int
+    path: str
+    path_bytes: str | None = PATH_BYTES
+
+
+class ItemsOut(Model):
+    total: int
+    offset: int
+    limit: int
+    items: list[ItemRef]
+
+
+class ItemOut(Model):
+    id: int
+    path: str
+    path_bytes: str | None = PATH_BYTES
+    bytes: int
+    sha256: str
+    mtime_ns: int
+    width: int = Field(description="read from the file's header now (0 when the file is gone or unreadable)")
+    height: int
+    exists: bool
+
+
+class HealthOut(Model):
+    status: str
+    generation: int
+    items: int
+
+
+class DupeItemOut(Model):
+    id: int
+    path: str
+    path_bytes: str | None = PATH_BYTES
+    width: int
+    height: int
+    bytes: int
+    score: float = Field(description="cosine to the group's keeper (1 for the keeper)")
+
+
+class DupeGroupOut(Model):
+    keeper: DupeItemOut
+    others: list[DupeItemOut]
+    min_score: float
+
+
+class DupeTotalsOut(Model):
+    groups: int
+    removable_images: int
+    reclaimable_bytes: int
+
+
+class DupesOut(Model):
+    encoder: str
+    threshold: float
+    totals: DupeTotalsOut
+    groups: list[DupeGroupOut]
+
+
+class ExplainOut(Model):
+    method: str = Field(description="decomposition or occlusion")
+    score: float
+    exact: bool
+    encoder: str
+    preprocess: str
+    image_size: int
+    grid_shape: list[int]
+    grid_a: list[list[float]]
+    grid_b: list[list[float]]
+
+
+class EncoderInfoOut(Model):
+    dim: int
+    preprocess: str
+    metric: str
+    weights: str = Field(description="the encoder's key: name, weights, precision, policy")
+    backend: str = Field(description="faiss or milvus")
+    index_type: str = Field(description="flat, ivf, sq8, ivfpq, hnsw; none when never built")
+    index: str = Field(description="one line: where the index is, its kind, parameters, recall")
+    index_params: dict = Field(description="the search parameters the index was built and tuned with")
+    recall_at_10: float | None
+    recall_target: float | None
+    vectors_in_index: int
+    index_file: str | None
+    backend_uri: str | None
+    index_up_to_date: bool
+    index_problem: str | None = Field(description="why the index cannot be used; null when not verified: the "
+                                                   "server does not read index files per request (`simsearch info` "
+                                                   "does)")
+
+
+class InfoOut(Model):
+    db: str
+    db_bytes: str | None = PATH_BYTES
+    schema_version: int
+    items: int
+    generation: int
+    default_encoder: str | None
+    writer_active: bool = Field(description="whether a `simsearch index` is writing to the db now")
+    size_on_disk_bytes: int
+    encoders: dict[str, EncoderInfoOut]
+    max_upload_bytes: int = Field(description="the server's cap on an uploaded image")
