@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from simsearch.benchmarks import dupes
+from simsearch.benchmarks.__main__ import main
 from simsearch.retrieval.dupes import DupeGroup, DupeItem
 
 from ..conftest import sample_paths
@@ -15,7 +16,8 @@ from ..conftest import sample_paths
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory, models_dir):
     work = tmp_path_factory.mktemp("dupes-bench")
-    dupes.main(["--max-images", "6", "--work-dir", str(work), "--out", str(work / "dupes.json")])
+    main(["dupes", "--max-images", "6", "--work-dir", str(work), "--out", str(work / "dupes.json")],
+         standalone_mode=False)
     return json.loads((work / "dupes.json").read_text())
 
 
@@ -88,9 +90,10 @@ def test_augmented_copies_are_seeded_and_of_their_kind(tmp_path):
 
 
 def test_scale_mode_finds_every_planted_pair(tmp_path):
-    doc = dupes.main(["--scale", "--count", "3000", "--dim", "32", "--planted", "30", "--work-dir", str(tmp_path),
-                      "--out", str(tmp_path / "scale.json")])
+    doc = main(["dupes-scale", "--count", "3000", "--dim", "32", "--planted", "30", "--work-dir", str(tmp_path),
+                "--out", str(tmp_path / "scale.json")], standalone_mode=False)
     assert json.loads((tmp_path / "scale.json").read_text())["planted_found"] == doc["planted_found"]
+    assert json.loads((tmp_path / "scale-3000x32-p30" / "planted.json").read_text())["planted"] == 30  # kept
     assert doc["planted"] == 30 and doc["planted_expected"] >= 25  # the copies' cosines: 0.96-0.996 in 256-d, wider in 32
     assert doc["planted_found"] == doc["planted_expected"] and doc["planted_recall"] == 1.0
     assert min(doc["planted_cosine_range"]) > 0.9
