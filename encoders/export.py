@@ -1,6 +1,10 @@
 """Export an encoder to ONNX once, and cache the file keyed by the weights' sha256; quantise an int8
 variant once, cached by the fp32 weights, the quantisation settings and the policy.
 
+A built-in's int8 variant is quantised with the calibration shipped in the package (calibrations/, made once
+from photos by encoders/calibrate.py): every machine builds the same file, with no photos. A trained encoder's
+is calibrated on its own training photos, which its card lists.
+
 Imports torch lazily: only the first use of an encoder on a machine pays for it.
 """
 
@@ -8,16 +12,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from simsearch import paths
-from simsearch.encoders.quantize import QuantSettings, pick_calibration, quantize_onnx
+from simsearch.atomic import atomic_path
+from simsearch.encoders.quantize import Calibration, QuantSettings, quantize_onnx, strip_debug_info
 from simsearch.encoders.spec import EncoderSpec, Precision
 from simsearch.errors import ModelError
 
@@ -62,30 +66,29 @@ def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     return path
 
 
-def calibration_images(spec: EncoderSpec, settings: QuantSettings) -> list[Path]:
-    """The photos spec's int8 variant is calibrated on: a trained encoder's own training images (its card
-    lists a seeded sample), else a seeded sample of paths.calibration_dir()."""
-    if spec.trained:
-        from simsearch.encoders.cards import Card
-
-        listed = [Path(p) for p in Card.load(Path(spec.card), "encoder").details.calibration]
-        found = [p for p in listed if p.is_file()]
-        if listed and len(found) == len(listed):
-            return found
-        log.warning("%s: %s of its %d training images listed for int8 calibration are here; calibrating on %s instead",
-                    spec.name, len(found), len(listed), paths.calibration_dir())
+def photos_in(folder: Path) -> list[Path]:
+    """The image files under folder (any depth), by the extensions Pillow opens."""
     from PIL import Image
 
-    folder = paths.calibration_dir()
     extensions = {e for e, f in Image.registered_extensions().items() if f in Image.OPEN}
-    files = [p for p in folder.rglob("*") if p.suffix.lower() in extensions] if folder.is_dir() else []
-    if len(files) < settings.calibration_images:
-        raise ModelError(f"the int8 variant of {spec.fp32().name} is calibrated on {settings.calibration_images} photos, "
-                         f"and {folder} has {len(files)}: set SIMSEARCH_CALIBRATION_DIR to a folder of photos like yours")
-    return pick_calibration(files, settings)
+    return [p for p in Path(folder).rglob("*") if p.suffix.lower() in extensions] if Path(folder).is_dir() else []
 
 
-def _calibration_batches(spec: EncoderSpec, images: list[Path], batch: int = 16):
+def training_photos(spec: EncoderSpec) -> list[Path]:
+    """The photos a trained encoder's int8 variant is calibrated on: the seeded sample of its training images
+    that its card lists (there is nothing else it could fairly be calibrated on)."""
+    from simsearch.encoders.cards import Card
+
+    listed = [Path(p) for p in Card.load(Path(spec.card), "encoder").details.calibration]
+    missing = [p for p in listed if not p.is_file()]
+    if not listed or missing:
+        raise ModelError(f"the int8 variant of {spec.fp32().name} is calibrated on the {len(listed)} training photos its "
+                         f"card lists, and {len(missing)} are missing (first: {missing[0] if missing else '-'}): "
+                         f"put them back, or use {spec.fp32().name} (fp32)")
+    return listed
+
+
+def calibration_batches(spec: EncoderSpec, images: list[Path], batch: int = 16):
     """(B, 3, S, S) inputs of the calibration photos, made exactly as the encoder's inputs are."""
     from PIL import Image, ImageOps
 
@@ -103,11 +106,35 @@ def _calibration_batches(spec: EncoderSpec, images: list[Path], batch: int = 16)
         yield np.stack(arrays)
 
 
+def _int8_stem(spec: EncoderSpec) -> str:
+    """An int8 variant's name for its files: what its vectors' key names (the fp32 weights, the quantisation
+    settings, the policy)."""
+    return f"{spec.name}-{spec.weights_sha256[:16]}.{spec.quant_tag}.{spec.preprocess.value}"
+
+
 def int8_path(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
-    """Where the int8 model of `spec` is cached: named by what its vectors' key names (the fp32 weights, the
-    quantisation settings, the policy), so a cached model is found without its calibration photos at hand."""
-    name = f"{spec.name}-{spec.weights_sha256[:16]}.{spec.quant_tag}.{spec.preprocess.value}.onnx"
-    return paths.models_dir(models_dir) / "int8" / name
+    """Where the int8 model of `spec` is cached."""
+    return paths.models_dir(models_dir) / "int8" / f"{_int8_stem(spec)}.onnx"
+
+
+CALIBRATIONS = Path(__file__).resolve().parent / "calibrations"  # package data: the built-ins' int8 calibrations
+
+
+def calibration_file(spec: EncoderSpec) -> Path:
+    """Where the package ships the Calibration of a built-in int8 variant."""
+    return CALIBRATIONS / f"{_int8_stem(spec)}.json"
+
+
+def shipped_calibration(spec: EncoderSpec) -> Calibration:
+    """The Calibration the package ships for a built-in int8 variant (ModelError if it ships none)."""
+    file = calibration_file(spec)
+    try:
+        return Calibration.from_json(json.loads(file.read_text()))
+    except FileNotFoundError:
+        raise ModelError(f"no int8 calibration of {spec.name} under the {spec.preprocess.value!r} policy ships with this "
+                         f"simsearch ({file.name}): use {spec.fp32().name} (fp32)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{file}: unreadable int8 calibration ({e}): reinstall simsearch") from None
 
 
 def is_cached(spec: EncoderSpec, models_dir: Path | None = None) -> bool:
@@ -126,11 +153,15 @@ def ensure_int8(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     path = int8_path(spec, models_dir)
     if path.is_file():
         return path
-    fp32 = ensure_onnx(spec.fp32(), models_dir)
-    images = calibration_images(spec, settings)  # read only now: a query never needs them
-    log.info("quantising %s to int8 (once per machine) on %d photos -> %s", spec.name, len(images), path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    quantize_onnx(fp32, path, _calibration_batches(spec, images), settings)
+    if spec.trained:
+        images = training_photos(spec)  # read only now: a query never needs them
+        calibration = calibration_batches(spec, images)
+        log.info("quantising %s to int8 (once per machine) on %d of its training photos -> %s",
+                 spec.name, len(images), path)
+    else:
+        calibration = shipped_calibration(spec)
+        log.info("quantising %s to int8 (once per machine) -> %s", spec.name, path)
+    quantize_onnx(ensure_onnx(spec.fp32(), models_dir), path, calibration, settings)
     return path
 
 
@@ -175,17 +206,15 @@ def export_module(model, input_shape: tuple[int, ...], path: Path, n_inputs: int
 
     n_inputs > 1: the module takes that many tensors of the same shape (named a, b, ...), sharing the batch axis.
     """
+    import onnx
     import torch
 
     if model.training:
         raise ModelError("refusing to export a module in training mode (BatchNorm would use batch statistics)")
-    path.parent.mkdir(parents=True, exist_ok=True)
     examples = tuple(torch.zeros(input_shape) for _ in range(n_inputs))
     names = ["input"] if n_inputs == 1 else [chr(ord("a") + i) for i in range(n_inputs)]
     batch = torch.export.Dim("batch")
-    fd, tmp = tempfile.mkstemp(suffix=".onnx.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path, mode=0o644) as tmp:
         with torch.no_grad(), warnings.catch_warnings(), _quiet_torch_logs():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.filterwarnings("ignore", message="# The axis name")  # inputs sharing the batch axis: intended
@@ -203,8 +232,6 @@ def export_module(model, input_shape: tuple[int, ...], path: Path, n_inputs: int
                 external_data=False,  # one self-contained file, so the atomic rename moves all of it
                 verbose=False,
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        exported = onnx.load(str(tmp))
+        strip_debug_info(exported)  # the same file wherever simsearch is installed
+        onnx.save(exported, str(tmp))

@@ -45,10 +45,10 @@ import io
 import itertools
 import json
 import logging
-import os
 import platform
 import random
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +56,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from simsearch.atomic import atomic_path
 from simsearch.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -191,11 +192,92 @@ def _quiet():
         root.removeFilter(keep)
 
 
+def strip_debug_info(model) -> None:
+    """Remove what the torch exporter records per node for debugging (the stack trace of the Python source that
+    made it: this file's path and line numbers) from an ONNX model, in place: with it, the same model exported
+    from a checkout and from an installed wheel, or before and after an edit, differs in its bytes."""
+    for n in model.graph.node:
+        del n.metadata_props[:]
+        n.ClearField("doc_string")
+
+
+def graph_digest(model) -> str:
+    """A hash of an ONNX graph's wiring (op types, tensor names): the activation ranges of a Calibration are
+    per tensor name, so they fit exactly the graphs with this digest."""
+    wiring = [(n.op_type, list(n.input), list(n.output)) for n in model.graph.node]
+    return hashlib.sha256(json.dumps(wiring, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """All that int8 quantisation takes from the calibration photos: each activation tensor's (lowest, highest)
+    value over them, as ORT's calibrator measured it, for the graph whose graph_digest is `graph`.
+
+    Made once from the photos, it is all a machine needs to build the same int8 file again (the built-ins ship
+    theirs: encoders/calibration.py)."""
+
+    method: str  # QuantSettings.method it was measured with
+    graph: str
+    ranges: dict[str, tuple[list, list]]  # float32 arrays as ORT's calibrator shapes them, as nested lists
+
+    def to_json(self) -> dict:
+        # float32 values, written as the float64 that holds each exactly: they come back bit for bit
+        return {"method": self.method, "graph": self.graph, "ranges": dict(sorted(self.ranges.items()))}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> Calibration:
+        return cls(doc["method"], doc["graph"], {k: (lo, hi) for k, (lo, hi) in doc["ranges"].items()})
+
+
+class _GivenRanges:
+    """Stands in for ORT's calibrator: measures nothing and hands back the ranges of a Calibration."""
+
+    def __init__(self, calibration: Calibration, method):
+        self.calibration, self.method = calibration, method
+
+    def collect_data(self, reader) -> None:
+        pass
+
+    def compute_data(self):
+        from onnxruntime.quantization.calibrate import TensorData, TensorsData
+
+        return TensorsData(self.method, {
+            k: TensorData(lowest=np.array(lo, np.float32), highest=np.array(hi, np.float32))
+            for k, (lo, hi) in self.calibration.ranges.items()
+        })
+
+
+_CALIBRATOR_SEAM = threading.Lock()
+
+
+@contextlib.contextmanager
+def _calibrator(wrap):
+    """Within the block, ORT's quantize_static gets its calibrator from wrap(make, *args) (make: ORT's own
+    create_calibrator). quantize_static has no other way in for ranges measured earlier on ORT < 1.27 (the [gpu]
+    extra's), and going through it keeps every later step of the quantisation exactly ORT's. A lock: the swap is
+    process-wide."""
+    import importlib
+
+    ort_quantize = importlib.import_module("onnxruntime.quantization.quantize")  # the module, not its function
+    with _CALIBRATOR_SEAM:
+        make = ort_quantize.create_calibrator
+        ort_quantize.create_calibrator = lambda *args, **kwargs: wrap(make, *args, **kwargs)
+        try:
+            yield
+        finally:
+            ort_quantize.create_calibrator = make
+
+
 def quantize_onnx(
-    fp32: Path, out: Path, batches: Iterable[np.ndarray], settings: QuantSettings = QuantSettings()
-) -> None:
-    """Write the int8 model of fp32 to out atomically (temp file in out's folder + os.replace); batches: (B,3,S,S)
-    float32 calibration inputs already preprocessed (the first settings.calibration_images images are used)."""
+    fp32: Path,
+    out: Path,
+    calibration: Iterable[np.ndarray] | Calibration,
+    settings: QuantSettings = QuantSettings(),
+) -> Calibration:
+    """Write the int8 model of fp32 to out atomically, and return the Calibration it was quantised with.
+
+    calibration: (B,3,S,S) float32 calibration inputs already preprocessed (the first settings.calibration_images
+    images are used), or the Calibration an earlier run returned for this graph: the same file again, no photos."""
     fp32, out = Path(fp32), Path(out)
     if not fp32.is_file():
         raise ModelError(f"cannot quantise {fp32}: no such file")
@@ -218,23 +300,47 @@ def quantize_onnx(
         "percentile": CalibrationMethod.Percentile,
     }[settings.method]
     log.debug("quantising %s to int8 (settings %s) -> %s", fp32.name, settings.tag(), out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp_out = Path(tmp_name)
     try:
-        with tempfile.TemporaryDirectory(prefix="simsearch-quant-") as work, _quiet():
+        with atomic_path(out) as tmp_out, tempfile.TemporaryDirectory(prefix="simsearch-quant-") as work, _quiet():
             pre = Path(work) / "pre.onnx"
             quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
             model = onnx.load(str(pre))
+            strip_debug_info(model)  # a cached fp32 file from an older simsearch still has it
+            onnx.save(model, str(pre))
             input_name = model.graph.input[0].name
+            graph = graph_digest(model)
             exclude, overrides = _conv_rules(model, settings)
             del model
-            images = _first_images(batches, settings.calibration_images)
-            first = next(images, None)
-            if first is None:
-                raise ModelError(f"cannot quantise {fp32.name}: no calibration images")
-            images = itertools.chain([first], images)
+            measured: dict[str, tuple[float, float]] = {}
+            if isinstance(calibration, Calibration):
+                if calibration.method != settings.method or calibration.graph != graph:
+                    raise ModelError(
+                        f"cannot quantise {fp32.name} with the calibration given: it was measured with "
+                        f"{calibration.method} on graph {calibration.graph}, this is {settings.method} on graph {graph} "
+                        f"(an ONNX export from another torch version names its tensors differently)")
+                images = iter(())
+
+                def calibrator(make, *args, **kwargs):
+                    return _GivenRanges(calibration, method)
+            else:
+                images = _first_images(calibration, settings.calibration_images)
+                first = next(images, None)
+                if first is None:
+                    raise ModelError(f"cannot quantise {fp32.name}: no calibration images")
+                images = itertools.chain([first], images)
+
+                def calibrator(make, *args, **kwargs):
+                    made = make(*args, **kwargs)
+                    compute = made.compute_data
+
+                    def compute_and_keep():
+                        data = compute()
+                        measured.update((k, tuple(np.asarray(v, np.float32).tolist() for v in d.range_value))
+                                        for k, d in data.data.items())
+                        return data
+
+                    made.compute_data = compute_and_keep
+                    return made
 
             class Reader(CalibrationDataReader):
                 def get_next(self):
@@ -247,27 +353,26 @@ def quantize_onnx(
             }
             if settings.method == "percentile":
                 extra["CalibPercentile"] = settings.percentile
-            quantize_static(
-                str(pre),
-                str(tmp_out),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=settings.per_channel,
-                reduce_range=settings.reduce_range,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                nodes_to_exclude=exclude,
-                calibrate_method=method,
-                extra_options=extra,
-            )
-        os.replace(tmp_out, out)
+            with _calibrator(calibrator):
+                quantize_static(
+                    str(pre),
+                    str(tmp_out),
+                    Reader(),
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=settings.per_channel,
+                    reduce_range=settings.reduce_range,
+                    activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=exclude,
+                    calibrate_method=method,
+                    extra_options=extra,
+                )
     except ModelError:
         raise
     except Exception as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise ModelError(f"int8 quantisation of {fp32.name} failed: {reason}") from e
-    finally:
-        tmp_out.unlink(missing_ok=True)
+    return calibration if isinstance(calibration, Calibration) else Calibration(settings.method, graph, measured)
 
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"})
