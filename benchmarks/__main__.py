@@ -1,4 +1,4 @@
-"""Every benchmark behind one entry point: `python -m simsearch.benchmarks NAME [options]`.
+"""Every benchmark behind one entry point: `python -m simsearch.benchmarks NAME --option value ...`.
 
 Each command's options are its config dataclass's fields (their help from the field's metadata), the way
 `simsearch train NAME` is built from the trainer configs; `--out` says where the JSON document goes. Only the
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 PROG = "python -m simsearch.benchmarks"
+JSON_OUT = "json_out"  # the --out option's parameter: not a name a config field could have
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Benchmark:
     render: str = "render"  # result -> renderables
     env: tuple[tuple[str, str], ...] = ()  # set (unless already set) before the run
     aliases: tuple[str, ...] = ()  # hidden other names (the module's own spelling)
+    summary: str | None = None  # the listing's line (default: the first paragraph of the module's docstring)
 
 
 BENCHMARKS = {
@@ -41,14 +43,20 @@ BENCHMARKS = {
     # As `simsearch serve` does, before FAISS (and its OpenMP runtime) loads: the in-process baseline gets the
     # server's footing (FAISS's idle OpenMP threads otherwise spin after each single-query search).
     "load": Benchmark("load", "LoadConfig", "results/load.json", width=150, env=(("OMP_WAIT_POLICY", "PASSIVE"),)),
-    "dupes": Benchmark("dupes", "DupesConfig", "results/dupes.json", run="run_photos", render="render_photos"),
+    "dupes": Benchmark("dupes", "DupesConfig", "results/dupes.json", run="run_photos", render="render_photos",
+                       summary="Near-duplicate groups: the default threshold calibrated on photos and their "
+                               "augmented copies (chosen on one half, reported on the other)."),
     "dupes-scale": Benchmark("dupes", "DupesScaleConfig", "results/dupes_scale.json", run="run_scale",
-                             render="render_scale", aliases=("dupes_scale",)),
+                             render="render_scale", aliases=("dupes_scale",),
+                             summary="Near-duplicate groups at scale: time and memory of find_duplicates on "
+                                     "synthetic vectors with planted copies, every planted pair found."),
     "encoder-device": Benchmark("encoder_device", "DeviceConfig", "results/encoder_device.json", width=110,
                                 aliases=("encoder_device",)),
     "index-update": Benchmark("index_update", "IndexUpdateConfig", "results/index_update.json", width=140,
                               aliases=("index_update",)),
-    "pair-folders": Benchmark("pair_folders", "PairFoldersConfig", None, aliases=("pair_folders",)),
+    "pair-folders": Benchmark("pair_folders", "PairFoldersConfig", None, aliases=("pair_folders",),
+                              summary="Build the quality benchmark's extra domains (low-data, ood, aspect) from the "
+                                      "shared data, for `simsearch bench --data OUT`."),
 }
 ALIASES = {alias: name for name, b in BENCHMARKS.items() for alias in b.aliases}
 
@@ -119,11 +127,11 @@ def _register(app, name: str, bench: Benchmark) -> None:
         param, converts[f.name] = _field_parameter(f, hints[f.name])
         params.append(param)
     if bench.out is not None:
-        params.append(inspect.Parameter("out", inspect.Parameter.KEYWORD_ONLY, default=Path(bench.out),
-                                        annotation=Annotated[Path, typer.Option(help="where the JSON document goes.")]))
+        params.append(inspect.Parameter(JSON_OUT, inspect.Parameter.KEYWORD_ONLY, default=Path(bench.out), annotation=Annotated[
+            Path, typer.Option("--out", help="where the JSON document goes.")]))
 
     def command(**options):
-        out = options.pop("out", None)
+        out = options.pop(JSON_OUT, None)
         script_logging()
         for key, value in bench.env:
             os.environ.setdefault(key, value)
@@ -142,7 +150,7 @@ def _register(app, name: str, bench: Benchmark) -> None:
 
     command.__signature__ = inspect.Signature(params)
     command.__annotations__ = {p.name: p.annotation for p in params}
-    command.__doc__ = (module.__doc__ or "").split("\n\n")[0]
+    command.__doc__ = bench.summary or (module.__doc__ or "").split("\n\n")[0]
     app.command(name)(command)
     for alias in bench.aliases:
         app.command(alias, hidden=True)(command)

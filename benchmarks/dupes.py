@@ -53,7 +53,8 @@ from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
 from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, find_duplicates
-from simsearch.retrieval.faiss_index import IndexConfig, refresh_index
+from simsearch.retrieval.backend import refresh
+from simsearch.retrieval.faiss_index import FaissState
 
 log = logging.getLogger("simsearch.benchmarks.dupes")  # not __name__: "__main__" under `python -m`
 
@@ -130,7 +131,7 @@ def index_folder(folder: Path, db: Path, encoder: str) -> None:
     spec = get_encoder(encoder)
     with Store(db, create=True) as store:
         report = Indexer(OnnxEncoder(spec), store).run(folder)
-        refresh_index(store, spec.name, IndexConfig())
+        refresh(store, spec.name)
     log.info("%s: %d embedded, %d reused, %d unchanged, %d skipped", db, report.embedded, report.reused,
              report.unchanged, len(report.skipped))
 
@@ -346,12 +347,12 @@ def make_scale_db(root: Path, count: int, dim: int, planted: int, seed: int = 0)
         pairs = [[store.get_item(f"/synthetic/{s}").id, store.get_item(f"/planted/{j}").id]
                  for j, s in enumerate(sources.tolist())]
         build = time.perf_counter()
-        refresh_index(store, "synthetic", IndexConfig())
-        entry = store.manifest.encoders["synthetic"]
+        refresh(store, "synthetic")
+        state = FaissState.of(store.manifest.encoders["synthetic"], "synthetic")
         facts = {"count": count, "dim": dim, "planted": planted, "pairs": pairs, "cosines": cosines.tolist(),
                  "db_seconds": build - start,
-                 "index_seconds": time.perf_counter() - build, "index_kind": entry.index_type,
-                 "index_params": entry.index_params, "index_bytes": entry.index_bytes}
+                 "index_seconds": time.perf_counter() - build, "index_kind": state.kind,
+                 "index_params": state.params, "index_bytes": state.bytes}
     save_json(facts, facts_path)
     return facts
 

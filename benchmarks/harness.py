@@ -27,7 +27,7 @@ from simsearch.indexer.cached import CachedEmbedder
 from simsearch.indexer.pipeline import IndexerConfig
 from simsearch.indexer.scan import item_path
 from simsearch.indexer.store import Store
-from simsearch.paths import embedding_cache
+from simsearch.paths import embedding_cache, shared_data
 from simsearch.retrieval.rerank import Reranker, get_reranker
 
 log = logging.getLogger(__name__)
@@ -346,7 +346,8 @@ def run_checks(spec: EncoderSpec, config: BenchConfig, embed_for) -> dict | None
     unseen = card.validation.get("checks", {}).get("unseen_classes", [])
     return {"data": str(data),
             **generalisation.against_base(data, card.split, unseen, lambda paths: embed_for(spec.name)(paths, "checks"),
-                                          lambda paths: embed_for(card.base)(paths, "checks (base)"))}
+                                          lambda paths: embed_for(card.base)(paths, "checks (base)"),
+                                          shared_data() / "imagenet-samples")}
 
 
 def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = None) -> dict:

@@ -23,7 +23,6 @@ import numpy as np
 from simsearch.benchmarks.ann_data import Mixture, MixtureSpec, Throttle
 from simsearch.benchmarks.common import machine, option, timed
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import IndexConfig, load_index, publish_index, refresh_index, update_index
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +59,9 @@ def make_db(root: Path, count: int, dim: int, encoder: str = "synthetic", key: s
 
 
 def measure(root: Path, count: int, dim: int) -> dict:
+    # TODO(lead): the stages below predate the vector-backend interface (publish_index and refresh_index are gone).
+    from simsearch.retrieval.faiss_index import IndexConfig, load_index, publish_index, refresh_index, update_index
+
     make_db(root, count, dim)
     key = f"synthetic@{dim}"
     rng = np.random.default_rng(1)

@@ -204,7 +204,7 @@ def demo_db(cfg: LoadConfig) -> Path:
     from simsearch.encoders.runtime import OnnxEncoder
     from simsearch.indexer.pipeline import Indexer
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import refresh_index
+    from simsearch.retrieval.backend import refresh
 
     root = cfg.work_dir / f"demo-{cfg.max_images}"
     folder = cfg.work_dir / f"photos-{cfg.max_images}"
@@ -215,7 +215,7 @@ def demo_db(cfg: LoadConfig) -> Path:
     encoder = OnnxEncoder(get_encoder(default_encoder(), cfg.models_dir), models_dir=cfg.models_dir)
     with Store(root, create=True) as store:
         report = Indexer(encoder, store).run(folder)
-        refresh_index(store, encoder.spec.name)
+        refresh(store, encoder.spec.name)
     log.info("demo db %s: %d items (%d embedded now)", root, report.total_items, report.embedded)
     return root
 
@@ -224,7 +224,8 @@ def large_db(cfg: LoadConfig, demo: Path) -> Path:
     """A copy of the demo db padded to cfg.vectors items with synthetic vectors of its encoder, indexed."""
     from simsearch.benchmarks.index_update import make_db
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import refresh_index
+    from simsearch.retrieval.backend import refresh
+    from simsearch.retrieval.faiss_index import FaissState
 
     root = cfg.work_dir / f"large-{cfg.vectors}-{demo.name}"
     if not (root / "manifest.json").is_file():
@@ -235,15 +236,16 @@ def large_db(cfg: LoadConfig, demo: Path) -> Path:
         entry = store.manifest.encoders[name]
     make_db(root, cfg.vectors, entry.dim, encoder=name, key=entry.key, preprocess=entry.preprocess)
     with Store(root) as store:
-        outcome = refresh_index(store, name)
+        outcome = refresh(store, name)
         log.info("large db %s: %d items; index %s (%s)", root, store.item_count(),
-                 store.manifest.encoders[name].index_type, outcome)
+                 FaissState.of(store.manifest.encoders[name], name).kind, outcome)
     return root
 
 
 # -- one db ----------------------------------------------------------------------------------------------------------
 def measure_db(cfg: LoadConfig, label: str, db: Path, query_photos: list[Path]) -> list[dict]:
     """Every (operation, concurrency) on one db: through the server, then in this process."""
+    from simsearch.retrieval.faiss_index import FaissState
     from simsearch.retrieval.search import Searcher
 
     rng = np.random.default_rng(cfg.seed)
@@ -254,7 +256,7 @@ def measure_db(cfg: LoadConfig, label: str, db: Path, query_photos: list[Path]) 
         draws = rng.choice(ids, size=cfg.max_requests + 64)
         spec = searcher.encoder.spec
         encoder, count = searcher.name, searcher.index.ntotal
-        index = searcher.store.read_manifest().encoders[encoder].index_type
+        index = FaissState.of(searcher.store.read_manifest().encoders[encoder], encoder).kind
 
         def similar_here(w: int, i: int) -> bool:
             vector = searcher.store.vectors_of_ids(spec.key, [int(draws[i % len(draws)])], spec.dim)

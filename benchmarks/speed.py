@@ -127,14 +127,14 @@ def index_throughput(cfg: SpeedConfig, spec, ort_ips: float, folder: Path, db: P
     from simsearch.encoders.runtime import OnnxEncoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.faiss_index import refresh_index
+    from simsearch.retrieval.backend import refresh
 
     encoder = OnnxEncoder(spec, Device.cpu, cfg.models_dir)
     t = clock()
     with Store(db, create=True) as store:
         report = Indexer(encoder, store, IndexerConfig(batch_size=cfg.batch_size)).run(folder)
         t_index = clock()
-        refresh_index(store, encoder.spec.name)
+        refresh(store, encoder.spec.name)
         report.seconds["index"] = clock() - t_index
     report.wall = clock() - t
     log.info("index (%s): %d images in %.1f s, stages %s", spec.name, report.embedded,
