@@ -18,8 +18,9 @@ from PIL import Image
 
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import refresh_index
+from simsearch.retrieval.backend import refresh
 from simsearch.retrieval.search import Searcher
+from simsearch.retrieval.views import db_info
 from simsearch.server.app import MULTIPART_SLACK, ServerConfig, create_app, is_loopback
 
 from ..conftest import copy_samples
@@ -31,7 +32,7 @@ def build_db(root: Path, encoder) -> Path:
     copy_samples(root / "imgs", N)
     with Store(root / "db", create=True) as store:
         Indexer(encoder, store).run(root / "imgs")
-        refresh_index(store, encoder.spec.name)
+        refresh(store, encoder.spec.name)
     return root / "db"
 
 
@@ -67,10 +68,12 @@ def test_health_and_info_are_the_stores(client, db, store, encoder):
     assert client.get("/api/health").json() == {"status": "ok", "generation": generation, "items": N}
     info = client.get("/api/info").json()
     assert info["db"] == str(db.absolute()) and info["items"] == N and info["generation"] == generation
-    assert info["default_encoder"] == encoder.spec.name
-    (enc,) = info["encoders"]
-    assert enc["name"] == encoder.spec.name and enc["dim"] == 1280 and enc["count"] == N and enc["index"] == "flat"
-    assert enc["up_to_date"] is True
+    assert info["default_encoder"] == encoder.spec.name and info["max_upload_bytes"] == 20 << 20
+    (name, enc), = info["encoders"].items()
+    assert name == encoder.spec.name and enc["dim"] == 1280 and enc["vectors_in_index"] == N
+    assert enc["index_type"] == "flat" and enc["index_up_to_date"] is True
+    # the one view of the db's info (retrieval.views.db_info), index files not read
+    assert {k: v for k, v in info.items() if k != "max_upload_bytes"} == db_info(store, verify=False)
 
 
 def test_similar_is_the_item_itself_then_brute_force_order(client, store, items, encoder):
@@ -168,8 +171,10 @@ def test_thumbnail_is_a_small_jpeg_made_once(client, db, items):
     ("/api/items/99999999999999999999999/image", 422, "less than or equal to"),
     ("/api/items/abc/similar", 422, "valid integer"),
     ("/api/items/0/similar?k=0", 422, "k: Input should be greater than or equal to 1"),
-    ("/api/items/0/similar?encoder=nope", 400, "unknown encoder 'nope'"),
-    ("/api/items/0/similar?encoder=efficientnet-lite2", 400, "no vectors of encoder"),
+    ("/api/items/0/similar?encoder=nope", 404, "no vectors of encoder 'nope'"),
+    ("/api/items/0/similar?encoder=efficientnet-lite2", 404, "no vectors of encoder 'efficientnet-lite2'"),
+    ("/api/query?rerank=nope", 405, "Method Not Allowed"),
+    ("/api/dupes?encoder=nope", 404, "no vectors of encoder 'nope'"),
     ("/api/items?limit=0", 422, "limit"),
 ])
 def test_errors_are_one_line_json(client, url, status, words):
@@ -240,7 +245,7 @@ def test_openapi_lists_the_routes(client):
         "/api/items/{item_id}/thumbnail", "/api/items/{item_id}/image", "/api/explain", "/api/dupes"}
     assert set(schema["paths"]["/api/explain"]) == {"get", "post"}
     hit = schema["components"]["schemas"]["HitOut"]["properties"]
-    assert set(hit) == {"rank", "id", "path", "score", "rerank_score"}
+    assert set(hit) == {"rank", "id", "path", "path_bytes", "score", "rerank_score"}
 
 
 def test_the_web_page_and_its_files(client):
