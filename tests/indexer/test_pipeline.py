@@ -16,7 +16,8 @@ from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer, IndexerConfig
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import load_index, refresh_index
+from simsearch.retrieval.backend import refresh
+from simsearch.retrieval.faiss_index import load_index
 
 from ..conftest import copy_samples, sample_paths
 
@@ -25,13 +26,13 @@ def _run(encoder, db, folder, **cfg):
     """What `simsearch index` does: the run, then the index refreshed from the store."""
     with Store(db, create=True) as store:
         report = Indexer(encoder, store, IndexerConfig(batch_size=4, **cfg)).run(folder)
-        refresh_index(store, encoder.spec.name)
+        refresh(store, encoder.spec.name)
         return report
 
 
 def _index_file(db, name):
     with Store(db, readonly=True) as store:
-        return store.manifest.encoders[name].index_file
+        return store.manifest.encoders[name].index["file"]
 
 
 def test_index_matches_brute_force_embedding(tmp_path, encoder):
@@ -72,7 +73,7 @@ def test_incremental_add_change_delete_rename(tmp_path, encoder):
     with Store(tmp_path / "db") as store:
         assert store.item_count() == 7
         entry = store.manifest.encoders[encoder.spec.name]
-        assert entry.count == 7 and entry.index_generation == store.generation
+        assert entry.index["count"] == 7 and entry.up_to_date(store.generation)
         assert store.get_item(str(photos[1])) is None
 
 
@@ -119,7 +120,7 @@ def test_killed_run_resumes_without_re_embedding(tmp_path, encoder):
     report = _run(encoder, db, folder)
     assert report.unchanged == stored and report.embedded == 120 - stored
     with Store(db) as s:
-        assert s.manifest.encoders[encoder.spec.name].count == 120
+        assert s.manifest.encoders[encoder.spec.name].index["count"] == 120
 
 
 def test_single_file_root(tmp_path, encoder):

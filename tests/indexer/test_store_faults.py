@@ -47,15 +47,6 @@ def test_wrong_shaped_manifest_names_the_field(tmp_path, manifest, field):
         assert "--rebuild" in str(e.value)
 
 
-def test_schema_1_manifest_is_read_and_its_index_file_named(tmp_path):
-    Store(tmp_path, create=True).close()
-    (tmp_path / MANIFEST).write_text(json.dumps({"schema_version": 1, "default_encoder": "lite", "encoders": {
-        "lite": {"key": "k", "dim": 4, "metric": "inner_product", "index_type": "flat", "count": 3, "index_generation": 1}}}))
-    with Store(tmp_path, readonly=True) as s:
-        entry = s.manifest.encoders["lite"]
-        assert entry.index_file == "lite.faiss" and entry.index_sha256 is None
-
-
 def test_a_folder_that_is_not_a_db_gets_no_lock_file(tmp_path):
     with pytest.raises(DbNotFoundError):
         Store(tmp_path)

@@ -21,7 +21,7 @@ from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
 from simsearch.retrieval.check import check_db
-from simsearch.retrieval.faiss_index import refresh_index
+from simsearch.retrieval.backend import refresh
 from simsearch.retrieval.search import Searcher
 
 from ..conftest import copy_samples, sample_paths
@@ -33,7 +33,7 @@ from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.registry import get_encoder
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import refresh_index
+from simsearch.retrieval.backend import refresh
 
 db, folder, pool, cycles = Path(sys.argv[1]), Path(sys.argv[2]), sorted(Path(sys.argv[3]).iterdir()), int(sys.argv[4])
 enc = OnnxEncoder(get_encoder("efficientnet-lite0"))
@@ -44,7 +44,7 @@ for c in range(cycles):
     for step in ("add", "remove"):
         with Store(db, create=True) as store:
             Indexer(enc, store).run(folder)
-            refresh_index(store, enc.spec.name)
+            refresh(store, enc.spec.name)
         if step == "add":
             for p in batch:
                 (folder / p.name).unlink()
@@ -58,7 +58,7 @@ def test_queries_during_index_runs_always_answer(tmp_path, encoder, caplog):
     copy_samples(pool, 16, start=6)  # added and removed by the writer
     with Store(tmp_path / "db", create=True) as store:
         Indexer(encoder, store).run(folder)
-        refresh_index(store, encoder.spec.name)
+        refresh(store, encoder.spec.name)
     spec = encoder.spec
     vectors = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in stable]))
 
@@ -119,7 +119,7 @@ def test_index_killed_at_random_moments_loses_and_redoes_nothing(tmp_path, encod
                       and store.has_vector(encoder.spec.key, rec.sha256)}
             assert stored_before & present <= stored  # the killed run lost nothing stored before it
             report = Indexer(encoder, store).run(folder)
-            refresh_index(store, encoder.spec.name)
+            refresh(store, encoder.spec.name)
             assert report.embedded + report.reused == len(present) - len(stored)  # stored work is not redone
             assert store.item_count() == len(present)
             stored_before = present

@@ -17,8 +17,8 @@ from simsearch.encoders.registry import default_encoder
 from simsearch.errors import DbCorruptError, SimsearchError
 from simsearch.indexer.store import Store
 from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, find_duplicates
-from simsearch.retrieval.faiss_index import IndexConfig, refresh_index
-from simsearch.retrieval.milvus_backend import sync_milvus
+from simsearch.retrieval.backend import RefreshConfig, refresh
+from simsearch.retrieval.index_plan import IndexConfig
 
 from ..conftest import copy_samples
 
@@ -187,9 +187,9 @@ def synthetic_db(root, kind, n=3000, dim=64, planted=40, seed=0):
         store.register_encoder("synthetic", f"synthetic@{dim}", dim, "pad")
         store.put_items(f"synthetic@{dim}", [(f"/v/{i:05d}", f"{i:064x}", 10 + i, 1, v) for i, v in enumerate(x)])
         if kind == "milvus":
-            sync_milvus(store, "synthetic")  # a Milvus Lite file in the db
+            refresh(store, "synthetic", backend="milvus")  # a Milvus Lite file in the db
         else:
-            refresh_index(store, "synthetic", IndexConfig(kind=kind))
+            refresh(store, "synthetic", RefreshConfig(IndexConfig(kind=kind)))
         ids = np.array([store.get_item(f"/v/{i:05d}").id for i in range(n)])
     return x, ids
 
@@ -275,7 +275,7 @@ def test_a_group_larger_than_the_first_k_is_found_whole(tmp_path, monkeypatch, c
     with Store(tmp_path / "db", create=True) as store:
         store.register_encoder("synthetic", "synthetic@32", 32, "pad")
         store.put_items("synthetic@32", [(f"/v/{i:02d}", f"{i:064x}", 1, 1, v) for i, v in enumerate(x)])
-        refresh_index(store, "synthetic", IndexConfig(kind="flat"))
+        refresh(store, "synthetic", RefreshConfig(IndexConfig(kind="flat")))
     with Store(tmp_path / "db", readonly=True) as store:
         (group,) = find_duplicates(store, "synthetic", 0.99, block=7)
         assert sorted(m.path for m in members(group)) == [f"/v/{i:02d}" for i in range(50)]

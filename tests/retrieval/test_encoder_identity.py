@@ -14,7 +14,7 @@ from simsearch.errors import SimsearchError
 from simsearch.indexer.manifest import MANIFEST
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import refresh_index
+from simsearch.retrieval.backend import refresh
 from simsearch.retrieval.search import Searcher
 
 from ..conftest import copy_samples
@@ -25,7 +25,7 @@ N = 8
 def index_with(db, photos, spec, models_dir):
     with Store(db, create=True) as store:
         report = Indexer(OnnxEncoder(spec, models_dir=models_dir), store).run(photos)
-        refresh_index(store, spec.name)
+        refresh(store, spec.name)
     return report
 
 

@@ -3,17 +3,17 @@ import pytest
 
 from simsearch.errors import DbCorruptError
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import (
-    IndexConfig,
-    LoadedIndex,
-    build_index,
-    describe,
-    index_ids,
-    index_problem,
-    load_index,
-    refresh_index,
-)
-from simsearch.retrieval.index_plan import FLAT_MAX
+from simsearch.retrieval.backend import RefreshConfig, RefreshOutcome, get_backend
+from simsearch.retrieval.faiss_index import FaissState, LoadedIndex, build_index, index_ids, load_index
+from simsearch.retrieval.index_plan import FLAT_MAX, IndexConfig
+
+
+def refresh_index(store, name, config=IndexConfig()) -> RefreshOutcome:
+    return get_backend("faiss").refresh(store, name, RefreshConfig(config))
+
+
+def state(store, name="x") -> FaissState:
+    return FaissState.of(store.manifest.encoders[name], name)
 
 
 def clustered(n, dim, centers, seed=0, spread=0.6):
@@ -92,18 +92,21 @@ def test_added_changed_and_removed_items_update_the_index_in_place(tmp_path, kin
     vecs = clustered(FLAT_MAX + 610, 16, 50)  # the last 10: the new content of 10 changed items
     config = IndexConfig(kind=kind)
     with _store_of(tmp_path, vecs[:FLAT_MAX + 500]) as store:
-        assert refresh_index(store, "x", config) == "built" and refresh_index(store, "x", config) is None
-        entry = store.manifest.encoders["x"]
-        assert entry.index_type == ("ivf" if kind == "auto" else "hnsw") and entry.recall >= 0.95
-        assert entry.trained_count == FLAT_MAX + 500 and entry.recall_target == 0.95
+        built = refresh_index(store, "x", config)
+        assert (built.action, built.count, built.added) == ("built", FLAT_MAX + 500, FLAT_MAX + 500)
+        assert refresh_index(store, "x", config).action == "unchanged"
+        s = state(store)
+        assert s.kind == ("ivf" if kind == "auto" else "hnsw") and s.recall >= 0.95
+        assert s.trained_count == FLAT_MAX + 500 and s.recall_target == 0.95
         _put(store, vecs[FLAT_MAX + 500:FLAT_MAX + 600], FLAT_MAX + 500)  # 100 new
         moved = vecs[FLAT_MAX + 600:]  # 10 changed: new content (from the same distribution), same path, same id
         store.put_items("x@1", [(f"/img/{i}.jpg", f"new{i}", 2, 2, v) for i, v in enumerate(moved)])
         store.remove_items([f"/img/{i}.jpg" for i in range(20, 70)])  # 50 removed
         outcome = refresh_index(store, "x", config)
-        assert outcome == "updated: 110 added or changed, 50 removed"
+        assert (outcome.action, outcome.added, outcome.removed, outcome.count) == ("updated", 110, 50, FLAT_MAX + 550)
+        assert str(outcome) == "updated: 110 added or changed, 50 removed"
         index, entry = load_index(store, "x")
-        assert np.array_equal(np.sort(index_ids(index.cpu_index)), _live(store)) and entry.count == FLAT_MAX + 550
+        assert np.array_equal(np.sort(index_ids(index.cpu_index)), _live(store)) and state(store).count == FLAT_MAX + 550
         assert index.ntotal == FLAT_MAX + 550
         _, top = index.search(moved, 1)  # a changed item is found by its new vector
         assert top[:, 0].tolist() == list(range(10))
@@ -117,9 +120,9 @@ def test_hnsw_is_rebuilt_once_a_tenth_of_its_nodes_are_removed(tmp_path):
     with _store_of(tmp_path, vecs) as store:
         refresh_index(store, "x", IndexConfig(kind="hnsw"))
         store.remove_items([f"/img/{i}.jpg" for i in range(150)])
-        assert refresh_index(store, "x", IndexConfig(kind="hnsw")).startswith("updated")  # 7.5% marked
+        assert refresh_index(store, "x", IndexConfig(kind="hnsw")).action == "updated"  # 7.5% marked
         store.remove_items([f"/img/{i}.jpg" for i in range(150, 250)])
-        assert "HNSW graph are removed items" in refresh_index(store, "x", IndexConfig(kind="hnsw"))
+        assert "HNSW graph are removed items" in refresh_index(store, "x", IndexConfig(kind="hnsw")).reason
         index, _ = load_index(store, "x")
         assert index.marked == 0 and index.ntotal == 1750
 
@@ -128,27 +131,27 @@ def test_growing_past_the_flat_limit_or_twice_the_training_set_rebuilds(tmp_path
     vecs = clustered(2 * FLAT_MAX + 2200, 8, 40)
     with _store_of(tmp_path, vecs[:FLAT_MAX]) as store:
         refresh_index(store, "x")
-        assert store.manifest.encoders["x"].index_type == "flat"
+        assert state(store).kind == "flat"
         _put(store, vecs[FLAT_MAX:FLAT_MAX + 1000], FLAT_MAX)
-        assert refresh_index(store, "x") == f"rebuilt: {FLAT_MAX + 1000} vectors call for ivf, not flat"
+        assert str(refresh_index(store, "x")) == f"rebuilt: {FLAT_MAX + 1000} vectors call for ivf, not flat"
         _put(store, vecs[FLAT_MAX + 1000:2 * FLAT_MAX + 2000], FLAT_MAX + 1000)
-        assert refresh_index(store, "x").startswith("updated")  # exactly 2x what it was trained on: kept
+        assert refresh_index(store, "x").action == "updated"  # exactly 2x what it was trained on: kept
         _put(store, vecs[2 * FLAT_MAX + 2000:], 2 * FLAT_MAX + 2000)
-        assert "retraining" in refresh_index(store, "x")
-        assert store.manifest.encoders["x"].trained_count == 2 * FLAT_MAX + 2200
+        assert "retraining" in refresh_index(store, "x").reason
+        assert state(store).trained_count == 2 * FLAT_MAX + 2200
 
 
 def test_a_new_recall_target_or_a_pruned_change_log_rebuilds(tmp_path):
     with _store_of(tmp_path, clustered(FLAT_MAX + 100, 8, 30)) as store:
         refresh_index(store, "x")
-        assert refresh_index(store, "x", IndexConfig(recall=0.99)).startswith("rebuilt: --recall 0.99 asked")
-        entry = store.manifest.encoders["x"]
-        assert entry.recall_target == 0.99 and entry.recall >= 0.99
-        assert "recall@10" in describe(entry) and "nprobe" in describe(entry)
-        assert refresh_index(store, "x") is None  # the db's target is kept when none is asked
+        assert str(refresh_index(store, "x", IndexConfig(recall=0.99))).startswith("rebuilt: --recall 0.99 asked")
+        assert state(store).recall_target == 0.99 and state(store).recall >= 0.99
+        status = get_backend("faiss").status(store, "x", store.manifest.encoders["x"])
+        assert "recall@10" in status.description and "nprobe" in status.params and status.up_to_date
+        assert refresh_index(store, "x").action == "unchanged"  # the db's target is kept when none is asked
         store.remove_items(["/img/0.jpg"])
         store.prune_changes(store.generation)  # as if the log had been lost
-        assert refresh_index(store, "x") == "rebuilt: the store's change log does not reach back to this index"
+        assert str(refresh_index(store, "x")) == "rebuilt: the store's change log does not reach back to this index"
 
 
 def test_the_change_log_lists_ids_touched_since_a_generation(tmp_path):
@@ -167,9 +170,9 @@ def test_damaged_index_file_is_named_and_rebuilt_without_embedding(tmp_path, dam
     vecs = clustered(50, 8, 5)
     store = _store_of(tmp_path, vecs)
     with store:
-        assert refresh_index(store, "x") and not refresh_index(store, "x")  # second call: up to date
+        assert refresh_index(store, "x").changed and not refresh_index(store, "x").changed  # second: up to date
         entry = store.manifest.encoders["x"]
-        path = store.index_file(entry)
+        path = state(store).path(store)
         data = bytearray(path.read_bytes())
         if damage == "truncate":
             path.write_bytes(data[: len(data) // 2])
@@ -178,12 +181,12 @@ def test_damaged_index_file_is_named_and_rebuilt_without_embedding(tmp_path, dam
             path.write_bytes(data)
         else:
             path.unlink()
-        assert index_problem(store, "x", entry) is not None
+        assert get_backend("faiss").status(store, "x", entry, verify=True).problem is not None
         with pytest.raises(DbCorruptError, match="check --repair") as e:
             load_index(store, "x")
         assert str(path) in str(e.value)
         generation = store.generation
-        assert refresh_index(store, "x")  # rebuilt from the stored vectors
+        assert refresh_index(store, "x").action == "rebuilt"  # from the stored vectors
         assert store.generation == generation  # nothing was written to the store
         index, _ = load_index(store, "x")
         _, ids = index.search(vecs[:5], 1)
@@ -195,13 +198,13 @@ def test_publish_replaces_the_old_file_and_readers_follow(tmp_path):
     store = _store_of(tmp_path, vecs)
     with store:
         refresh_index(store, "x")
-        old = store.manifest.encoders["x"].index_file
+        old = state(store).file
         before, _ = load_index(store, "x")
         store.remove_items(["/img/0.jpg"])
         assert store.paths_of([0]) == ["/img/0.jpg"]  # the published index still returns id 0: resolvable
         refresh_index(store, "x")
-        new = store.manifest.encoders["x"].index_file
+        new = state(store).file
         assert new != old and sorted(p.name for p in store.index_dir().iterdir()) == [new]
         assert store.paths_of([0]) == [None]  # every published index is newer than the removal
         after, entry = load_index(store, "x")  # re-reads the manifest: follows the new build
-        assert (before.ntotal, after.ntotal, entry.index_file) == (50, 49, new)
+        assert (before.ntotal, after.ntotal, after.state.file) == (50, 49, new)

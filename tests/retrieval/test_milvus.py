@@ -21,7 +21,8 @@ from simsearch.cli import app  # noqa: E402
 from simsearch.indexer.store import Store  # noqa: E402
 from simsearch.retrieval import milvus_backend  # noqa: E402
 from simsearch.retrieval.check import check_db, repair_db  # noqa: E402
-from simsearch.retrieval.milvus_backend import collection_name, open_milvus, sync_milvus  # noqa: E402
+from simsearch.retrieval.backend import RefreshOutcome  # noqa: E402
+from simsearch.retrieval.milvus_backend import MilvusBackend, MilvusState, collection_name  # noqa: E402
 from simsearch.retrieval.search import Searcher  # noqa: E402
 
 from ..conftest import copy_samples  # noqa: E402
@@ -46,13 +47,19 @@ def stored(store: Store) -> dict[int, np.ndarray]:
     return {int(i): v for ids, vecs in store.iter_vector_blocks(KEY, DIM) for i, v in zip(ids, vecs)}
 
 
+def sync_milvus(store: Store, name: str) -> RefreshOutcome:
+    return MilvusBackend().refresh(store, name)
+
+
+def state(store: Store) -> MilvusState:
+    return MilvusState.of(store.manifest.encoders[NAME], NAME)
+
+
 def mirrored(store: Store) -> dict[int, np.ndarray]:
-    entry = store.manifest.encoders[NAME]
-    uri = milvus_backend.resolve_uri(store.root, entry.backend_uri)
-    with milvus_backend._connect(uri, 10) as client:
-        client.load_collection(entry.index_params["collection"])
-        rows = client.query(entry.index_params["collection"], filter="id >= 0", output_fields=["id", "vector"],
-                            limit=16384)
+    s = state(store)
+    with milvus_backend._connect(milvus_backend.resolve_uri(store.root, s.uri), 10) as client:
+        client.load_collection(s.collection)
+        rows = client.query(s.collection, filter="id >= 0", output_fields=["id", "vector"], limit=16384)
     return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
 
@@ -67,23 +74,21 @@ def test_mirror_follows_the_store_incrementally(tmp_path):
     with Store(tmp_path / "db", create=True) as store:
         store.register_encoder(NAME, KEY, DIM, "crop")
         put(store, range(40), seed=0)
-        assert sync_milvus(store, NAME) == "built"
+        built = sync_milvus(store, NAME)
+        assert (built.action, built.backend, built.count) == ("built", "milvus", 40)
         assert_mirror_matches(store)
-        entry = store.manifest.encoders[NAME]
-        assert (entry.backend, entry.backend_uri, entry.index_type, entry.index_file) == ("milvus", "milvus.db",
-                                                                                          "hnsw", None)
-        assert entry.index_params == {"collection": collection_name(store.root, NAME), "M": 16,
-                                      "efConstruction": 200, "ef": 128}
-        assert entry.index_params["collection"].startswith("simsearch_enc_a_v1_")
+        assert store.manifest.encoders[NAME].backend == "milvus"
+        assert state(store) == MilvusState("milvus.db", collection_name(store.root, NAME),
+                                           {"M": 16, "efConstruction": 200, "ef": 128}, 40)
+        assert state(store).collection.startswith("simsearch_enc_a_v1_")
 
         put(store, range(40, 45), seed=1)  # 5 new
         put(store, [3, 4, 5], seed=2, tag="-edited")  # 3 changed in place (same ids)
         store.remove_items([f"/img/{i}.jpg" for i in (0, 10, 20, 30)])
-        assert sync_milvus(store, NAME) == "updated: 8 added or changed, 4 removed"
+        assert str(sync_milvus(store, NAME)) == "updated: 8 added or changed, 4 removed"
         assert_mirror_matches(store)
-        entry = store.manifest.encoders[NAME]
-        assert entry.count == 41 and entry.index_generation == store.generation
-        assert sync_milvus(store, NAME) is None  # nothing changed: nothing written
+        assert state(store).count == 41 and store.manifest.encoders[NAME].up_to_date(store.generation)
+        assert sync_milvus(store, NAME).action == "unchanged"  # nothing changed: nothing written
 
 
 def test_mirror_is_rebuilt_when_the_log_is_gone_or_the_collection_differs(tmp_path):
@@ -94,14 +99,16 @@ def test_mirror_is_rebuilt_when_the_log_is_gone_or_the_collection_differs(tmp_pa
         sync_milvus(store, NAME)
         put(store, range(30, 33), seed=1)
         store.prune_changes(store.generation)  # the log no longer reaches back to the mirror
-        assert sync_milvus(store, NAME).startswith("rebuilt: the store's change log does not reach back")
+        assert str(sync_milvus(store, NAME)).startswith("rebuilt: the store's change log does not reach back")
         assert_mirror_matches(store)
-        collection = store.manifest.encoders[NAME].index_params["collection"]
+        collection = state(store).collection
     with milvus_backend._connect(str(root / "milvus.db"), 10) as client:  # damage the mirror behind simsearch's back
         client.delete(collection, ids=[1, 2])
     findings, facts = check_db(root)
     assert [f.level for f in findings] == ["error"] and "holds 31 vectors, the manifest says 33" in findings[0].message
-    assert repair_db(root) == [f"the index of {NAME}: rebuilt: the collection holds 31 vectors, the store 33 (33 vectors)"]
+    ((name, outcome),) = repair_db(root)
+    assert (name, outcome.action, outcome.count) == (NAME, "rebuilt", 33)
+    assert outcome.reason == "the collection holds 31 vectors, the store 33"
     findings, facts = check_db(root)
     assert findings == [] and facts["indexes"][NAME]["vectors"] == 33
     with Store(root) as store:
@@ -115,7 +122,7 @@ def test_search_equals_brute_force(tmp_path):
         store.remove_items(["/img/7.jpg"])
         sync_milvus(store, NAME)
         want = stored(store)
-        index = open_milvus(store, NAME, store.manifest.encoders[NAME])
+        index = MilvusBackend().open(store, NAME, store.manifest.encoders[NAME])
     ids = np.array(sorted(want))
     vecs = np.stack([want[i] for i in ids])  # (59, DIM)
     queries = unit(8, seed=5)

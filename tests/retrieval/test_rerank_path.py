@@ -15,7 +15,7 @@ from simsearch.benchmarks import harness
 from simsearch.evaluation import datasets
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
-from simsearch.retrieval.faiss_index import refresh_index
+from simsearch.retrieval.backend import refresh
 from simsearch.retrieval.rerank import Reranker, get_reranker, pixels
 from simsearch.retrieval.search import Searcher
 from simsearch.training.matchnet import MatchNetConfig, train_matchnet
@@ -55,7 +55,7 @@ def test_the_bench_reranks_a_query_as_searcher_query_does(reranker, bench_inputs
         shutil.copy2(ds.paths[i], folder / ds.paths[i].name)
     with Store(tmp_path / "db", create=True) as store:
         Indexer(encoder, store).run(folder)
-        refresh_index(store, encoder.spec.name)
+        refresh(store, encoder.spec.name)
     lefts = [ds.paths[i] for i in s.left_idx]
     with Searcher.open(tmp_path / "db", encoder) as searcher:
         results = searcher.query(lefts, k=depth, reranker=reranker, depth=depth)
@@ -105,7 +105,7 @@ def test_a_searcher_closes_its_store(classes, encoder, tmp_path):
 
     with Store(tmp_path / "db", create=True) as store:
         Indexer(encoder, store).run(next(classes.iterdir()))
-        refresh_index(store, encoder.spec.name)
+        refresh(store, encoder.spec.name)
     with Searcher.open(tmp_path / "db", encoder) as searcher:
         assert open_db_files()  # the LMDB environment
     assert not open_db_files()
