@@ -7,7 +7,6 @@ the commands so `simsearch --help` and `simsearch query` stay fast (and the latt
 
 from __future__ import annotations
 
-import base64
 import functools
 import inspect
 import json
@@ -297,6 +296,7 @@ def query(
     _verbose(verbose)
     from simsearch.indexer.scan import scan
     from simsearch.retrieval.search import Searcher
+    from simsearch.retrieval.views import hit_view, path_fields
 
     if k < 1:
         raise SimsearchError(f"-k must be at least 1 (got {k})")
@@ -328,11 +328,8 @@ def query(
             "k": effective_k,
             "k_requested": k,
             "results": [
-                {"query": r.query, **_exact(r.query, "query_bytes"),
-                 **({"error": r.error} if r.error else {}),
-                 "hits": [{"rank": h.rank, "score": h.score, "path": h.path, **_exact(h.path, "path_bytes"),
-                           "id": h.id, **({"rerank_score": h.rerank_score} if rerank else {})} for h in r.hits],
-                 "seconds": r.seconds}
+                {**path_fields(r.query, "query"), **({"error": r.error} if r.error else {}),
+                 "hits": [hit_view(h) for h in r.hits], "seconds": r.seconds}
                 for r in results
             ],
         }
@@ -358,20 +355,6 @@ def query(
             err.print(f"the db holds {effective_k} images for {name}: showing all of them", highlight=False)
     if any(r.error for r in results):
         raise typer.Exit(1)
-
-
-def _exact(path: str, field: str) -> dict:
-    """{field: base64 of the path's bytes} for a file name that is not valid UTF-8, else {}.
-
-    JSON strings are Unicode: such a name appears in "path" with its bytes as \\udcXX escapes
-    (`os.fsencode(json.loads(...))` gives the bytes back in Python); the base64 field is exact for any reader.
-    """
-    raw = os.fsencode(path)
-    try:
-        raw.decode("utf-8")
-        return {}
-    except UnicodeDecodeError:
-        return {field: base64.b64encode(raw).decode()}
 
 
 @app.command()
@@ -478,28 +461,22 @@ def dupes(
 ):
     """Groups of near-duplicate images in the db, each with a suggested keeper (most pixels, then largest file)."""
     _verbose(verbose)
-    from dataclasses import asdict
-
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, find_duplicates
+    from simsearch.retrieval.dupes import find_duplicates
+    from simsearch.retrieval.views import dupes_view
 
     with Store(db, readonly=True) as store:
         name = store.manifest.encoder_name(encoder, store.root)
         with _ProgressReporter("finding near-duplicates") as progress:
             groups = find_duplicates(store, name, threshold, on_progress=progress.stage)
-    threshold = DEFAULT_THRESHOLD if threshold is None else threshold
-    removable = [o for g in groups for o in g.others]
-    totals = {"groups": len(groups), "removable_images": len(removable),
-              "reclaimable_bytes": sum(o.bytes for o in removable)}
+    view = dupes_view(groups, name, threshold)
+    threshold, totals = view["threshold"], view["totals"]
     if csv_file is not None:
         _write_dupes_csv(groups, csv_file)
         if csv_file == "-":
             return
     if as_json:
-        item = lambda it: {**asdict(it), **_exact(it.path, "path_bytes")}  # noqa: E731
-        print(json.dumps({"db": str(db), "encoder": name, "threshold": threshold, "totals": totals,
-                          "groups": [{"keeper": item(g.keeper), "others": [item(o) for o in g.others],
-                                      "min_score": g.min_score} for g in groups]}, indent=2))
+        print(json.dumps({"db": str(db), **view}, indent=2))
         return
     for i, g in enumerate(groups, 1):
         table = Table(title=f"group {i}: {1 + len(g.others)} images, weakest link {g.min_score:.4f}",
@@ -577,8 +554,9 @@ def bench(
     from simsearch.benchmarks import harness, report
     from simsearch.encoders.registry import default_encoder
     from simsearch.evaluation.datasets import detect_layout
+    from simsearch.paths import benchmark_data_dir
 
-    data = _data(data)
+    data = benchmark_data_dir() if data is None else data  # a benchmark may default to the shared data
     if not data.is_dir():
         raise SimsearchError(f"{data}: no such folder")
     try:

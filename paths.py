@@ -9,10 +9,12 @@ called, never at import, so a variable set later (by a shell, a test) counts.
       rerankers_dir()    <models>/rerankers/<name>/    the registry of rerankers
     embedding_cache()    <cache>/embeddings            a db of encoder vectors shared by bench and training
     training_cache()     <cache>/training              checkpoints and augmented views (never in a registry)
-    shared_data()        the shared/data folder beside the checkout (tests, benchmarks, the demo)
-    calibration_dir()    $SIMSEARCH_CALIBRATION_DIR, else shared_data()/imagenet-samples: the photos the built-in
-                         encoders' int8 variants are calibrated on
-    default_data_dir()   $SIMSEARCH_DATA, else shared_data()/tiny-imagenet-200
+    default_data_dir()   $SIMSEARCH_DATA: the dataset `train` uses when --data is not given (else an error)
+    shared_data()        the shared/data folder beside a checkout: only the benchmarks, the tests and the demo read it
+    benchmark_data_dir() $SIMSEARCH_DATA, else shared_data()/tiny-imagenet-200: the dataset `bench` measures on
+
+Library code never defaults to shared_data(): installed from a wheel there is none, and a user's run must not
+depend on the project's data.
 """
 
 from __future__ import annotations
@@ -62,26 +64,39 @@ def checks_cache() -> Path:
 
 
 def shared_data() -> Path:
-    """The project's shared data, beside the checkout (the `simsearch` package folder is the repository root)."""
+    """The project's shared data beside a checkout (the `simsearch` package folder is the repository root); for the
+    benchmarks, the tests and the demo only."""
     return Path(__file__).resolve().parent.parent / "shared" / "data"
 
 
-def calibration_dir() -> Path:
-    env = os.environ.get("SIMSEARCH_CALIBRATION_DIR")
-    return Path(env).expanduser() if env else shared_data() / "imagenet-samples"
-
-
-def default_data_dir(environ: Mapping[str, str] = os.environ, shared: Path | None = None) -> Path:
-    """The dataset to use when none is given: the folder in $SIMSEARCH_DATA if set (and not empty), else
-    tiny-imagenet-200 in the shared data; DatasetError names both when neither exists."""
-    shared = shared or shared_data() / "tiny-imagenet-200"
+def _from_environ(environ: Mapping[str, str]) -> Path | None:
+    """The folder in $SIMSEARCH_DATA (an empty variable counts as unset)."""
     value = environ.get(DATA_ENV)
-    if value:
-        path = Path(value).expanduser()
-        if not path.is_dir():
-            raise DatasetError(f"{DATA_ENV}={value}: no such folder")
-        return path.resolve()
+    if not value:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"{DATA_ENV}={value}: no such folder")
+    return path.resolve()
+
+
+def default_data_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """The dataset to train on when none is given: the folder in $SIMSEARCH_DATA; DatasetError if it is not set."""
+    found = _from_environ(environ)
+    if found is None:
+        raise DatasetError(f"no dataset: pass --data with a folder of your images (or set {DATA_ENV} to one)")
+    return found
+
+
+def benchmark_data_dir(environ: Mapping[str, str] = os.environ, shared: Path | None = None) -> Path:
+    """The dataset to benchmark on when none is given: the folder in $SIMSEARCH_DATA if set, else Tiny ImageNet in
+    the shared data beside a checkout; DatasetError says where to get one when neither exists."""
+    found = _from_environ(environ)
+    if found is not None:
+        return found
+    shared = shared or shared_data() / "tiny-imagenet-200"
     if not shared.is_dir():
-        raise DatasetError(f"no dataset: {DATA_ENV} is not set and the default {shared} does not exist; "
-                           f"pass --data or set {DATA_ENV} to a dataset folder")
+        raise DatasetError(f"no dataset: {DATA_ENV} is not set and {shared} does not exist; pass --data or set {DATA_ENV} "
+                           f"to Tiny ImageNet (http://cs231n.stanford.edu/tiny-imagenet-200.zip, unzipped) or to any "
+                           f"<class>/<image> or left/ right/ pair folder")
     return shared

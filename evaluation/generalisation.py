@@ -3,8 +3,10 @@
     in_domain   the val split's pair sets over the classes it trained on (a pair folder: its val pairs)
     unseen      the val split's pair sets over the classes left out of its training (the deep metric
                 learning protocol: train on a seeded subset of the classes, measure on the others)
-    near_dup    each of the generic photos (the calibration photos, default the shared imagenet-samples)
-                against a seeded augmented copy of itself: crop 60-90%, mirror, +-30% colour
+    near_dup    each of a folder of generic photos against a seeded augmented copy of itself: crop 60-90%,
+                mirror, +-30% colour. Only where the caller names the photos: `bench` uses the shared
+                imagenet-samples; training uses TrainingConfig.check_photos, and without them the card
+                notes the check as skipped
 
 Fine-tuning on one domain tends to forget the others; these checks make that visible on every trained
 encoder's card (`train`) and in `simsearch bench`. Pair sets are those of the bench
@@ -15,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from simsearch.atomic import staged_dir
 from simsearch.errors import DatasetError
 from simsearch.evaluation import datasets, metrics
 from simsearch.indexer.images import IMAGE_EXTENSIONS
@@ -89,14 +90,8 @@ def near_dup_folder(photos: Path, cache: Path, seed: int = 0, limit: int = NEAR_
     """The near-duplicate pair folder of `photos`, made once under `cache` (atomically: a killed run leaves none)."""
     folder = cache / f"near-dups-{photos.resolve().name}-{seed}-{limit}"
     if not folder.is_dir():
-        cache.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=".near-dups-", dir=cache))
-        try:
+        with staged_dir(folder) as work:
             write_near_dups(work, photos, seed, limit)
-            os.replace(work, folder)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
     return folder
 
 
@@ -129,8 +124,13 @@ def build_checks(data: Path, split: str, unseen_classes: list[str], photos: Path
         out.append(_pair_check("near_dup", f"{len(dups.left)} photos of {photos.name} vs an augmented copy",
                                dups.left, dups.right))
     else:
-        log.warning("no near-duplicate check: no photos at %s", photos)
+        log.warning("no near-duplicate check: %s", near_dup_skipped(photos))
     return out
+
+
+def near_dup_skipped(photos: Path | None) -> str:
+    """Why the near-duplicate check is left out (photos None or not a folder)."""
+    return "no photos were given for it" if photos is None else f"no photos at {photos}"
 
 
 def hits(check: Check, vectors: np.ndarray) -> dict:
@@ -147,12 +147,18 @@ def compare(checks: list[Check], embed: Embed, embed_base: Embed) -> dict:
             for c in checks}
 
 
-def against_base(data: Path, trained_split: str, unseen_classes: list[str], embed: Embed, embed_base: Embed) -> dict:
+def against_base(data: Path, trained_split: str, unseen_classes: list[str], embed: Embed, embed_base: Embed,
+                 near_dup_photos: Path | None = None) -> dict:
     """A model trained on `trained_split` of `data` (leaving `unseen_classes` out) against its base, on the other
-    split: {"split", "unseen_classes", check: {"description", "model", "base"}}. What a trained encoder's card
-    records (training) and what `bench` re-measures through ONNX Runtime."""
-    from simsearch.paths import calibration_dir, checks_cache
+    split: {"split", "unseen_classes", check: {"description", "model", "base"}}, and "skipped": {check: why} for
+    a check left out. What a trained encoder's card records (training) and what `bench` re-measures through ONNX
+    Runtime. near_dup_photos: the near-duplicate check's photos (there is no default: a user's own run reads
+    nothing of the project's data)."""
+    from simsearch.paths import checks_cache
 
     split = "val" if trained_split == "train" else "train"
-    checks = build_checks(data, split, unseen_classes, calibration_dir(), checks_cache())
-    return {"split": split, "unseen_classes": unseen_classes, **compare(checks, embed, embed_base)}
+    checks = build_checks(data, split, unseen_classes, near_dup_photos, checks_cache())
+    result = {"split": split, "unseen_classes": unseen_classes, **compare(checks, embed, embed_base)}
+    if "near_dup" not in result:
+        result["skipped"] = {"near_dup": near_dup_skipped(near_dup_photos)}
+    return result

@@ -1,4 +1,5 @@
-"""The dataset used when --data is not given: $SIMSEARCH_DATA, else ../shared/data beside the checkout."""
+"""The dataset used when --data is not given: $SIMSEARCH_DATA; for `bench` only, else ../shared/data beside the
+checkout (library code never defaults to the project's data)."""
 
 from __future__ import annotations
 
@@ -31,12 +32,12 @@ def two_classes(tmp_path) -> Path:
     return root
 
 
-def test_finds_the_shared_data_from_any_folder(tmp_path, monkeypatch):
+def test_bench_finds_the_shared_data_from_any_folder(tmp_path, monkeypatch):
     if not (TINY / "wnids.txt").is_file():
         pytest.skip(f"shared data missing: {TINY}")
     monkeypatch.delenv(paths.DATA_ENV, raising=False)
     monkeypatch.chdir(tmp_path)  # where the old relative default ../shared/data/... does not exist
-    found = paths.default_data_dir()
+    found = paths.benchmark_data_dir()
     assert found.resolve() == TINY.resolve() and found.is_absolute()
     assert datasets.detect_layout(found) == "tiny-imagenet"
 
@@ -44,19 +45,33 @@ def test_finds_the_shared_data_from_any_folder(tmp_path, monkeypatch):
 def test_the_variable_wins_and_is_read_when_called(two_classes, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(paths.DATA_ENV, "mine")  # set after import, relative to the current folder
-    assert paths.default_data_dir() == two_classes.resolve()
+    assert paths.default_data_dir() == paths.benchmark_data_dir() == two_classes.resolve()
     # an empty variable counts as unset
-    assert paths.default_data_dir({paths.DATA_ENV: ""}, shared=two_classes) == two_classes
+    assert paths.benchmark_data_dir({paths.DATA_ENV: ""}, shared=two_classes) == two_classes
+    with pytest.raises(DatasetError, match="pass --data"):
+        paths.default_data_dir({paths.DATA_ENV: ""})
 
 
 def test_a_missing_folder_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv(paths.DATA_ENV, str(tmp_path / "missing"))
-    with pytest.raises(DatasetError, match=re.escape(f"SIMSEARCH_DATA={tmp_path / 'missing'}: no such folder")):
-        paths.default_data_dir()
+    for default in (paths.default_data_dir, paths.benchmark_data_dir):
+        with pytest.raises(DatasetError, match=re.escape(f"SIMSEARCH_DATA={tmp_path / 'missing'}: no such folder")):
+            default()
     nowhere = tmp_path / "nowhere"
     with pytest.raises(DatasetError) as e:
-        paths.default_data_dir({}, shared=nowhere)
-    assert "SIMSEARCH_DATA" in str(e.value) and str(nowhere) in str(e.value)
+        paths.benchmark_data_dir({}, shared=nowhere)
+    assert "SIMSEARCH_DATA" in str(e.value) and str(nowhere) in str(e.value) and "tiny-imagenet-200.zip" in str(e.value)
+
+
+def test_training_never_defaults_to_the_shared_data(tmp_path, monkeypatch):
+    """Even in a checkout with ../shared beside it, `train` without --data (or $SIMSEARCH_DATA) is an error."""
+    from simsearch.training.configs import TrainingConfig
+
+    monkeypatch.delenv(paths.DATA_ENV, raising=False)
+    with pytest.raises(DatasetError, match="pass --data with a folder of your images"):
+        TrainingConfig(name="x")
+    result = CliRunner().invoke(app, ["train", "whitening", "--name", "x"])
+    assert result.exit_code != 0 and "pass --data" in result.output, result.output
 
 
 def test_bench_without_data_from_another_folder(two_classes, tmp_path, monkeypatch):

@@ -20,7 +20,8 @@ class TrainingConfig:
     """What every `train` command has; each trainer's config adds its own fields and may change a default."""
 
     name: str
-    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA or the shared Tiny ImageNet
+    data: Path = field(default_factory=default_data_dir)  # $SIMSEARCH_DATA when not given
+    check_photos: Path | None = None  # an encoder card's near-duplicate check's photos (None: skipped, noted on the card)
     split: str = "train"
     lr: float = 1e-3
     epochs: int = 30

@@ -117,7 +117,7 @@ def generalisation_checks(cfg, data: TrainingData, head: torch.nn.Module, models
         with torch.no_grad():
             return module(torch.from_numpy(embed_base(paths))).numpy()  # (N, in) -> (N, dim)
 
-    return generalisation.against_base(cfg.data, cfg.split, data.unseen_classes, embed, embed_base)
+    return generalisation.against_base(cfg.data, cfg.split, data.unseen_classes, embed, embed_base, cfg.check_photos)
 
 
 def export_head(cfg, method: str, data: TrainingData, head_arch: dict, head: torch.nn.Module, result: FitResult,

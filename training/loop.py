@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simsearch.atomic import atomic_path, staged_dir
 from simsearch.devices import Device
 from simsearch.encoders.cards import CARD, Card, EncoderDetails, RerankerDetails
 from simsearch.errors import SimsearchError
@@ -106,10 +104,8 @@ def checkpoint_path(config) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a run killed while saving keeps the previous epoch's checkpoint
+    with atomic_path(path) as tmp:  # a run killed while saving keeps the previous epoch's checkpoint
+        torch.save(state, tmp)
 
 
 def _clone(state: dict) -> dict:
@@ -203,17 +199,6 @@ def hyper_parameters(config) -> dict:
             for k, v in asdict(config).items()}
 
 
-def replace_dir(staging: Path, final: Path) -> None:
-    """Put a finished folder in place of `final`: a reader sees the old folder or the new one, never half."""
-    if final.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".old-{final.name}-", dir=final.parent))
-        os.replace(final, old / final.name)
-        os.replace(staging, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(staging, final)
-
-
 def publish(config, method: str, base: str, details: EncoderDetails | RerankerDetails, result: FitResult,
             held_out: str, budget: Budget, root: Path, write_files: Callable[[Path], None],
             checkpoint: Path | None, checks: dict | None = None) -> Card:
@@ -228,9 +213,7 @@ def publish(config, method: str, base: str, details: EncoderDetails | RerankerDe
     from simsearch.encoders.export import sha256_file
 
     seconds = budget.spent()
-    root.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".work-{config.name}-", dir=root))
-    try:
+    with staged_dir(root / config.name) as work:
         write_files(work)
         card = Card(
             kind="encoder" if isinstance(details, EncoderDetails) else "reranker", name=config.name, method=method,
@@ -240,10 +223,6 @@ def publish(config, method: str, base: str, details: EncoderDetails | RerankerDe
             onnx_sha256={p.name: sha256_file(p) for p in sorted(work.glob("*.onnx"))}, details=details,
         )
         (work / CARD).write_text(card.to_json())
-        replace_dir(work, root / config.name)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)
     log.info("%s %s registered: %s", card.kind, card.name, card.summary())

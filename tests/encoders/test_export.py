@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,21 +88,59 @@ def test_preprocessing_is_lite_scaling_not_imagenet_mean_std(lite0):
     np.testing.assert_allclose(x[:, 100, 100], [0.0, 128 / 128, -127 / 128])
 
 
-def test_int8_variant_is_quantised_once_and_cached_by_its_identity(tmp_path, monkeypatch):
-    from simsearch.errors import ModelError
-
+def test_int8_variant_is_quantised_once_and_cached_by_its_identity(tmp_path):
     int8 = get_encoder("efficientnet-lite0-int8")
-    monkeypatch.setenv("SIMSEARCH_CALIBRATION_DIR", str(tmp_path / "empty"))
-    with pytest.raises(ModelError, match="calibrated on 64 photos, and .*empty has 0: set SIMSEARCH_CALIBRATION_DIR"):
-        ensure_onnx(int8, tmp_path / "models")
-    monkeypatch.delenv("SIMSEARCH_CALIBRATION_DIR")
     path = ensure_onnx(int8, tmp_path / "models")
     assert path.parent == tmp_path / "models" / "int8"
     assert f".{int8.quant_tag}.pad." in path.name and int8.weights_sha256[:16] in path.name
     mtime = path.stat().st_mtime_ns
     assert ensure_onnx(int8, tmp_path / "models") == path and path.stat().st_mtime_ns == mtime  # not quantised again
-    monkeypatch.setenv("SIMSEARCH_CALIBRATION_DIR", str(tmp_path / "empty"))  # a cached model needs no photos
-    assert ensure_onnx(int8, tmp_path / "models") == path and path.stat().st_mtime_ns == mtime
-    monkeypatch.delenv("SIMSEARCH_CALIBRATION_DIR")
     other = ensure_onnx(int8.with_preprocess("resize"), tmp_path / "models")  # calibrated on what the encoder sees
-    assert other != path and ".resize." in other.name
+    assert other != path and ".resize." in other.name and other.read_bytes() != path.read_bytes()
+
+
+def test_two_int8_builds_without_any_photos_are_byte_identical(tmp_path, monkeypatch):
+    """The built-ins' int8 variants are quantised with the calibration the package ships: no photos, no shared/
+    (paths.shared_data points nowhere), and every machine gets the same file, hence the same vectors."""
+    from simsearch import paths
+
+    monkeypatch.setattr(paths, "shared_data", lambda: tmp_path / "nowhere")
+    monkeypatch.delenv("SIMSEARCH_CALIBRATION_DIR", raising=False)
+    for name in ("efficientnet-lite0-int8", "efficientnet-lite2-int8"):
+        spec = get_encoder(name)
+        monkeypatch.setenv("SIMSEARCH_CACHE_DIR", str(tmp_path / "a"))
+        a = ensure_onnx(spec, tmp_path / "a" / "models")
+        monkeypatch.setenv("SIMSEARCH_CACHE_DIR", str(tmp_path / "b"))
+        b = ensure_onnx(spec, tmp_path / "b" / "models")
+        assert a != b and a.read_bytes() == b.read_bytes()
+        fp32 = onnx.load(str(ensure_onnx(spec.fp32(), tmp_path / "a" / "models")))
+        assert not [n for n in fp32.graph.node if n.metadata_props]  # no stack traces naming where simsearch lives
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_every_builtin_int8_variant_ships_its_calibration():
+    from simsearch.encoders.export import calibration_file, shipped_calibration
+    from simsearch.encoders.spec import Preprocess
+
+    for spec in list_encoders():
+        if spec.precision.value == "int8" and not spec.trained:
+            for policy in Preprocess:
+                variant = spec.with_preprocess(policy)
+                calibration = shipped_calibration(variant)
+                doc = json.loads(calibration_file(variant).read_text())
+                assert doc["encoder"] == spec.name and doc["preprocess"] == policy.value
+                assert len(doc["photos"]) == 64 and calibration.method == "minmax"
+                assert calibration.ranges and all(lo[0] <= hi[0] for lo, hi in calibration.ranges.values())
+
+
+def test_a_calibration_for_another_graph_is_refused(tmp_path, lite0):
+    from dataclasses import replace
+
+    from simsearch.encoders.export import shipped_calibration
+    from simsearch.encoders.quantize import quantize_onnx
+
+    calibration = shipped_calibration(get_encoder("efficientnet-lite0-int8"))
+    fp32 = ensure_onnx(lite0, tmp_path)
+    with pytest.raises(ModelError, match="measured with minmax on graph 0000"):
+        quantize_onnx(fp32, tmp_path / "q.onnx", replace(calibration, graph="0000"))
+    assert not (tmp_path / "q.onnx").exists()

@@ -262,3 +262,27 @@ def test_parse_cpuinfo_flags():
     assert {"avx2", "avx512_vnni", "fma"} <= flags
     assert "spectre_v1" not in flags and "AuthenticAMD" not in flags
     assert "asimddp" in parse_cpuinfo_flags(ARM.format(extra="asimddp"))
+
+
+def test_a_calibration_replayed_without_photos_builds_the_same_file(tmp_path):
+    """What quantize_onnx measured on photos, written to JSON and read back, quantises to the very same bytes: the
+    built-ins ship theirs (encoders/calibrations/) so no machine needs the photos."""
+    import json
+
+    from simsearch.encoders.quantize import Calibration
+
+    rng = np.random.default_rng(0)
+    fp32 = _one_conv_model(tmp_path / "conv.onnx", rng.normal(size=(8, 16, 1, 1)))
+    photos = [rng.uniform(-1, 2, size=(1, 16, 4, 4)).astype(np.float32) for _ in range(3)]
+    measured = quantize_onnx(fp32, tmp_path / "a.onnx", photos, QuantSettings(calibration_images=3, fp32_first_convs=0))
+    # the range of the input over the photos, as ORT's MinMax measures it (0 included)
+    lo, hi = measured.ranges["x"]
+    assert lo[0] == pytest.approx(min(0.0, min(p.min() for p in photos))) and hi[0] == pytest.approx(max(p.max() for p in photos))
+    replayed = Calibration.from_json(json.loads(json.dumps(measured.to_json())))
+    assert replayed == measured
+    again = quantize_onnx(fp32, tmp_path / "b.onnx", replayed, QuantSettings(calibration_images=3, fp32_first_convs=0))
+    assert again == measured and (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    # other ranges, another file: the replayed ranges are what the quantiser uses
+    shifted = Calibration(measured.method, measured.graph, {**measured.ranges, "x": ([lo[0]], [2 * hi[0]])})
+    quantize_onnx(fp32, tmp_path / "c.onnx", shifted, QuantSettings(calibration_images=3, fp32_first_convs=0))
+    assert (tmp_path / "c.onnx").read_bytes() != (tmp_path / "a.onnx").read_bytes()

@@ -19,6 +19,7 @@ from simsearch.training.encoder_training import check_collapse
 from simsearch.training.loop import TrainingStopped
 from simsearch.training.triplet import TripletConfig, check_triplet_loss, train_triplet
 
+from ..conftest import SAMPLES
 from .conftest import interrupted_and_resumed
 
 runner = CliRunner()
@@ -26,7 +27,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def trained(classes, models_dir):
-    cfg = TripletConfig(name="tiny-triplet", data=classes, split="train", dim=16, hidden=64, batch_size=32,
+    cfg = TripletConfig(name="tiny-triplet", data=classes, check_photos=SAMPLES, split="train", dim=16, hidden=64, batch_size=32,
                         epochs=6, patience=6, holdout_per_class=2, lr=3e-3, unseen_classes=0)
     return train_triplet(cfg, models_dir)
 

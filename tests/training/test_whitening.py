@@ -17,12 +17,14 @@ from simsearch.indexer.images import load_rgb
 from simsearch.training.configs import WhiteningConfig
 from simsearch.training.whitening import project, train_whitening, whitening_basis, within_group_scatter
 
+from ..conftest import SAMPLES
+
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def whitened(classes, models_dir):
-    cfg = WhiteningConfig(name="tiny-lw", data=classes, holdout_per_class=2, dim=(8, 16), shrink=(0.3, 0.9),
+    cfg = WhiteningConfig(name="tiny-lw", data=classes, check_photos=SAMPLES, holdout_per_class=2, dim=(8, 16), shrink=(0.3, 0.9),
                           blend=(1.0, 0.5))
     return train_whitening(cfg, models_dir)
 
