@@ -49,6 +49,8 @@ class SimilarOut(Model):
 
 
 class ItemRef(Model):
+    """An item: its store id and its path."""
+
     id: int
     path: str
     path_bytes: str | None = PATH_BYTES
@@ -61,10 +63,7 @@ class ItemsOut(Model):
     items: list[ItemRef]
 
 
-class ItemOut(Model):
-    id: int
-    path: str
-    path_bytes: str | None = PATH_BYTES
+class ItemOut(ItemRef):
     bytes: int
     sha256: str
     mtime_ns: int
@@ -79,10 +78,7 @@ class HealthOut(Model):
     items: int
 
 
-class DupeItemOut(Model):
-    id: int
-    path: str
-    path_bytes: str | None = PATH_BYTES
+class DupeItemOut(ItemRef):
     width: int
     height: int
     bytes: int
