@@ -126,8 +126,9 @@ class Searcher:
     def similar(self, item_id: int, k: int = 10) -> list[Hit]:
         """The k items most similar to the db's item `item_id`, itself first: its stored vector (as it was indexed,
         no image decoded) searched against the index. NotFoundError when the db holds no such item."""
-        path = self.store.paths_of([item_id])[0]
-        if path is None or self.store.get_item(path) is None:
+        (path,) = self.store.paths_of([item_id])
+        record = self.store.get_item(path) if path is not None else None
+        if record is None or record.id != item_id:  # a removed item's path may hold a new item since
             raise NotFoundError(f"no item with id {item_id} in the db")
         spec = self.encoder.spec
         vector = self.store.vectors_of_ids(spec.key, [item_id], spec.dim)  # (1, dim)

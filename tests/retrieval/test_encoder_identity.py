@@ -70,8 +70,12 @@ def test_a_db_from_before_policies_is_read_as_crop(tmp_path, lite0, models_dir):
     db = tmp_path / "db"
     index_with(db, photos, lite0.with_preprocess("crop"), models_dir)
     manifest = json.loads((db / MANIFEST).read_text())
+    e = manifest["encoders"]["efficientnet-lite0"]
     manifest["schema_version"] = 2  # what simsearch wrote before schema 3: no "preprocess"
-    del manifest["encoders"]["efficientnet-lite0"]["preprocess"]
+    manifest["encoders"]["efficientnet-lite0"] = {
+        "key": e["key"], "dim": e["dim"], "metric": e["metric"], "index_type": e["index"]["kind"],
+        "count": e["index"]["count"], "index_generation": e["index_generation"], "index_file": e["index"]["file"],
+        "index_sha256": e["index"]["sha256"], "index_bytes": e["index"]["bytes"]}
     (db / MANIFEST).write_text(json.dumps(manifest))
     policy, hits = self_hits(db, photos)
     assert policy == "crop"
