@@ -260,7 +260,7 @@ class Store:
             for i in ids:
                 key = _ID.pack(int(i))
                 path = txn.get(key, db=self._ids)
-                raw = path and txn.get(path, db=self._items)
+                raw = self._live_record(txn, int(i), path)
                 if raw is None and self._removed is not None:
                     raw = txn.get(key, db=self._removed)
                 paths.append(os.fsdecode(path) if path else f"item {i}")
@@ -321,8 +321,7 @@ class Store:
         found, vecs = [], []
         with self.env.begin() as txn:
             for i in ids:
-                path = txn.get(_ID.pack(int(i)), db=self._ids)
-                raw = path and txn.get(path, db=self._items)
+                raw = self._live_record(txn, int(i), txn.get(_ID.pack(int(i)), db=self._ids))
                 v = raw and txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors)
                 if v:
                     found.append(int(i))
@@ -333,7 +332,14 @@ class Store:
         """(id, path, live) of every id the db knows; live is False for a tombstone."""
         with self.env.begin() as txn:
             for k, path in txn.cursor(db=self._ids):
-                yield _ID.unpack(k)[0], os.fsdecode(path), txn.get(path, db=self._items) is not None
+                item_id = _ID.unpack(k)[0]
+                yield item_id, os.fsdecode(path), self._live_record(txn, item_id, path) is not None
+
+    def _live_record(self, txn, item_id: int, path: bytes | None) -> bytes | None:
+        """The item record of `item_id` if it is live. A removed item's path may hold a new item (another id)
+        while its tombstone lasts: that record is not this id's."""
+        raw = path and txn.get(path, db=self._items)
+        return raw if raw and json.loads(raw)["id"] == item_id else None
 
     # -- writes --------------------------------------------------------------------------------
     def put_items(self, encoder_key: str, items: list[tuple[str, str, int, int, np.ndarray | None]]) -> None:
