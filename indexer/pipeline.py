@@ -1,6 +1,6 @@
 """The index run: scan -> read+hash+decode (worker threads, bounded lookahead) -> embed (batched) -> store.
 
-The search index is built from the store afterwards (`retrieval.faiss_index.refresh_index`).
+The search index is built from the store afterwards (`retrieval.backend.refresh`).
 
 A run commits every batch in its own LMDB transaction, so a run that is killed keeps everything it
 embedded, and the next run only does the rest. Files whose (size, mtime) are unchanged and whose
