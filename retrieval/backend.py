@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from simsearch.devices import Device
-from simsearch.errors import EmptyDbError, SimsearchError, UnknownNameError
+from simsearch.errors import DbCorruptError, EmptyDbError, SimsearchError, UnknownNameError
 from simsearch.indexer.manifest import EncoderEntry, Manifest
 from simsearch.indexer.store import Store
 from simsearch.retrieval.index_plan import IndexConfig
@@ -157,9 +157,25 @@ class Backend(ABC):
         """(findings, facts) of verifying the index against the manifest and the store (known_ids: every id the
         store resolves, tombstones included); facts: what was counted, None when the index could not be read."""
 
-    @abstractmethod
     def status(self, store: Store, name: str, entry: EncoderEntry, verify: bool = False) -> IndexStatus:
         """The index as `info` shows it; verify: also read it to name a problem (a FAISS file's checksum)."""
+        try:
+            state = self.state_of(entry, name)
+        except DbCorruptError as e:
+            return IndexStatus(self.name, "none", 0, "unreadable", problem=str(e))
+        if state is None:
+            return IndexStatus(self.name, "none", 0, "none", problem=f"the index of {name} was never built (an "
+                               "interrupted first `index`?)" if verify else None)
+        return self.describe(store, name, entry, state, verify)
+
+    @abstractmethod
+    def state_of(self, entry: EncoderEntry, name: str) -> Any:
+        """This backend's state of the entry (its own dataclass), None when it published none; DbCorruptError
+        names a bad field."""
+
+    @abstractmethod
+    def describe(self, store: Store, name: str, entry: EncoderEntry, state: Any, verify: bool) -> IndexStatus:
+        """`status` of a published index."""
 
     def validate(self, config: RefreshConfig) -> None:
         """Refuse options this backend cannot use (SimsearchError), before any work."""

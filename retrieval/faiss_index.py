@@ -433,15 +433,10 @@ class FaissBackend(Backend):
                                      f"and misses {len(expected - got)}; {REPAIR_HINT}")], facts
         return [], facts
 
-    def status(self, store: Store, name: str, entry: EncoderEntry, verify: bool = False) -> IndexStatus:
-        try:
-            state = FaissState.of(entry, name)
-        except DbCorruptError as e:
-            return IndexStatus(self.name, "none", 0, "unreadable", problem=str(e))
-        if state is None:
-            return IndexStatus(self.name, "none", 0, "none",
-                               problem=f"the index of {name} was never built (an interrupted first `index`?)"
-                               if verify else None)
+    def state_of(self, entry: EncoderEntry, name: str) -> FaissState | None:
+        return FaissState.of(entry, name)
+
+    def describe(self, store: Store, name: str, entry: EncoderEntry, state: FaissState, verify: bool) -> IndexStatus:
         params = ", ".join(f"{k} {v}" for k, v in state.params.items())
         text = state.kind + (f" ({params})" if params else "")
         if state.recall is not None:

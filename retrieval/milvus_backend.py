@@ -337,14 +337,11 @@ class MilvusBackend(Backend):
             return [Finding("error", f"{collection} holds {count} vectors, the store {expected}; {REPAIR_HINT}")], facts
         return [], facts
 
-    def status(self, store: Store, name: str, entry: EncoderEntry, verify: bool = False) -> IndexStatus:
-        """Read from the manifest only: `check` asks Milvus."""
-        try:
-            state = MilvusState.of(entry, name)
-        except DbCorruptError as e:
-            return IndexStatus(self.name, "none", 0, "unreadable", problem=str(e))
-        if state is None:
-            return IndexStatus(self.name, "none", 0, "none")
+    def state_of(self, entry: EncoderEntry, name: str) -> MilvusState | None:
+        return MilvusState.of(entry, name)
+
+    def describe(self, store: Store, name: str, entry: EncoderEntry, state: MilvusState, verify: bool) -> IndexStatus:
+        """Read from the manifest only (`check` asks Milvus)."""
         uri = resolve_uri(store.root, state.uri)
         params = {"collection": state.collection, **state.params}
         text = "hnsw (" + ", ".join(f"{k} {v}" for k, v in params.items()) + ")"
