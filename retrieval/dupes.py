@@ -18,8 +18,9 @@ see faiss_index.py). A near-duplicate is its partner's first neighbour, and the 
 side finds the other, so far fewer than 5% of pairs are missed: none of 10,000 planted pairs among 1M
 vectors with an ivf index tuned to 0.95 (benchmarks/dupes.py --scale). Scores are exact cosines for flat, ivf, hnsw and
 ivfpq (re-scored from the stored vectors by LoadedIndex); sq8's 8-bit codes are re-scored here from the
-stored vectors for every candidate within the index's `score_error` (faiss_index.SQ8_MARGIN) of the threshold,
-so no pair is kept or dropped on a quantisation error. A pair the index never returns is not recovered: use `--index flat` for exact groups.
+stored vectors for every candidate within the index's `score_error` (faiss_index.SQ8_MARGIN) of the
+threshold, so no pair is kept or dropped on a quantisation error. A pair the index never returns is not
+recovered: use `--index flat` for exact groups.
 """
 
 from __future__ import annotations
