@@ -3,11 +3,11 @@
     python -m simsearch.benchmarks index-update --count 1000000 --dim 256 [--work-dir DIR] [--out FILE]
 
 Builds (once, kept in --work-dir) a db of `count` clustered synthetic vectors (benchmarks/ann_data.py)
-through the real Store, builds its index with `refresh_index` (--index auto), then times
-`refresh_index` after adding one item, changing one and removing one. Each update is timed end to
+through the real Store, builds its index with `retrieval.backend.refresh` (--index auto), then times
+the refresh after adding one item, changing one and removing one. Each update is timed end to
 end and broken down into the stages a user waits for: reading + verifying the index file
 (load_index), the FAISS work itself (update_index: add_with_ids / remove_ids), and publishing the
-new file (serialize, sha256, atomic write, manifest, tombstones). The baseline in the same run is a
+new file (serialize, sha256, atomic write). The baseline in the same run is a
 full rebuild of the same index.
 """
 
@@ -59,19 +59,19 @@ def make_db(root: Path, count: int, dim: int, encoder: str = "synthetic", key: s
 
 
 def measure(root: Path, count: int, dim: int) -> dict:
-    # TODO(lead): the stages below predate the vector-backend interface (publish_index and refresh_index are gone).
-    from simsearch.retrieval.faiss_index import IndexConfig, load_index, publish_index, refresh_index, update_index
+    from simsearch.retrieval.backend import refresh
+    from simsearch.retrieval.faiss_index import FaissState, load_index, update_index, write_index
 
     make_db(root, count, dim)
     key = f"synthetic@{dim}"
     rng = np.random.default_rng(1)
     with Store(root) as store:
-        store.manifest.encoders["synthetic"].index_file = None  # the baseline: a full build, every run
-        outcome, build_s = timed(lambda: refresh_index(store, "synthetic", IndexConfig()))
-        entry = store.manifest.encoders["synthetic"]
-        log.info("index: %s (%s) in %.1f s", entry.index_type, outcome, build_s)
-        rows = {"build": {"seconds": build_s, "outcome": outcome, "kind": entry.index_type,
-                          "params": entry.index_params, "recall_at_10": entry.recall, "index_bytes": entry.index_bytes}}
+        store.set_index_state("synthetic", "faiss", -1, {})  # the baseline: a full build, every run
+        outcome, build_s = timed(lambda: refresh(store, "synthetic"))
+        state = FaissState.of(store.manifest.encoders["synthetic"], "synthetic")
+        log.info("index: %s (%s) in %.1f s", state.kind, outcome, build_s)
+        rows = {"build": {"seconds": build_s, "outcome": str(outcome), "kind": state.kind, "params": state.params,
+                          "recall_at_10": state.recall, "index_bytes": state.bytes}}
         new = rng.standard_normal(dim).astype(np.float32)
         new /= np.linalg.norm(new)
         victims = iter(rng.permutation(count)[:4])  # a different existing item for each change and removal
@@ -83,17 +83,19 @@ def measure(root: Path, count: int, dim: int) -> dict:
         }
         for name, change in steps.items():
             change()
-            # The stages on their own (same work as refresh_index does in place), then the real call.
+            # The stages on their own (the same work the FAISS backend's in-place update does), then the real call.
             entry = store.manifest.encoders["synthetic"]
+            state = FaissState.of(entry, "synthetic")
             loaded, load_s = timed(lambda: load_index(store, "synthetic")[0].cpu_index)
             changed = store.changed_ids(entry.index_generation)
             ids, vectors = store.vectors_by_id(key, changed, dim)
             _, op_s = timed(lambda: update_index(loaded, changed, ids, vectors))
-            _, publish_s = timed(lambda: publish_index(store, "synthetic", loaded, store.generation, entry.index_type,
-                                                        entry.index_params))
+            _, publish_s = timed(lambda: write_index(store, "synthetic", loaded, store.generation, state.kind,
+                                                     state.params, state.recall, state.recall_target,
+                                                     state.trained_count))
             change()  # the same kind of change again, for the end-to-end call
-            outcome, total_s = timed(lambda: refresh_index(store, "synthetic"))
-            rows[name] = {"seconds": total_s, "outcome": outcome, "load_s": load_s, "index_op_s": op_s,
+            outcome, total_s = timed(lambda: refresh(store, "synthetic"))
+            rows[name] = {"seconds": total_s, "outcome": str(outcome), "load_s": load_s, "index_op_s": op_s,
                           "publish_s": publish_s}
             log.info("%s: %s in %.2f s (load %.2f, index op %.4f, publish %.2f)", name, outcome, total_s, load_s,
                      op_s, publish_s)
