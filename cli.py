@@ -26,6 +26,7 @@ from rich.table import Column, Table
 from simsearch.devices import Device
 from simsearch.encoders.spec import Preprocess
 from simsearch.errors import SimsearchError
+from simsearch.retrieval.backend import BACKENDS
 from simsearch.training.configs import BarlowConfig, BeitPairConfig, MatchNetConfig, TripletConfig, WhiteningConfig
 
 app = typer.Typer(
@@ -184,12 +185,13 @@ def index(
     recall: Annotated[Optional[float], typer.Option(
         min=0.01, max=1.0, help="recall@10 the search parameters are tuned to at build time, against exact search "
                                 "(default: the db's, else 0.95).")] = None,
-    backend: Annotated[Optional[Literal["faiss", "milvus"]], typer.Option(
-        help="where the vectors are searched: faiss (an index file in the db) or milvus (a collection the stored "
-             "vectors are mirrored to); default: the one the db uses, else faiss.")] = None,
-    milvus_uri: Annotated[Optional[str], typer.Option(
-        help="Milvus server (http://host:19530) or Milvus Lite file (*.db) for --backend milvus; default: the one "
-             "the db records, else <db>/milvus.db.")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        help=f"where the vectors are searched ({', '.join(BACKENDS)}): faiss (an index file in the db) or milvus (a "
+             "collection the stored vectors are mirrored to); default: the one the db uses, else faiss.")] = None,
+    uri: Annotated[Optional[str], typer.Option(
+        "--uri", "--milvus-uri",
+        help="where a backend outside the db keeps its index, e.g. a Milvus server (http://host:19530) or Milvus "
+             "Lite file (*.db); implies that backend; default: the one the db records, else <db>/milvus.db.")] = None,
     rebuild: Annotated[bool, typer.Option(
         help="move the db's files aside (kept in <db>/broken-<time>/) and index from scratch: the way out of a "
              "damaged db.")] = False,
@@ -204,20 +206,19 @@ def index(
     from simsearch.encoders.runtime import OnnxEncoder
     from simsearch.indexer.pipeline import Indexer, IndexerConfig
     from simsearch.indexer.store import Store
-    from simsearch.retrieval.backend import RefreshConfig, get_backend, refresh
+    from simsearch.retrieval.backend import RefreshConfig, chosen_backend, get_backend, refresh
     from simsearch.retrieval.index_plan import KINDS, IndexConfig, parse_bytes
 
-    # --milvus-uri says where a Milvus index is: it asks for that backend unless another is named.
-    backend = backend or ("milvus" if milvus_uri else None)
+    backend = chosen_backend(backend, uri)
     if backend:
-        get_backend(backend).validate(RefreshConfig(uri=milvus_uri))  # before any work
+        get_backend(backend).validate(RefreshConfig(uri=uri))  # before any work
     if not folder.exists():
         raise SimsearchError(f"{folder}: no such file or folder{_items_left_under(db, folder)}")
     config = IndexerConfig(batch_size=batch_size, workers=workers)
     if index_kind not in KINDS:  # fails before any work
         raise SimsearchError(f"unknown index kind {index_kind!r} (available: {', '.join(KINDS)})")
     refresh_config = RefreshConfig(IndexConfig(kind=index_kind, recall=recall, max_memory=parse_bytes(max_index_memory)
-                                               if max_index_memory else 0), milvus_uri)
+                                               if max_index_memory else 0), uri)
     spec = get_encoder(encoder or default_encoder(), models_dir).with_preprocess(preprocess)
     enc = OnnxEncoder(spec, device, models_dir)
     with Store(db, create=True, wait=not no_wait, rebuild=rebuild) as store:
@@ -280,10 +281,13 @@ def query(
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout.")] = False,
     rerank: Annotated[Optional[str], typer.Option(help="reorder the top candidates with this reranker.")] = None,
     rerank_depth: Annotated[int, typer.Option(min=1, help="candidates the reranker sees.")] = 100,
-    backend: Annotated[Optional[Literal["faiss", "milvus"]], typer.Option(
-        help="the backend the db's index is in (default: read from the db; one that differs is an error).")] = None,
-    milvus_uri: Annotated[Optional[str], typer.Option(
-        help="search this Milvus server or Milvus Lite file instead of the one the db records.")] = None,
+    backend: Annotated[Optional[str], typer.Option(
+        help=f"the backend the db's index is in ({', '.join(BACKENDS)}; default: read from the db; one that "
+             "differs is an error).")] = None,
+    uri: Annotated[Optional[str], typer.Option(
+        "--uri", "--milvus-uri",
+        help="search the index at this URI (a Milvus server or Milvus Lite file) instead of the one the db "
+             "records.")] = None,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
     verbose: VerboseOption = False,
@@ -316,7 +320,7 @@ def query(
         from simsearch.retrieval.rerank import Reranker, get_reranker
 
         reranker = Reranker(get_reranker(rerank, models_dir), device)
-    with Searcher.open(db, encoder, device, models_dir, backend, milvus_uri) as searcher:
+    with Searcher.open(db, encoder, device, models_dir, backend, uri) as searcher:
         results = searcher.query(paths, k, reranker, rerank_depth)
         name = searcher.encoder.spec.name
         effective_k = min(k, searcher.index.ntotal)

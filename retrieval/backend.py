@@ -144,6 +144,7 @@ class Backend(ABC):
     """A kind of vector index. Subclasses give the steps of `refresh` and the rest of the interface."""
 
     name: ClassVar[str]
+    takes_uri: ClassVar[bool] = False  # its index lives outside the db, at a URI (a server, a file)
 
     # -- the interface ---------------------------------------------------------------------------------
     @abstractmethod
@@ -254,6 +255,14 @@ def get_backend(name: str) -> Backend:
         raise UnknownNameError(f"unknown backend {name!r} (available: {', '.join(BACKENDS)})")
     module, cls = target.split(":")
     return getattr(importlib.import_module(module), cls)()
+
+
+def chosen_backend(name: str | None, uri: str | None) -> str | None:
+    """The backend a user asked for: `name`; else, when a `uri` (an index outside the db) is given, the backend
+    that keeps its index there; else None (the one the db records)."""
+    if name or not uri:
+        return name
+    return next(b for b in BACKENDS if get_backend(b).takes_uri)
 
 
 def backend_of(entry: EncoderEntry) -> Backend:

@@ -330,14 +330,14 @@ class FaissBackend(Backend):
     def open(self, store: Store, name: str, entry: EncoderEntry, device: Device = Device.auto,
              uri: str | None = None) -> PublishedIndex:
         if uri:
-            raise SimsearchError(f"--milvus-uri given, but the db's {name} vectors are searched with faiss: drop it, "
+            raise SimsearchError(f"--uri given, but the db's {name} vectors are searched with faiss: drop it, "
                                  "or mirror them with `simsearch index FOLDER --backend milvus`")
         return load_index(store, name, device)[0]
 
     # -- refresh steps ---------------------------------------------------------------------------------
     def validate(self, config: RefreshConfig) -> None:
         if config.uri:
-            raise SimsearchError("--milvus-uri goes with --backend milvus")
+            raise SimsearchError("--uri goes with --backend milvus")
 
     def rebuild_reason(self, job: Job) -> str | None:
         config = job.config.index

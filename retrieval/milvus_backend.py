@@ -131,18 +131,18 @@ def _open_client(uri: str, timeout_s: float):
     pymilvus = _pymilvus()
     if is_lite(uri):
         if not uri.endswith(".db"):
-            raise SimsearchError(f"--milvus-uri {uri}: a Milvus Lite file's name ends in .db; a server is "
+            raise SimsearchError(f"--uri {uri}: a Milvus Lite file's name ends in .db; a server is "
                                  "http://host:19530")
         if importlib.util.find_spec("milvus_lite") is None:
             raise SimsearchError(f"{uri}: a Milvus Lite file needs milvus-lite ({INSTALL_HINT}); or pass a server "
-                                 "as --milvus-uri http://host:19530")
+                                 "as --uri http://host:19530")
     try:
         return pymilvus.MilvusClient(uri=uri, timeout=timeout_s)
     except pymilvus.exceptions.MilvusException as e:
         if is_lite(uri) and _lite_busy(uri):
             raise SimsearchError(f"the Milvus Lite file {uri} is in use by another process (Milvus Lite serves one "
                                  f"at a time): wait for it, or serve the file with `milvus-lite server --data-dir "
-                                 f"{uri}` and pass --milvus-uri http://127.0.0.1:19530") from None
+                                 f"{uri}` and pass --uri http://127.0.0.1:19530") from None
         if is_lite(uri) and Path(uri).parent.is_dir():
             raise SimsearchError(f"cannot open the Milvus Lite file {uri} (not a Milvus Lite folder, unreadable or "
                                  "damaged?): the stored vectors are intact; move it aside and run `simsearch index "
@@ -228,6 +228,7 @@ class MilvusBackend(Backend):
     """The encoder's stored vectors mirrored to a Milvus collection, searched there."""
 
     name = "milvus"
+    takes_uri = True
 
     def __init__(self, config: MilvusConfig = MilvusConfig()):
         self.config = config

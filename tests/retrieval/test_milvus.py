@@ -205,13 +205,13 @@ def test_cli_updates_the_mirror_then_switches_back_to_faiss(tmp_path, models_dir
 
 
 @pytest.mark.parametrize("args, message", [
-    (["query", "{img}", "--db", "{db}", "--milvus-uri", "http://127.0.0.1:1"],
+    (["query", "{img}", "--db", "{db}", "--uri", "http://127.0.0.1:1"],
      "cannot connect to Milvus at http://127.0.0.1:1"),
-    (["index", "{imgs}", "--db", "{copy}", "--backend", "milvus", "--milvus-uri", "http://127.0.0.1:1"],
+    (["index", "{imgs}", "--db", "{copy}", "--backend", "milvus", "--uri", "http://127.0.0.1:1"],
      "cannot connect to Milvus at http://127.0.0.1:1"),
     (["index", "{imgs}", "--db", "{copy}", "--backend", "milvus", "--milvus-uri", "{tmp}/vectors.txt"],
      "a Milvus Lite file's name ends in .db"),
-    (["index", "{imgs}", "--db", "{copy}", "--backend", "faiss", "--milvus-uri", "x.db"], "--milvus-uri goes with"),
+    (["index", "{imgs}", "--db", "{copy}", "--backend", "faiss", "--milvus-uri", "x.db"], "--uri goes with"),
     (["query", "{img}", "--db", "{db}", "--milvus-uri", "{tmp}/nowhere/x.db"], "cannot connect to Milvus at"),
 ])
 def test_milvus_mistakes_give_one_line_and_exit_1(lite_db, tmp_path, args, message):
