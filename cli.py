@@ -177,7 +177,7 @@ def index(
     batch_size: Annotated[int, typer.Option(min=1, help="images per encoder batch.")] = 32,
     workers: Annotated[int, typer.Option(min=0, help="decode threads (0 = one per core).")] = 0,
     index_kind: Annotated[str, typer.Option(
-        "--index", help="FAISS index: auto (chosen by collection size and --max-index-memory: see README), flat, "
+        "--index", help="FAISS index: auto (chosen by collection size and --max-index-memory: see docs/scale.md), flat, "
                         "ivf, sq8, ivfpq, hnsw.")] = "auto",
     max_index_memory: Annotated[Optional[str], typer.Option(
         help="RAM the index may take, e.g. 8G (default: half of this machine's RAM); auto picks the most accurate "
@@ -455,7 +455,7 @@ def dupes(
     db: DbOption = DEFAULT_DB,
     encoder: Annotated[Optional[str], typer.Option(help="encoder (default: the db's first).")] = None,
     threshold: Annotated[Optional[float], typer.Option(
-        help="cosine at or above which two images are near-duplicates (default: the calibrated one, see README; "
+        help="cosine at or above which two images are near-duplicates (default: the calibrated one, see docs/explain-dupes.md; "
              "it fits the built-in encoders).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout.")] = False,
     csv_file: Annotated[Optional[str], typer.Option(

@@ -652,7 +652,7 @@ def render(result: dict) -> tuple:
 
 
 def markdown(result: dict) -> str:
-    """The main rows as a markdown table (for the README)."""
+    """The main rows as a markdown table (for docs/scale.md)."""
     lines = ["| data | n | method | kind | params | build s | B/vec | p50 ms | p95 ms | QPS | recall@10 | at build | peak RSS MiB |",
              "|---|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

@@ -18,7 +18,7 @@ DEFAULT_BASE = "efficientnet-lite0"  # the fp32 encoder training starts from, an
 
 def default_encoder() -> str:
     """The encoder `index` and `bench` use when none is named: efficientnet-lite0's int8 variant where this CPU runs
-    int8 faster than fp32, else efficientnet-lite0 itself. Its quality holds (README, "Preprocessing and int8":
+    int8 faster than fp32, else efficientnet-lite0 itself. Its quality holds (docs/encoders.md, "The default encoder":
     Tiny ImageNet val hit@1 20.8 vs 21.2, hit@10 54.5 vs 54.8, pair ROC AUC 0.856 vs 0.858)."""
     return DEFAULT_BASE + INT8_SUFFIX if int8_faster_here() else DEFAULT_BASE
 

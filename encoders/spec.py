@@ -110,7 +110,7 @@ _LITE_MEAN = (127.0, 127.0, 127.0)
 _LITE_STD = (128.0, 128.0, 128.0)
 
 # The built-ins' policy, chosen by efficientnet-lite0's mean hit@1 on three domains, none of them the val split it
-# is reported on (README, "Preprocessing and int8"): Tiny ImageNet train pair sets crop 19.9 / resize 21.3 / pad
+# is reported on (docs/encoders.md, "Preprocessing policies"): Tiny ImageNet train pair sets crop 19.9 / resize 21.3 / pad
 # 21.3 (square images: pad is resize), their 2:3 and 3:2 windows 9.8 / 14.4 / 16.1, near-duplicates 99.8 for all.
 DEFAULT_PREPROCESS = Preprocess.pad
 

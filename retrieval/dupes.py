@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 # efficientnet-lite0-int8, the default encoder here. Chosen on one seeded half of the photos as the highest threshold
 # whose grouped pairs reach precision and recall >= 0.95 there (tune: P 1.000, R 0.957); on the other half, never
 # tuned on: precision 1.000, recall 0.965. The closest two *different* photos score 0.730 (a silver sedan and a
-# silver minivan): the best-F1 threshold, 0.73, would sit right on them. Curve: README "Near-duplicates".
+# silver minivan): the best-F1 threshold, 0.73, would sit right on them. Curve: docs/explain-dupes.md, "Near-duplicates".
 DEFAULT_THRESHOLD = 0.86
 FIRST_K = 16  # neighbours asked per vector at first (the vector itself is one of them)
 MAX_NEIGHBOURS = 4096  # a vector's neighbour list is not widened past this

@@ -89,7 +89,7 @@ class Metric(nn.Module):
     difference (B, 2 * bottleneck), plus, when the tower passes `raw` embedding dims through first, the
     embeddings' cosine (B, 1). The research concatenated the two bottlenecks; a concatenation has no
     built-in notion of "this candidate against this query", and reranking with it fell below the vector
-    search (README, "Reranking").
+    search (docs/training.md, "Reranking").
     """
 
     def __init__(self, bottleneck: int, hidden: int, dropout: float, raw: int = 0):
@@ -166,7 +166,7 @@ def train_matchnet(cfg: MatchNetConfig, models_dir: Path | None = None, on_progr
                               representation=(), tower=cfg.tower)
     tower_shape = (1, 3, cfg.image_size, cfg.image_size) if scratch else (1, data.shape[1])
     # The scratch tower also learns to name each image's class (a linear classifier on its bottleneck, trained
-    # alongside and then dropped): pairs alone teach a from-scratch conv net slowly (README, "Reranking").
+    # alongside and then dropped): pairs alone teach a from-scratch conv net slowly (docs/training.md, "Reranking").
     classifier = nn.Linear(cfg.bottleneck, len(ds.classes)) if scratch and cfg.class_loss else None
     return train_reranker(cfg, "matchnet", "" if scratch else cfg.encoder, details, tower, metric, tower, tower_shape,
                           batch_of, ds.labels, train_idx, val_idx, budget, models_dir, on_progress, neighbours,

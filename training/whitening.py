@@ -10,7 +10,7 @@ retrieval with no human annotation", section 3.3), optionally blended with the b
     with blend w < 1: L2norm([sqrt(1 - w) x, sqrt(w) e]), whose cosine is (1 - w) cos_base + w cos_e
 
 Why this rather than a trained head: it has no epochs to over-fit in and no learning rate, fits 15,000
-embeddings in seconds, and in the measurements behind the defaults (README, "Training your own
+embeddings in seconds, and in the measurements behind the defaults (docs/training.md, "Training your own
 encoder") it beat the triplet head in-domain while *raising* hit@1 on classes it never saw, where the
 triplet head lost 6 points; with 900 pairs it gains where the head fell below its base.
 

@@ -1,8 +1,8 @@
 """The web page in a real browser: Playwright driving Debian's Chromium headless against `simsearch serve` over a
 real db of demo photos (real ONNX model, FAISS, LMDB). With SIMSEARCH_UPDATE_SCREENSHOT=1 it refreshes the screenshot
-the README shows (docs/screenshot.png).
+the README and docs/serving.md show (docs/screenshot.png).
 
-Chromium comes from `apt-get install chromium` (the README's setup line installs it): Playwright's own browser
+Chromium comes from `apt-get install chromium` (the README's test command installs it): Playwright's own browser
 download cannot work here. Without it the test skips locally, but fails where $CI is set: CI must never skip it.
 """
 
@@ -37,7 +37,7 @@ N_FIRST, N_RANDOM = 40, 200  # the first 40 classes (fish, sharks, birds) + 200 
 
 def _unavailable(reason: str):
     if os.environ.get("CI"):
-        pytest.fail(f"{reason}: CI must run the browser test (install it as the README's setup line does)")
+        pytest.fail(f"{reason}: CI must run the browser test (install it as the README's test command does)")
     pytest.skip(reason)
 
 
@@ -167,7 +167,7 @@ def test_search_click_through_explain_and_screenshot(page, server, photos, tmp_p
     thumbs = _images_loaded(page, "#results")
     assert len(thumbs) == 10 and min(thumbs) > 0, thumbs
     page.screenshot(path=str(tmp_path / "results.png"), full_page=True)
-    if os.environ.get("SIMSEARCH_UPDATE_SCREENSHOT"):  # refresh the README's picture on purpose, never as a side effect
+    if os.environ.get("SIMSEARCH_UPDATE_SCREENSHOT"):  # refresh the docs' picture on purpose, never as a side effect
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(tmp_path / "results.png", SCREENSHOT)
 
