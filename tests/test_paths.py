@@ -75,7 +75,7 @@ def test_training_never_defaults_to_the_shared_data(tmp_path, monkeypatch):
 
 
 def test_bench_without_data_from_another_folder(two_classes, tmp_path, monkeypatch):
-    """Needs cli.py to fall back on default_data_dir() when --data is not given."""
+    """Needs cli.py to fall back on benchmark_data_dir() when --data is not given."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv(paths.DATA_ENV, str(two_classes))
     result = CliRunner().invoke(app, ["bench", "--split", "val", "--task", "pairs", "--val-fraction", "1",

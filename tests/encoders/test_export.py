@@ -105,7 +105,6 @@ def test_two_int8_builds_without_any_photos_are_byte_identical(tmp_path, monkeyp
     from simsearch import paths
 
     monkeypatch.setattr(paths, "shared_data", lambda: tmp_path / "nowhere")
-    monkeypatch.delenv("SIMSEARCH_CALIBRATION_DIR", raising=False)
     for name in ("efficientnet-lite0-int8", "efficientnet-lite2-int8"):
         spec = get_encoder(name)
         monkeypatch.setenv("SIMSEARCH_CACHE_DIR", str(tmp_path / "a"))
