@@ -49,7 +49,10 @@ VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="debug logs
 # Benchmark and training commands
 DataOption = Annotated[Optional[Path], typer.Option(
     "--data", help="class dataset or pair folder (left/ <-> right/); default: $SIMSEARCH_DATA, else "
-                   "tiny-imagenet-200 in the shared/data folder beside the checkout.")]
+                   "tiny-imagenet-200 in the shared/data folder beside a checkout of simsearch.")]
+TrainDataOption = Annotated[Optional[Path], typer.Option(
+    "--data", help="your images: a class dataset (<class>/<image> folders or the Tiny ImageNet layout) or a pair "
+                   "folder (left/ <-> right/); default: $SIMSEARCH_DATA.")]
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -622,7 +625,10 @@ app.add_typer(train_app, name="train")
 
 # The options every `train` command has: (annotation, default); a str default names the config field it comes from.
 _TRAIN_SHARED = {
-    "data": (DataOption, None),
+    "data": (TrainDataOption, None),
+    "check_photos": (Annotated[Optional[Path], typer.Option(
+        help="a folder of generic photos for the card's near-duplicate check against the base (each against an "
+             "edited copy); default: none, the check is skipped and the card says so.")], None),
     "split": (Annotated[str, typer.Option(help="split to train on.")], "split"),
     "epochs": (Annotated[int, typer.Option(min=1, help="at most this many epochs (patience may stop sooner).")], "epochs"),
     "lr": (Annotated[float, typer.Option(min=0.0, help="learning rate.")], "lr"),
@@ -653,8 +659,9 @@ def _training_command(name: str, config_cls, what: str):
             _verbose(run.pop("verbose"))
             models_dir = run.pop("models_dir")
             run["data"] = _data(run["data"])
-            if not run["data"].is_dir():
-                raise SimsearchError(f"{run['data']}: no such folder")
+            for folder in (run["data"], run["check_photos"]):
+                if folder is not None and not folder.is_dir():
+                    raise SimsearchError(f"{folder}: no such folder")
             train, cfg = fn(**options, run=run)
             with _ProgressReporter(name) as progress:
                 card = train(cfg, models_dir, progress.stage)
