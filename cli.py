@@ -834,7 +834,7 @@ def serve(
     """Serve the HTTP API (OpenAPI schema at /docs) and the web page; read-only over the db, follows a running `index`."""
     _verbose(verbose)
     # FAISS's OpenMP threads busy-wait after each search by default: a server's searches are single queries from
-    # many threads, and on a busy machine the spinning starves them (a 0.1 ms search took 16 ms here). Read by the
+    # many threads, and on a busy machine the spinning starves them (a 0.1 ms search took 16 ms on a loaded 2-core AMD EPYC). Read by the
     # OpenMP runtime when it loads, i.e. before the server module imports FAISS.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from simsearch.retrieval.index_plan import parse_bytes

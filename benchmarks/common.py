@@ -20,8 +20,8 @@ from simsearch.paths import shared_data
 
 Clock = Callable[[], float]
 
-# The CPU features that decide how fast the encoders and FAISS run here: AVX2 / AVX-512 for fp32 kernels and FAISS's
-# SIMD builds, VNNI (AVX-512 or AVX) and AMX for ONNX Runtime's int8 kernels, ARM's dot product (asimddp) for int8 on
+# The CPU features that decide how fast the encoders and FAISS run: AVX2 / AVX-512 for fp32 kernels and FAISS's SIMD
+# builds, VNNI (AVX-512 or AVX) and AMX for ONNX Runtime's int8 kernels, ARM's dot product (asimddp) for int8 on
 # ARM. A figure read without them cannot be compared with another machine's.
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16", "asimddp")
 VERSIONED = ("onnxruntime", "faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "numpy", "hnswlib", "usearch", "pymilvus",

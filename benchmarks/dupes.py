@@ -12,7 +12,7 @@ land in one group (what a user sees); the known positives are every pair of one 
 (original and copies). The threshold is chosen on the tuning half (best F1; ties: the higher one), and
 precision/recall are reported at that threshold on the held-out half, with the held-out curve. Pairs of
 two different originals grouped together are listed (imagenet-samples may hold genuine near-duplicates).
-The peer, imagededup's PHash, runs on the held-out half when it imports here; otherwise the reason is
+The peer, imagededup's PHash, runs on the held-out half when it imports (it needs torchvision); otherwise the reason is
 recorded.
 
 Scale (dupes-scale): a db of --count synthetic clustered vectors (benchmarks/ann_data.py; --planted of them
@@ -192,7 +192,7 @@ def choose(rows: list[dict]) -> float:
     """The highest threshold at which precision and recall both reach TARGET; if none does, the best F1.
 
     Not simply the best F1: this set's negatives are photos of different classes, and its best F1 sits as low
-    as the closest of them (0.73 here: a silver sedan and a silver minivan). A collection's real negatives,
+    as the closest of them (0.73 on imagenet-samples: a silver sedan and a silver minivan). A collection's real negatives,
     several photos of one subject, are closer still, so the threshold is as cautious as the recall target allows.
     """
     meeting = [r for r in rows if r["precision"] >= TARGET and r["recall"] >= TARGET]

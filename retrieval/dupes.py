@@ -39,9 +39,9 @@ from simsearch.retrieval.backend import Progress, VectorIndex, open_index, requi
 
 log = logging.getLogger(__name__)
 
-# Calibrated, not guessed: `python -m simsearch.benchmarks.dupes` (results/dupes.json) on the 1,000 imagenet-samples
+# Calibrated, not guessed: `python -m simsearch.benchmarks dupes` (results/dupes.json) on the 1,000 imagenet-samples
 # photos and 5 seeded augmented copies of each (crop, resize, JPEG quality 15-35, colour shift, mirror) with
-# efficientnet-lite0-int8, the default encoder here. Chosen on one seeded half of the photos as the highest threshold
+# efficientnet-lite0-int8, the default encoder on x86 with AVX2. Chosen on one seeded half of the photos as the highest threshold
 # whose grouped pairs reach precision and recall >= 0.95 there (tune: P 1.000, R 0.957); on the other half, never
 # tuned on: precision 1.000, recall 0.965. The closest two *different* photos score 0.730 (a silver sedan and a
 # silver minivan): the best-F1 threshold, 0.73, would sit right on them. Curve: docs/explain-dupes.md, "Near-duplicates".
@@ -79,7 +79,8 @@ def find_duplicates(store: Store, encoder: str, threshold: float | None = None, 
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if not 0.0 < threshold <= 1.0:
         raise SimsearchError(f"the threshold is a cosine in (0, 1] (got {threshold:g})")
-    # One pass of queries on the CPU: a GPU copy of the index would cost more to make than it saves here.
+    # One pass of queries on the CPU: a GPU copy of the index would cost more to make than the
+    # one pass saves.
     index, entry = open_index(store, encoder, Device.cpu)
     try:
         require_vectors(index, encoder, store)

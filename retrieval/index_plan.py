@@ -16,8 +16,8 @@ IVF lists: 4*sqrt(n) (the low end of FAISS's 4..16*sqrt(n) guideline: k-means tr
 nlist^2, and on 2 cores that is the build's largest term), rounded to a power of two. Above
 HNSW_QUANTIZER_FROM vectors the coarse quantiser is an HNSW graph over the centroids (FAISS's
 `IVFx_HNSW32` for 1M-10M), because assigning 10M vectors to 16k centroids by brute force costs more
-than the rest of the build. HNSW is not chosen automatically: its build is the slowest here
-(`benchmarks/ann.py` measures it) and it cannot remove vectors, only mark them.
+than the rest of the build. HNSW is not chosen automatically: its build is the slowest of the kinds
+(`python -m simsearch.benchmarks ann` measures it) and it cannot remove vectors, only mark them.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ attend "w columns over", i.e. to the same place in the other image.
 Where the tokens come from:
   default        the pretrained EfficientNet-Lite trunk (frozen): its (1280, S/32, S/32) feature map of
                  each image, projected to `token_dim` by a trained 1x1 conv; a small BEiT (trained
-                 from scratch, since no pretrained BEiT weights can be downloaded here) reads them.
+                 from scratch, since no pretrained BEiT weights come from a PyPI package) reads them.
   --weights DIR  a user's own BEiT checkpoint (transformers format, the folder `save_pretrained`
                  writes): tokens are its 16x16-pixel patches of the two images side by side, its
                  relative position bias interpolated to the wider canvas, the whole model fine-tuned.
