@@ -250,7 +250,7 @@ def test_beit_on_trunk_tokens_learns_and_matches_onnx(beit, classes, models_dir,
     weights = torch.load(spec.folder / "weights.pt", weights_only=True)
     conv = torch.nn.Conv2d(1280, 32, 1)
     conv.load_state_dict(weights["tower"])
-    metric = PairBeit(small_beit(BeitPairConfig(name="x", **TINY_BEIT), 3), interpolate=False)
+    metric = PairBeit(small_beit(BeitPairConfig(name="x", data=classes, **TINY_BEIT), 3), interpolate=False)
     metric.load_state_dict(weights["metric"])
     tower = torch.nn.Sequential(TrunkTokens(load_efficientnet_lite(lite0.arch, str(lite0.weights_path())),
                                             lite0.mean, lite0.std), conv).eval()
