@@ -541,7 +541,8 @@ def bench(
                       "largest part that fits (stated in the results).")] = 20.0,
     task: Annotated[Optional[str], typer.Option(
         help="pairs (find the pair, hit@k), classes (same/different accuracy), checks (each trained encoder against "
-             "its base: in-domain, unseen classes, near-duplicates); default: all three, or pairs for a pair folder.")]
+             "its base: in-domain, unseen classes, near-duplicates), zeroshot (classification by text prompts: CLIP "
+             "encoders); default: the first three, or pairs for a pair folder.")]
     = None,
     ks: Annotated[str, typer.Option(help="k values for hit@k.")] = "1,5,10,15,25,50,100",
     seed: Annotated[int, typer.Option(help="seed of splits, pair sets and sampled pairs.")] = 0,
@@ -582,7 +583,8 @@ def bench(
         names = [e.strip() for e in (encoder or default_encoder()).split(",") if e.strip()]
         result = harness.run(config, names, progress.stage)
     wide = out if out.is_terminal else Console(width=170)  # a pipe or a CI log is not 80 columns of screen
-    for table in (report.hits_table(result), report.pairs_table(result), report.checks_table(result)):
+    for table in (report.hits_table(result), report.pairs_table(result), report.checks_table(result),
+                  report.zeroshot_table(result)):
         if table is not None:
             wide.print(table)
     json_path = report.write_json(result, out_dir)

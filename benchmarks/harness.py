@@ -1,4 +1,5 @@
-"""`simsearch bench`: "find the pair" hit@k and same/different pair accuracy, for any registered encoder.
+"""`simsearch bench`: "find the pair" hit@k and same/different pair accuracy, for any registered encoder, and
+zero-shot classification by text prompts for an encoder with a text tower (CLIP).
 
 Embeddings come through the indexer (`Indexer.embed_files`) into an LMDB cache db keyed by content
 hash and encoder weights, so a second run of the same benchmark embeds nothing. Every figure is
@@ -21,8 +22,8 @@ from simsearch.devices import Device
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import EncoderSpec, Preprocess
-from simsearch.errors import DatasetError
-from simsearch.evaluation import datasets, generalisation, metrics
+from simsearch.errors import DatasetError, ModelError
+from simsearch.evaluation import datasets, generalisation, metrics, zeroshot
 from simsearch.indexer.cached import CachedEmbedder
 from simsearch.indexer.pipeline import IndexerConfig
 from simsearch.indexer.scan import item_path
@@ -32,7 +33,8 @@ from simsearch.retrieval.rerank import Reranker, get_reranker
 
 log = logging.getLogger(__name__)
 
-TASKS = ("pairs", "classes", "checks")
+TASKS = ("pairs", "classes", "checks")  # the default tasks: any encoder
+OPT_IN_TASKS = ("zeroshot",)  # asked for by name only: needs an encoder with a text tower
 DEFAULT_KS = (1, 5, 10, 15, 25, 50, 100)
 
 # The research's figures (../shared/DESIGN.md), shown beside ours. Different data: labelled so.
@@ -77,6 +79,9 @@ class BenchConfig:
     # A slow reranker (a CPU transformer) is measured on the largest part that fits in this budget, stated in
     # the results: the largest class-balanced subset for all pairs, as many whole pair sets for reranked hit@k.
     reranker_minutes: float = 20.0
+    # zeroshot: prompts per class ({name}: its name); several are averaged per class, as CLIP does
+    zeroshot_templates: tuple[str, ...] = zeroshot.DEFAULT_TEMPLATES
+    zeroshot_ks: tuple[int, ...] = (1, 5)  # top-k accuracies
 
 
 @dataclass
@@ -90,6 +95,7 @@ class EncoderResult:
     hits: dict | None = None
     pairs: dict | None = None
     checks: dict | None = None  # a trained encoder against its base (evaluation/generalisation.py)
+    zeroshot: dict | None = None  # top-k accuracy of classification by text prompts (evaluation/zeroshot.py)
 
 
 class Embedder:
@@ -111,8 +117,9 @@ class Embedder:
         return self.cached(paths, on_progress)
 
 
-def hit_at_k(ranks: np.ndarray, gallery: int, config: BenchConfig) -> dict:
-    rows = metrics.hit_rates_with_ci(ranks, config.ks, n_boot=config.n_boot, seed=config.seed)
+def hit_at_k(ranks: np.ndarray, gallery: int, config: BenchConfig, ks: tuple[int, ...] | None = None) -> dict:
+    """hit@k for k in ks (None: config.ks) with bootstrap intervals, from 0-based ranks in a gallery."""
+    rows = metrics.hit_rates_with_ci(ranks, ks or config.ks, n_boot=config.n_boot, seed=config.seed)
     return {
         "queries": int(len(ranks)),
         "gallery": gallery,
@@ -171,6 +178,18 @@ def pair_accuracy(vectors: np.ndarray, labels: np.ndarray, threshold: float, con
     return {"balanced": balanced, "all_pairs": everything}
 
 
+def zero_shot(vectors: np.ndarray, ds: datasets.LabeledImages, spec: EncoderSpec, config: BenchConfig) -> dict:
+    """Top-k accuracy of classifying the split's images (vectors (N, dim)) by their nearest class prompt."""
+    from simsearch.encoders.text import TextEncoder
+
+    names = zeroshot.class_names(config.data, ds.classes)
+    classes = zeroshot.class_vectors(names, config.zeroshot_templates, TextEncoder(spec, config.device).embed)
+    ranks = zeroshot.class_ranks(vectors, ds.labels, classes)
+    # "queries" are the images, the "gallery" the classes
+    return {**hit_at_k(ranks, len(names), config, config.zeroshot_ks),
+            "templates": list(config.zeroshot_templates), "class_names": names}
+
+
 def bench_spec(name: str, config: BenchConfig) -> EncoderSpec:
     """The encoder `name` as the bench measures it: under config.preprocess when one is given."""
     return get_encoder(name, config.models_dir).with_preprocess(config.preprocess)
@@ -183,7 +202,7 @@ def run_encoder(name: str, config: BenchConfig, store: Store, progress: Progress
     layout = datasets.detect_layout(config.data)
     t = time.perf_counter()
     if layout == "pairs":
-        if "classes" in config.tasks:
+        if "classes" in config.tasks or "zeroshot" in config.tasks:
             raise DatasetError(f"{config.data}: a pair folder has no classes; use --task pairs")
         pairs = datasets.load_pair_folder(config.data, config.split, config.val_fraction, config.seed)
         left, right = embed(pairs.left, f"{config.split} left"), embed(pairs.right, f"{config.split} right")
@@ -213,6 +232,10 @@ def run_encoder(name: str, config: BenchConfig, store: Store, progress: Progress
             t = time.perf_counter()
             result.pairs = {**threshold, **pair_accuracy(vectors, ds.labels, threshold["threshold"], config)}
             result.seconds["pairs"] = time.perf_counter() - t
+        if "zeroshot" in config.tasks:
+            t = time.perf_counter()
+            result.zeroshot = zero_shot(vectors, ds, spec, config)
+            result.seconds["zeroshot"] = time.perf_counter() - t
     result.embedded = embed.embedded
     return result
 
@@ -352,11 +375,13 @@ def run_checks(spec: EncoderSpec, config: BenchConfig, embed_for) -> dict | None
 
 def run(config: BenchConfig, encoders: list[str], progress: ProgressFn | None = None) -> dict:
     """Every figure for every encoder, with the exact protocol, as one JSON-ready dict."""
-    unknown = [t for t in config.tasks if t not in TASKS]
+    unknown = [t for t in config.tasks if t not in TASKS + OPT_IN_TASKS]
     if unknown:
-        raise DatasetError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS)})")
-    for name in encoders:  # fail on a typo before any work
-        get_encoder(name, config.models_dir)
+        raise DatasetError(f"unknown task {unknown[0]!r} (tasks: {', '.join(TASKS + OPT_IN_TASKS)})")
+    for name in encoders:  # fail on a typo, or on an encoder that cannot do a task, before any work
+        spec = get_encoder(name, config.models_dir)
+        if "zeroshot" in config.tasks and not spec.has_text:
+            raise ModelError(f"encoder {name} has no text tower: --task zeroshot needs a CLIP encoder (docs/clip.md)")
     for name in config.rerankers:
         get_reranker(name, config.models_dir)
     t0 = time.perf_counter()
@@ -406,6 +431,11 @@ def protocol(config: BenchConfig) -> dict:
         out["all_pairs_per_class"] = config.all_pairs_per_class
         out["threshold"] = (f"cosine threshold with best balanced accuracy on {config.threshold_pairs} balanced pairs "
                             f"of {config.threshold_per_class} train images per class, then frozen")
+        if "zeroshot" in config.tasks:
+            out["zeroshot"] = (f"each image of the split ranks every class by the cosine of its vector to the class's "
+                               f"text vector (the mean of its prompts {list(config.zeroshot_templates)}, renormalised); "
+                               f"class names: the first synonym in {zeroshot.WORDS_FILE} where the dataset has one, "
+                               f"else the folder name with _ and - as spaces; top-k: true class ranked < k")
     return out
 
 

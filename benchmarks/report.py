@@ -90,6 +90,25 @@ def checks_table(result: dict) -> Table | None:
     return table
 
 
+def zeroshot_table(result: dict) -> Table | None:
+    """Zero-shot classification by text prompts: top-k accuracy of each encoder with a text tower."""
+    rows = [e for e in result["encoders"] if e.get("zeroshot")]
+    if not rows:
+        return None
+    z = rows[0]["zeroshot"]
+    p = result["protocol"]
+    table = Table("encoder", *[f"top-{r['k']} %" for r in z["rows"]], "mean rank",
+                  title=f"zero-shot classification: {z['queries']:,} images, {z['gallery']} classes, prompts "
+                        f"{' | '.join(z['templates'])} ({Path(p['dataset']).name}, {p['split']})",
+                  caption="95% bootstrap confidence interval over images in brackets; text -> image hit@k needs "
+                          "captions, which this dataset does not have", caption_justify="left")
+    for e in rows:
+        table.add_row(e["encoder"], *[f"{_pct(r['rate'])} [{_pct(r['ci_low'])}–{_pct(r['ci_high'])}]"
+                                      for r in e["zeroshot"]["rows"]], f"{e['zeroshot']['mean_rank']:.1f}")
+    table.add_row("[dim]chance[/dim]", *[f"[dim]{_pct(r['chance'])}[/dim]" for r in z["rows"]], "")
+    return table
+
+
 def write_json(result: dict, out: Path) -> Path:
     return save_json(result, out / "bench.json")
 
