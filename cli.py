@@ -601,14 +601,20 @@ def bench(
               f"(embedded {sum(e['embedded'] for e in result['encoders'])} images)", highlight=False)
 
 
-@app.command()
-def encoders(models_dir: ModelsDirOption = None):
-    """The registered encoders: dimension, input (size, preprocessing policy), source of the weights."""
+encoders_app = typer.Typer(help="The registered encoders; `encoders add` registers a CLIP encoder (image + text).")
+app.add_typer(encoders_app, name="encoders")
+
+
+@encoders_app.callback(invoke_without_command=True)
+def encoders(ctx: typer.Context, models_dir: ModelsDirOption = None):
+    """The registered encoders: dimension, input (size, preprocessing policy), text tower, source of the weights."""
+    if ctx.invoked_subcommand is not None:
+        return
     from simsearch.encoders.cards import Card
     from simsearch.encoders.export import is_cached
     from simsearch.encoders.registry import list_encoders
 
-    table = Table("dim", "source", "ONNX cached")
+    table = Table("dim", "text", "source", "ONNX cached")
     table.columns.insert(0, Column("name", no_wrap=True))
     table.columns.insert(2, Column("input", no_wrap=True))
     for spec in list_encoders(models_dir):
@@ -616,9 +622,49 @@ def encoders(models_dir: ModelsDirOption = None):
             source = f"int8, quantised from {spec.fp32().name} (settings {spec.quant_tag})"
         else:
             source = Card.load(Path(spec.card), "encoder").summary() if spec.trained else spec.source
-        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px {spec.preprocess.value}", source,
-                      "yes" if is_cached(spec, models_dir) else "on first use")
+        table.add_row(spec.name, str(spec.dim), f"{spec.image_size} px {spec.preprocess.value}",
+                      "yes" if spec.has_text else "", shown(source), "yes" if is_cached(spec, models_dir) else "on first use")
     out.print(table)
+
+
+@encoders_app.command("add")
+@user_errors
+def encoders_add(
+    name: Annotated[str, typer.Argument(help="the name to register it under (letters, digits, '.', '_', '-').")],
+    open_clip: Annotated[Optional[str], typer.Option(
+        "--open-clip", metavar="MODEL",
+        help="an open_clip model (any name in open_clip.list_models(), e.g. ViT-B-32, or a model config .json).")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(
+        help="open_clip pretrained tag, e.g. laion2b_s34b_b79k (open_clip downloads the weights).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help="a local weights file for --open-clip.")] = None,
+    onnx: Annotated[Optional[Path], typer.Option(
+        "--onnx", metavar="DIR", help="a ready ONNX export in Immich's layout (config.json, visual/, textual/); no "
+                                      "torch needed.")] = None,
+    python: Annotated[Optional[str], typer.Option(
+        envvar="SIMSEARCH_CLIP_PYTHON",
+        help="the Python that has open_clip_torch, for --open-clip (default: this one).")] = None,
+    replace: Annotated[bool, typer.Option(help="replace an encoder of that name added before.")] = False,
+    models_dir: ModelsDirOption = None,
+    verbose: VerboseOption = False,
+):
+    """Register a CLIP encoder: its image tower and text tower exported to ONNX, its tokenizer and preprocessing.
+
+    Then `simsearch index FOLDER --encoder NAME` and `simsearch query --text "..." --encoder NAME`.
+    """
+    _verbose(verbose)
+    from simsearch.encoders.clip import add_clip_folder, export_open_clip
+
+    if (open_clip is None) == (onnx is None):
+        raise SimsearchError("give --open-clip MODEL or --onnx DIR (one of them)")
+    if onnx is not None:
+        if pretrained or checkpoint:
+            raise SimsearchError("--pretrained and --checkpoint go with --open-clip, not --onnx")
+        spec = add_clip_folder(name, onnx, models_dir, replace=replace)
+    else:
+        spec = export_open_clip(name, open_clip, pretrained or "", checkpoint, python, models_dir, replace=replace)
+    out.print(f"added [bold]{shown(spec.name)}[/bold]: {spec.dim}-d, {spec.image_size} px {spec.preprocess.value}, "
+              f"image and text towers ({shown(spec.source)}); its int8 image tower: {shown(spec.name)}-int8",
+              highlight=False, soft_wrap=True)
 
 
 train_app = typer.Typer(help="Train encoders and rerankers on your own images (torch; served by ONNX Runtime).",

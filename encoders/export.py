@@ -21,7 +21,8 @@ import numpy as np
 
 from simsearch import paths
 from simsearch.atomic import atomic_path
-from simsearch.encoders.quantize import Calibration, QuantSettings, quantize_onnx, strip_debug_info
+from simsearch.encoders.quantize import (DYNAMIC_TAG, Calibration, QuantSettings, quantize_dynamic_onnx, quantize_onnx,
+                                         strip_debug_info)
 from simsearch.encoders.spec import EncoderSpec, Precision
 from simsearch.errors import ModelError
 
@@ -46,7 +47,7 @@ def ensure_onnx(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     """The cached ONNX file of `spec`, exporting (or quantising) it first if needed."""
     if spec.precision is Precision.int8:
         return ensure_int8(spec, models_dir)
-    if spec.trained:  # its model was exported when it was trained
+    if spec.onnx_file:  # a trained or CLIP encoder: its model was written when it was trained or added
         if not Path(spec.onnx_file).is_file():
             raise ModelError(f"the ONNX model of {spec.name!r} is missing: {spec.onnx_file}")
         return Path(spec.onnx_file)
@@ -141,16 +142,23 @@ def is_cached(spec: EncoderSpec, models_dir: Path | None = None) -> bool:
     """Whether the ONNX model of spec is already here (else it is exported or quantised on first use)."""
     if spec.precision is Precision.int8:
         return int8_path(spec, models_dir).is_file()
-    return spec.trained or onnx_path(spec, paths.models_dir(models_dir)).is_file()
+    return bool(spec.onnx_file) or onnx_path(spec, paths.models_dir(models_dir)).is_file()
 
 
 def ensure_int8(spec: EncoderSpec, models_dir: Path | None = None) -> Path:
     """The cached int8 model of `spec` (an int8 variant), quantised from its fp32 model on first use."""
+    path = int8_path(spec, models_dir)
+    if spec.clip:  # its image tower, dynamically quantised: no photos, no calibration
+        if spec.quant_tag != DYNAMIC_TAG:
+            raise ModelError(f"{spec.name}: quantisation settings {spec.quant_tag!r} are not this simsearch's ({DYNAMIC_TAG!r})")
+        if not path.is_file():
+            log.info("quantising %s's image tower to int8 (once per machine) -> %s", spec.fp32().name, path)
+            quantize_dynamic_onnx(ensure_onnx(spec.fp32(), models_dir), path)
+        return path
     settings = QuantSettings()
     if spec.quant_tag != settings.tag():
         raise ModelError(f"{spec.name}: quantisation settings {spec.quant_tag!r} are not this simsearch's "
                          f"({settings.tag()!r})")
-    path = int8_path(spec, models_dir)
     if path.is_file():
         return path
     if spec.trained:
@@ -201,17 +209,18 @@ def build_embedding_model(spec: EncoderSpec):
     return Embed().eval()
 
 
-def export_module(model, input_shape: tuple[int, ...], path: Path, n_inputs: int = 1) -> None:
+def export_module(model, input_shape: tuple[int, ...], path: Path, n_inputs: int = 1, dtype=None) -> None:
     """Export an eval-mode module with a dynamic batch axis, written atomically to `path`.
 
     n_inputs > 1: the module takes that many tensors of the same shape (named a, b, ...), sharing the batch axis.
+    dtype: the inputs' torch dtype (default float32; a text tower takes int64 token ids).
     """
     import onnx
     import torch
 
     if model.training:
         raise ModelError("refusing to export a module in training mode (BatchNorm would use batch statistics)")
-    examples = tuple(torch.zeros(input_shape) for _ in range(n_inputs))
+    examples = tuple(torch.zeros(input_shape, dtype=dtype) for _ in range(n_inputs))
     names = ["input"] if n_inputs == 1 else [chr(ord("a") + i) for i in range(n_inputs)]
     batch = torch.export.Dim("batch")
     with atomic_path(path, mode=0o644) as tmp:

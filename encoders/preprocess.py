@@ -27,7 +27,10 @@ def _crop(im: Image.Image, spec: EncoderSpec) -> Image.Image:
     scale = side / min(w, h)
     nw, nh = max(side, round(w * scale)), max(side, round(h * scale))
     s = spec.image_size
-    left, top = (nw - s) // 2, (nh - s) // 2
+    if spec.clip:  # torchvision's CenterCrop, which CLIP towers were trained behind: offsets rounded half to even
+        left, top = int(round((nw - s) / 2)), int(round((nh - s) / 2))
+    else:
+        left, top = (nw - s) // 2, (nh - s) // 2
     # Resample only the centre crop's source box: the same pixels as resize-then-crop (bicubic
     # support is taken from the whole image), at ~2/3 of the cost for a typical 4:3 photo.
     sx, sy = w / nw, h / nh

@@ -376,6 +376,30 @@ def quantize_onnx(
 
 
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "avx512vnni", "avxvnni"})
+# CLIP towers are MatMul-bound transformers: dynamic quantisation (int8 weights from the weights alone, activations
+# quantised per batch at run time) needs no calibration photos, so every machine writes the same file from the weights.
+# 7-bit weights (reduce_range) for the same reason as above: no int16 saturation in AVX2's u8*s8 kernels. The
+# convolutional patch embedding stays fp32 (ORT's ConvInteger is slower than its fp32 conv).
+DYNAMIC_SETTINGS = {"ops": ["MatMul", "Gemm"], "weights": "QInt8", "per_channel": True, "reduce_range": True}
+DYNAMIC_TAG = "dyn" + hashlib.sha256(json.dumps(DYNAMIC_SETTINGS, sort_keys=True).encode()).hexdigest()[:5]
+
+
+def quantize_dynamic_onnx(fp32: Path, out: Path) -> None:
+    """Write the dynamically quantised int8 model of fp32 to out atomically (DYNAMIC_SETTINGS)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
+
+    with atomic_path(Path(out)) as tmp_out, tempfile.TemporaryDirectory(prefix="simsearch-quant-") as work, _quiet():
+        pre = Path(work) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+        quantize_dynamic(str(pre), str(tmp_out), op_types_to_quantize=DYNAMIC_SETTINGS["ops"],
+                         weight_type=QuantType.QInt8, per_channel=DYNAMIC_SETTINGS["per_channel"],
+                         reduce_range=DYNAMIC_SETTINGS["reduce_range"])
+        model = onnx.load(str(tmp_out))
+        strip_debug_info(model)
+        onnx.save(model, str(tmp_out))
+
+
 X86 = ("x86_64", "amd64", "i686", "i386", "x86")
 
 

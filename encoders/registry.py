@@ -1,5 +1,5 @@
-"""The one encoder registry: the built-in encoders (spec.BUILTIN), then those trained into the models dir,
-each followed by its int8 variant `<name>-int8`.
+"""The one encoder registry: the built-in encoders (spec.BUILTIN), then those trained into the models dir, then the
+CLIP encoders added to it (encoders/clip.py), each followed by its int8 variant `<name>-int8`.
 
 A spec says which it is (`EncoderSpec.trained`, `EncoderSpec.precision`); names are unique across all.
 """
@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from simsearch.encoders.quantize import QuantSettings, int8_faster_here
+from simsearch.encoders.clip import clip_specs
+from simsearch.encoders.quantize import DYNAMIC_TAG, QuantSettings, int8_faster_here
 from simsearch.encoders.spec import BUILTIN, INT8_SUFFIX, EncoderSpec
 from simsearch.encoders.trained import trained_specs
 from simsearch.errors import UnknownNameError
@@ -24,10 +25,11 @@ def default_encoder() -> str:
 
 
 def list_encoders(models_dir: Path | None = None) -> list[EncoderSpec]:
-    """The built-in encoders, then those trained into `models_dir` (None: the default models dir), each
-    followed by its int8 variant."""
-    tag = QuantSettings().tag()
-    return [v for spec in (*BUILTIN, *trained_specs(models_dir)) for v in (spec, spec.int8(tag))]
+    """The built-in encoders, then those trained into `models_dir` (None: the default models dir), then its CLIP
+    encoders, each followed by its int8 variant."""
+    static, dynamic = QuantSettings().tag(), DYNAMIC_TAG
+    return [v for spec in (*BUILTIN, *trained_specs(models_dir), *clip_specs(models_dir))
+            for v in (spec, spec.int8(dynamic if spec.clip else static))]
 
 
 def is_builtin(name: str) -> bool:

@@ -48,11 +48,12 @@ class EncoderSpec:
     weights_file: str  # path of the weights inside that package
     weights_sha256: str  # built-in: the torch weights file; trained: the ONNX file
     source: str  # where the weights come from, for `simsearch encoders`
-    onnx_file: str = ""  # trained encoders: their ONNX model (built-ins are exported on first use)
-    card: str = ""  # trained encoders: their model card (card.json)
+    onnx_file: str = ""  # trained and CLIP encoders: their ONNX model (built-ins are exported on first use)
+    card: str = ""  # trained and CLIP encoders: their model card (card.json)
     preprocess: Preprocess = Preprocess.crop
     precision: Precision = Precision.fp32
     quant_tag: str = ""  # int8: QuantSettings.tag() of the settings it is quantised with
+    text_onnx: str = ""  # CLIP encoders: the text tower, (B, context) token ids -> (B, dim) in the images' space
 
     def __post_init__(self):
         # A str from a card or a manifest becomes the enum (ValueError names a value no policy has).
@@ -63,6 +64,16 @@ class EncoderSpec:
     def trained(self) -> bool:
         """Trained into the registry (its ONNX model and card are files there), not built in."""
         return self.arch == TRAINED_ARCH
+
+    @property
+    def clip(self) -> bool:
+        """A CLIP encoder (encoders/clip.py): a finished ONNX image tower, and a text tower beside it."""
+        return self.arch == CLIP_ARCH
+
+    @property
+    def has_text(self) -> bool:
+        """Queries by words can be embedded into this encoder's space."""
+        return bool(self.text_onnx)
 
     @property
     def key(self) -> str:
@@ -103,6 +114,7 @@ class EncoderSpec:
 
 
 TRAINED_ARCH = "trained"  # the arch of every trained encoder: a finished ONNX model, no torch definition
+CLIP_ARCH = "clip"  # the arch of every CLIP encoder: finished ONNX towers, no torch definition
 
 # EfficientNet-Lite was trained on inputs scaled as (x - 127) / 128, not ImageNet mean/std:
 # with mean/std, nearest-neighbour class recall@1 fell from 0.27 to 0.11 in a check.
