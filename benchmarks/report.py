@@ -98,10 +98,11 @@ def zeroshot_table(result: dict) -> Table | None:
     z = rows[0]["zeroshot"]
     p = result["protocol"]
     table = Table("encoder", *[f"top-{r['k']} %" for r in z["rows"]], "mean rank",
-                  title=f"zero-shot classification: {z['queries']:,} images, {z['gallery']} classes, prompts "
-                        f"{' | '.join(z['templates'])} ({Path(p['dataset']).name}, {p['split']})",
-                  caption="95% bootstrap confidence interval over images in brackets; text -> image hit@k needs "
-                          "captions, which this dataset does not have", caption_justify="left")
+                  title=f"zero-shot classification: {z['queries']:,} images, {z['gallery']} classes "
+                        f"({Path(p['dataset']).name}, {p['split']})",
+                  caption=f"prompts: {' | '.join(z['templates'])}; 95% bootstrap confidence interval over images in "
+                          "brackets; text -> image hit@k needs captions, which this dataset does not have",
+                  caption_justify="left")
     for e in rows:
         table.add_row(e["encoder"], *[f"{_pct(r['rate'])} [{_pct(r['ci_low'])}–{_pct(r['ci_high'])}]"
                                       for r in e["zeroshot"]["rows"]], f"{e['zeroshot']['mean_rank']:.1f}")
