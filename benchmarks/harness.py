@@ -22,6 +22,7 @@ from simsearch.devices import Device
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import EncoderSpec, Preprocess
+from simsearch.encoders.text import TextEncoder
 from simsearch.errors import DatasetError, ModelError
 from simsearch.evaluation import datasets, generalisation, metrics, zeroshot
 from simsearch.indexer.cached import CachedEmbedder
@@ -180,8 +181,6 @@ def pair_accuracy(vectors: np.ndarray, labels: np.ndarray, threshold: float, con
 
 def zero_shot(vectors: np.ndarray, ds: datasets.LabeledImages, spec: EncoderSpec, config: BenchConfig) -> dict:
     """Top-k accuracy of classifying the split's images (vectors (N, dim)) by their nearest class prompt."""
-    from simsearch.encoders.text import TextEncoder
-
     names = zeroshot.class_names(config.data, ds.classes)
     classes = zeroshot.class_vectors(names, config.zeroshot_templates, TextEncoder(spec, config.device).embed)
     ranks = zeroshot.class_ranks(vectors, ds.labels, classes)
