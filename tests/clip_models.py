@@ -81,6 +81,14 @@ def make_onnx_clip_folder(dst: Path, dim: int = 32, image_size: int = 32, seed: 
 
 
 def add_tiny_clip(models_dir: Path, name: str = "tiny-clip", seed: int = 0) -> EncoderSpec:
-    """A tiny CLIP encoder registered in models_dir (its source folder beside it)."""
+    """A tiny CLIP encoder registered in models_dir (its source folder beside it); the one already there if a test
+    before registered it (tests share the session's models dir)."""
+    from simsearch.encoders.registry import get_encoder
+    from simsearch.errors import UnknownNameError
+
+    try:
+        return get_encoder(name, models_dir)
+    except UnknownNameError:
+        pass
     folder = make_onnx_clip_folder(Path(models_dir).parent / f"{name}-onnx-folder", seed=seed)
     return add_clip_folder(name, folder, models_dir)
