@@ -1,8 +1,13 @@
-"""Query a db: image -> encoder (ONNX Runtime) -> the db's vector backend, top k -> (path, score). No torch on this path."""
+"""Query a db: image -> encoder (ONNX Runtime) -> the db's vector backend, top k -> (path, score). No torch on this path.
+
+A combined query (query.py: weighted images, words, db items) is one vector, normalize(sum_i w_i e_i), searched the
+same way; its filters (`min_score`, `under`) are applied here.
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +24,8 @@ from simsearch.indexer.images import load_rgb
 from simsearch.indexer.lock import writer_active
 from simsearch.indexer.store import Store
 from simsearch.retrieval.backend import VectorIndex, open_index, require_vectors
+from simsearch.retrieval.dupes import FLOAT_SLACK
+from simsearch.retrieval.query import PathFilter, Query, Term, describe
 from simsearch.retrieval.rerank import Reranker
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,14 @@ class QueryResult:
 
 # Query images decoded and embedded together: memory stays bounded however many are asked.
 QUERY_BATCH = 32
+# `under` matching at most this many items is searched exactly over their stored vectors: 4096 x 1280 float32 is
+# 21 MB read from LMDB and one small matrix product, about one search of a large approximate index; a bigger
+# subset makes the approximate search go deeper instead (its cost does not grow with the subset). Finding the
+# subset reads at most SCAN_FACTOR times as many item records (a sparse glob over a big folder is searched deeper).
+EXACT_SUBSET = 4096
+SCAN_FACTOR = 16
+DEEPEN = 4  # each deeper search asks this many times more candidates, from max(4 k, FIRST_DEPTH)
+FIRST_DEPTH = 64
 
 
 class Searcher:
@@ -55,12 +70,15 @@ class Searcher:
     """
 
     def __init__(self, store: Store, encoder: OnnxEncoder, index: VectorIndex, name: str | None = None,
-                 device: Device = Device.auto):
+                 device: Device = Device.auto, text_encoder=None):
         self.store = store
         self.encoder = encoder
         self.index = index
         self.name = name or encoder.spec.name
         self.device = device
+        self.exact_subset = EXACT_SUBSET  # see EXACT_SUBSET (a test sets 0 to take the deeper-search path)
+        self._text = text_encoder  # encoders.text.TextEncoder of this encoder, made on the first text term
+        self._text_lock = threading.Lock()
 
     @classmethod
     def open(cls, db: str | Path | Store, encoder: str | OnnxEncoder | None = None, device: Device = Device.auto,
@@ -126,24 +144,100 @@ class Searcher:
     def similar(self, item_id: int, k: int = 10) -> list[Hit]:
         """The k items most similar to the db's item `item_id`, itself first: its stored vector (as it was indexed,
         no image decoded) searched against the index. NotFoundError when the db holds no such item."""
-        (path,) = self.store.paths_of([item_id])
-        record = self.store.get_item(path) if path is not None else None
-        if record is None or record.id != item_id:  # a removed item's path may hold a new item since
-            raise NotFoundError(f"no item with id {item_id} in the db")
-        spec = self.encoder.spec
-        vector = self.store.vectors_of_ids(spec.key, [item_id], spec.dim)  # (1, dim)
-        hits = self.search_vectors(vector, k)[0]
+        hits = self.search_vectors(self.item_vectors([item_id]), k)[0]
         own = next((h for h in hits if h.id == item_id), None)
         if own is not None and hits[0] is not own:  # an exact duplicate tied with it: the item itself comes first
-            hits = [replace(h, rank=r) for r, h in enumerate([own] + [h for h in hits if h is not own], 1)]
+            hits = _ranked([own] + [h for h in hits if h is not own])
         return hits
 
-    def query(self, paths: list[str | Path], k: int = 10, reranker: Reranker | None = None,
-              depth: int = 100) -> list[QueryResult]:
-        """Top k per query image; with a reranker, the top `depth` of the vector search reordered by it.
+    def item_vectors(self, ids: list[int]) -> np.ndarray:
+        """(len(ids), dim) stored vectors of the db's items `ids` (no image decoded); NotFoundError names an id the
+        db does not hold."""
+        for item_id, path in zip(ids, self.store.paths_of(ids)):
+            record = self.store.get_item(path) if path is not None else None
+            if record is None or record.id != item_id:  # a removed item's path may hold a new item since
+                raise NotFoundError(f"no item with id {item_id} in the db")
+        spec = self.encoder.spec
+        return self.store.vectors_of_ids(spec.key, ids, spec.dim)
+
+    def text_encoder(self):
+        """The text tower of this searcher's encoder (encoders.text.TextEncoder), loaded once, on first use;
+        ModelError when the encoder has none."""
+        with self._text_lock:
+            if self._text is None:
+                from simsearch.encoders.text import TextEncoder
+
+                self._text = TextEncoder(self.encoder.spec, self.device)
+            return self._text
+
+    def query_vector(self, terms: tuple[Term, ...]) -> np.ndarray:
+        """normalize(sum_i w_i e_i) (dim,) float32, e_i the unit vector of term i: an image through the image tower,
+        words through the text tower, an item's stored vector. ImageLoadError for an unreadable image,
+        SimsearchError when the weighted sum is zero (the terms cancel out)."""
+        if not terms:
+            raise SimsearchError("a query needs at least one image, text or item")
+        kinds = {t.kind for t in terms} - {"image", "text", "item"}
+        if kinds:
+            raise SimsearchError(f"unknown query term kind {kinds.pop()!r} (image, text or item)")
+        weights = np.array([t.weight for t in terms], dtype=np.float64)  # (T,)
+        if not np.isfinite(weights).all():
+            raise SimsearchError(f"a query term's weight is not a number: {describe(terms)}")
+        e = np.empty((len(terms), self.encoder.spec.dim), dtype=np.float32)  # (T, dim)
+        of = {kind: [i for i, t in enumerate(terms) if t.kind == kind] for kind in ("image", "text", "item")}
+        if of["image"]:
+            vectors, errors = self._embed_images([terms[i].value for i in of["image"]])
+            if any(errors):
+                raise ImageLoadError(next(error for error in errors if error))
+            e[of["image"]] = vectors
+        if of["text"]:
+            e[of["text"]] = self.text_encoder().embed([str(terms[i].value) for i in of["text"]])
+        if of["item"]:
+            e[of["item"]] = self.item_vectors([int(terms[i].value) for i in of["item"]])
+        combined = weights @ e.astype(np.float64)  # (dim,)
+        norm = float(np.linalg.norm(combined))
+        if norm < 1e-6:
+            raise SimsearchError(f"the query's terms cancel out (their weighted sum is zero): {describe(terms)}")
+        return (combined / norm).astype(np.float32)
+
+    def search(self, query: Query, k: int = 10, reranker: Reranker | None = None, depth: int = 100) -> QueryResult:
+        """Top k items for a combined query (query.py), cut at query.min_score and kept to query.under.
+
+        With a reranker, the top `depth` that pass the filters are reordered by it: an "encoder" reranker reads the
+        combined vector; a "pixels" reranker needs the query to be one image (SimsearchError otherwise).
+        """
+        self._check_request(k, reranker, depth)
+        first = query.terms[0] if query.terms else None
+        if reranker is not None and reranker.spec.input == "pixels" and (
+                len(query.terms) != 1 or first.kind != "image" or first.weight <= 0):
+            raise SimsearchError(f"reranker {reranker.spec.name!r} compares the query image's pixels with each "
+                                 f"candidate's: it reranks a query of one image, not {describe(query.terms)!r}")
+        t0 = time.perf_counter()
+        vector = self.query_vector(query.terms)
+        t1 = time.perf_counter()
+        where = PathFilter.of(query.under) if query.under else None
+        hits = self._hits(vector[None], depth if reranker is not None else k, query.min_score, where)[0]
+        t2 = time.perf_counter()
+        result = QueryResult(describe(query.terms), hits, {"load+embed": t1 - t0, "search": t2 - t1})
+        if reranker is not None:
+            result.hits = self.rerank(reranker, str(first.value), vector, hits, k)
+            result.seconds["rerank"] = time.perf_counter() - t2
+        return result
+
+    def query(self, paths: list[str | Path], k: int = 10, reranker: Reranker | None = None, depth: int = 100,
+              min_score: float | None = None, under: str | None = None) -> list[QueryResult]:
+        """Top k per query image (each image its own query; `search` combines terms into one), cut at min_score and
+        kept to under as `search` does; with a reranker, the top `depth` of the vector search reordered by it.
 
         Images are embedded QUERY_BATCH at a time; one that cannot be read gets an `error` and no hits.
         """
+        self._check_request(k, reranker, depth)
+        where = PathFilter.of(under) if under else None
+        results = []
+        for start in range(0, len(paths), QUERY_BATCH):
+            results += self._query_batch(paths[start:start + QUERY_BATCH], k, reranker, depth, min_score, where)
+        return results
+
+    def _check_request(self, k: int, reranker: Reranker | None, depth: int) -> None:
         if k < 1:
             raise SimsearchError(f"k must be at least 1 (got {k})")
         require_vectors(self.index, self.name, self.store)
@@ -151,27 +245,31 @@ class Searcher:
             self._check_reranker(reranker)
             if depth < k:
                 raise SimsearchError(f"--rerank-depth ({depth}) must be at least k ({k})")
-        results = []
-        for start in range(0, len(paths), QUERY_BATCH):
-            results += self._query_batch(paths[start:start + QUERY_BATCH], k, reranker, depth)
-        return results
 
-    def _query_batch(self, paths: list[str | Path], k: int, reranker: Reranker | None, depth: int) -> list[QueryResult]:
+    def _embed_images(self, paths: list[str | Path]) -> tuple[np.ndarray, list[str | None]]:
+        """(readable images, dim) vectors, in order, and per path the reason it could not be read (None: read)."""
         spec = self.encoder.spec
-        t0 = time.perf_counter()
-        results, arrays = [], []
+        arrays, errors = [], []
         for p in paths:
-            results.append(QueryResult(str(p), []))
             try:
                 arrays.append(to_input(load_rgb(p, decode_side(spec)), spec))  # (3, S, S)
+                errors.append(None)
             except ImageLoadError as e:
-                results[-1].error = str(e)
+                errors.append(str(e))
+        if not arrays:
+            return np.empty((0, spec.dim), dtype=np.float32), errors
+        return self.encoder.embed(np.stack(arrays)), errors  # (Q, 3, S, S) -> (Q, dim)
+
+    def _query_batch(self, paths: list[str | Path], k: int, reranker: Reranker | None, depth: int,
+                     min_score: float | None, where: PathFilter | None) -> list[QueryResult]:
+        t0 = time.perf_counter()
+        vectors, errors = self._embed_images(paths)
+        results = [QueryResult(str(p), [], error=e) for p, e in zip(paths, errors)]
         ok = [r for r in results if r.error is None]
         if not ok:
             return results
-        vectors = self.encoder.embed(np.stack(arrays))  # (Q, 3, S, S) -> (Q, dim)
         t1 = time.perf_counter()
-        hits = self.search_vectors(vectors, depth if reranker is not None else k)
+        hits = self._hits(vectors, depth if reranker is not None else k, min_score, where)
         t2 = time.perf_counter()
         for result, vector, h in zip(ok, vectors, hits):
             result.hits = h
@@ -181,6 +279,64 @@ class Searcher:
                 result.hits = self.rerank(reranker, result.query, vector, result.hits, k)
                 result.seconds["rerank"] = time.perf_counter() - t
         return results
+
+    def _hits(self, vectors: np.ndarray, n: int, min_score: float | None, where: PathFilter | None) -> list[list[Hit]]:
+        """The top n hits of each query vector (Q, dim) that score at least min_score and whose path `where` keeps."""
+        if where is None:
+            return [self._cut(hits, vector, min_score) for hits, vector in zip(self.search_vectors(vectors, n), vectors)]
+        return [self._under(vector, n, min_score, where) for vector in vectors]
+
+    def _cut(self, hits: list[Hit], vector: np.ndarray, min_score: float | None) -> list[Hit]:
+        """The hits scoring at least min_score. An approximate index's scores (score_error > 0: sq8) are replaced by
+        the exact cosines from the stored vectors first, so no hit is kept or dropped on an approximation."""
+        if min_score is None:
+            return hits
+        if self.index.score_error and hits:
+            spec = self.encoder.spec
+            exact = self.store.vectors_of_ids(spec.key, [h.id for h in hits], spec.dim) @ vector  # (len(hits),)
+            hits = sorted((replace(h, score=float(s)) for h, s in zip(hits, exact)), key=lambda h: -h.score)
+        # float32 rounding: an identical image scores 0.99999994, and `--min-score 1` must keep it
+        return _ranked([h for h in hits if h.score >= min_score - FLOAT_SLACK])
+
+    def _under(self, vector: np.ndarray, n: int, min_score: float | None, where: PathFilter) -> list[Hit]:
+        """Top n of one query vector (dim,) among the items `where` keeps: exact over their stored vectors when they
+        are few (EXACT_SUBSET), else the index searched ever deeper until n of its hits pass or it has no more."""
+        subset = self._subset(where)
+        if subset is not None:
+            spec = self.encoder.spec
+            ids, vectors = self.store.vectors_by_id(spec.key, np.asarray([i for i, _ in subset], dtype=np.int64),
+                                                    spec.dim)  # live items with a vector: (m,), (m, dim)
+            path_of = dict(subset)
+            scores = vectors @ vector  # (m,)
+            best = np.argsort(-scores, kind="stable")[:n]
+            hits = [Hit(r, path_of[int(ids[i])], float(scores[i]), id=int(ids[i])) for r, i in enumerate(best, 1)]
+            return hits if min_score is None else _ranked([h for h in hits if h.score >= min_score - FLOAT_SLACK])
+        total = self.index.ntotal  # read once: a Milvus collection counts on the server
+        asked = min(total, max(DEEPEN * n, FIRST_DEPTH))
+        while True:
+            found = self.search_vectors(vector[None], asked)[0]
+            hits = self._cut([h for h in found if where(h.path)], vector, min_score)
+            below = min_score is not None and found and found[-1].score < min_score - self.index.score_error - FLOAT_SLACK
+            if len(hits) >= n or asked >= total or below:  # below: every deeper hit scores less still
+                return _ranked(hits[:n])
+            log.debug("%d of the top %d pass the filters: searching deeper", len(hits), asked)
+            asked = min(total, asked * DEEPEN)
+
+    def _subset(self, where: PathFilter) -> list[tuple[int, str]] | None:
+        """(id, path) of every item `where` keeps, or None when there are over exact_subset of them (or finding
+        them would read over SCAN_FACTOR times as many records)."""
+        found, scanned = [], 0
+        items = self.store.iter_items(where.folder)  # one read transaction, closed below
+        try:
+            for path, record in items:
+                scanned += 1
+                if where(path):
+                    found.append((record.id, path))
+                if len(found) > self.exact_subset or scanned > SCAN_FACTOR * self.exact_subset:
+                    return None
+        finally:
+            items.close()
+        return found
 
     def _check_reranker(self, reranker: Reranker) -> None:
         spec = reranker.spec
@@ -202,3 +358,8 @@ class Searcher:
                                           lambda: self.store.vectors_of_ids(spec.key, [h.id for h in hits], spec.dim))
         order, probs = reranker.rerank(q[0], cands, np.array([h.score for h in hits]))
         return [Hit(r, hits[i].path, hits[i].score, float(probs[i]), hits[i].id) for r, i in enumerate(order[:k], 1)]
+
+
+def _ranked(hits: list[Hit]) -> list[Hit]:
+    """The hits numbered 1.. in their order."""
+    return [h if h.rank == r else replace(h, rank=r) for r, h in enumerate(hits, 1)]

@@ -17,6 +17,7 @@ from simsearch.indexer.scan import shown_path
 from simsearch.indexer.store import Store
 from simsearch.retrieval.backend import backend_of
 from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, DupeGroup, DupeItem
+from simsearch.retrieval.query import Term
 from simsearch.retrieval.search import Hit
 
 
@@ -34,6 +35,13 @@ def hit_view(hit: Hit) -> dict:
     """rank (1-based), id, path, score (cosine), rerank_score (P(same) when reranked, else None)."""
     return {"rank": hit.rank, "id": hit.id, **path_fields(hit.path), "score": float(hit.score),
             "rerank_score": None if hit.rerank_score is None else float(hit.rerank_score)}
+
+
+def term_view(term: Term) -> dict:
+    """kind (image | text | item), value (an image's path, with value_bytes as `path_fields` says; the words; the
+    item's id), weight (negative: subtracted)."""
+    value = path_fields(term.value, "value") if term.kind == "image" else {"value": term.value}
+    return {"kind": term.kind, **value, "weight": float(term.weight)}
 
 
 def dupe_item_view(item: DupeItem) -> dict:
