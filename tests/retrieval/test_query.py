@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -132,7 +131,8 @@ def stored(tmp_path_factory):
         yield searcher
 
 
-def brute(q: np.ndarray, k: int, keep=lambda path: True, min_score: float | None = None) -> tuple[list[int], np.ndarray]:
+def brute(q: np.ndarray, k: int, keep=lambda path: True, min_score: float | None = None
+          ) -> tuple[list[int], np.ndarray]:
     """The ids of the top k items `keep` keeps scoring >= min_score, best first, and every item's score (400,)."""
     scores = VECS @ q
     ids = [int(i) for i in np.argsort(-scores, kind="stable")
@@ -353,3 +353,48 @@ def test_rerankers_on_combined_queries(photos, encoder, reranker):
     assert [h.path for h in result.hits] == [candidates[i].path for i in order[:3]]
     np.testing.assert_allclose([h.rerank_score for h in result.hits], probs[order[:3]], rtol=1e-5)
     assert "rerank" in result.seconds
+
+
+# -- words: a tiny CLIP encoder (random towers: rankings are arbitrary, so brute force is the reference) -----------
+@pytest.fixture(scope="module")
+def clip_db(photos, models_dir):
+    """The same 24 photos indexed with a tiny CLIP encoder."""
+    from simsearch.encoders.runtime import OnnxEncoder
+
+    from ..clip_models import add_tiny_clip
+
+    spec = add_tiny_clip(models_dir)
+    with Store(photos / "clip-db", create=True) as store:
+        Indexer(OnnxEncoder(spec, models_dir=models_dir), store).run(photos / "imgs")
+        refresh(store, spec.name)
+    return photos / "clip-db", spec
+
+
+def test_text_terms_rank_as_brute_force_over_the_stored_vectors(clip_db, photos, models_dir):
+    from simsearch.encoders.text import TextEncoder
+
+    db, spec = clip_db
+    with Store(db, readonly=True) as store:
+        paths = [p for p, _ in store.iter_items()]
+        vecs = store.vectors_of(spec.key, paths, spec.dim)  # (24, 32)
+    words = TextEncoder(spec).embed(["red car", "a photo of a dog", "fruit"])  # (3, 32)
+    photo = sorted((photos / "imgs" / "b").iterdir())[2]
+    cases = [
+        ((Term("text", "red car"),), words[0]),
+        ((Term("text", "a photo of a dog", 2.0), Term("text", "fruit", -1.0)), 2 * words[1] - words[2]),
+        ((Term("text", "red car"), Term("image", str(photo), 0.5)),
+         words[0] + 0.5 * vecs[paths.index(item_path(photo))]),
+    ]
+    with Searcher.open(db, spec.name, models_dir=models_dir) as searcher:
+        image_only = searcher.search(Query((Term("image", str(photo)),)), k=3)
+        assert searcher._text is None and image_only.hits[0].path == item_path(photo)  # no text tower loaded for it
+        for terms, combined in cases:
+            q = normalized(combined)
+            np.testing.assert_allclose(searcher.query_vector(terms), q, atol=1e-5)
+            for under in (None, str(photos / "imgs" / "a")):
+                hits = searcher.search(Query(terms, under=under), k=24).hits
+                scores = vecs @ q
+                want = [i for i in np.argsort(-scores, kind="stable") if under is None or "/imgs/a/" in paths[i]]
+                assert [h.path for h in hits] == [paths[i] for i in want]
+                np.testing.assert_allclose([h.score for h in hits], scores[want], atol=1e-5)
+        assert searcher.text_encoder() is searcher.text_encoder()  # loaded once
