@@ -277,7 +277,20 @@ def _print_index_report(report, index_outcome, verbose: bool) -> None:
 @app.command()
 @user_errors
 def query(
-    images: Annotated[list[Path], typer.Argument(help="query image(s); a folder queries every image in it.")],
+    images: Annotated[Optional[list[Path]], typer.Argument(
+        help="query image(s); a folder queries every image in it. Optional with --text.")] = None,
+    text: Annotated[Optional[list[str]], typer.Option(
+        "--text", "-t", help="words to search for (a CLIP encoder); repeatable, 'W:' weights a term (\"2:red car\"), "
+                             "and 'A + B - C' combines terms (an existing file is an image). With --text or --minus, "
+                             "all the terms and images form one query.")] = None,
+    minus: Annotated[Optional[list[str]], typer.Option(
+        help="subtract this from the query: an existing file is an image, anything else words; repeatable, "
+             "'W:' weights it.")] = None,
+    min_score: Annotated[Optional[float], typer.Option(
+        min=-1.0, max=1.0, help="only hits whose cosine to the query is at least this.")] = None,
+    under: Annotated[Optional[str], typer.Option(
+        help="only items in this folder, or whose path matches this glob ('*' within a folder, '**/' any folders).")
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="number of results.")] = 10,
     db: DbOption = DEFAULT_DB,
     encoder: Annotated[Optional[str], typer.Option(help="encoder (default: the db's first).")] = None,
@@ -295,38 +308,55 @@ def query(
     models_dir: ModelsDirOption = None,
     verbose: VerboseOption = False,
 ):
-    """Find the k images in the db most similar to each query image.
+    """Find the k images in the db most similar to each query image, or to one query of words and images.
 
-    A query image that cannot be read gets its error line (an `error` field in --json) while the
-    others answer; the exit code is then 1.
+    Without --text/--minus each image is its own query; one that cannot be read gets its error line (an
+    `error` field in --json) while the others answer, and the exit code is then 1.
     """
     _verbose(verbose)
     from simsearch.indexer.scan import scan
+    from simsearch.retrieval.query import Query, Term, parse_terms
     from simsearch.retrieval.search import Searcher
-    from simsearch.retrieval.views import hit_view, path_fields
+    from simsearch.retrieval.views import hit_view, path_fields, term_view
 
     if k < 1:
         raise SimsearchError(f"-k must be at least 1 (got {k})")
-    paths: list[str] = []
-    for p in images:
+    combined = bool(text or minus)
+    if not images and not combined:
+        raise SimsearchError("give query images, or words with --text")
+    paths: list[str] = []  # each its own query, or (combined) one image term each
+    terms: list[Term] = []
+    for p in images or []:
         if p.is_dir():
             found = [f.path for f in scan(p).files]
             if not found:
                 raise SimsearchError(f"{p}: a folder with no images in it")
-            paths += found
-        elif not p.exists():
-            raise SimsearchError(f"{p}: no such file")
+        elif p.exists():
+            found = [str(p)]
+        elif combined and len(ts := parse_terms(str(p), os.path.isfile)) == 1 and ts[0].kind == "image":
+            found = []
+            terms += ts  # a weighted image: "2:./pool.jpg"
         else:
-            paths.append(str(p))
+            raise SimsearchError(f"{p}: no such file")
+        paths += found
+        terms += [Term("image", f) for f in found]
+    for t in text or []:
+        terms += parse_terms(t, os.path.isfile)
+    for m in minus or []:
+        terms += [Term(t.kind, t.value, -t.weight) for t in parse_terms(m, os.path.isfile)]
     reranker = None
     if rerank:
         from simsearch.retrieval.rerank import Reranker, get_reranker
 
         reranker = Reranker(get_reranker(rerank, models_dir), device)
     with Searcher.open(db, encoder, device, models_dir, backend, uri) as searcher:
-        results = searcher.query(paths, k, reranker, rerank_depth)
+        if combined:
+            results = [searcher.search(Query(tuple(terms), min_score, under), k, reranker, rerank_depth)]
+        else:
+            results = searcher.query(paths, k, reranker, rerank_depth, min_score, under)
         name = searcher.encoder.spec.name
         effective_k = min(k, searcher.index.ntotal)
+    filtered = min_score is not None or bool(under)
     if as_json:
         doc = {
             "encoder": name,
@@ -334,6 +364,9 @@ def query(
             "rerank_depth": rerank_depth if rerank else None,
             "k": effective_k,
             "k_requested": k,
+            **({"terms": [term_view(t) for t in terms]} if combined else {}),
+            "min_score": min_score,
+            "under": under,
             "results": [
                 {**path_fields(r.query, "query"), **({"error": r.error} if r.error else {}),
                  "hits": [hit_view(h) for h in r.hits], "seconds": r.seconds}
@@ -342,12 +375,13 @@ def query(
         }
         print(json.dumps(doc, indent=2))
     else:
+        filters = (f", score >= {min_score:g}" if min_score is not None else "") + (f", under {under}" if under else "")
         for r in results:
             if r.error:
                 err.print(f"[red]error:[/red] {shown(r.error)}", highlight=False, soft_wrap=True)
                 continue
             by = f", reranked by {rerank} from the top {rerank_depth}" if rerank else ""
-            table = Table(title=f"{shown(r.query)}  ({name}{by})", title_justify="left")
+            table = Table(title=f"{shown(r.query)}  ({name}{by}{shown(filters)})", title_justify="left")
             table.add_column("rank", justify="right")
             if rerank:
                 table.add_column("P(same)", justify="right")
@@ -358,6 +392,8 @@ def query(
             out.print(table)
             if verbose or rerank:
                 err.print(", ".join(f"{s} {v * 1000:.1f} ms" for s, v in r.seconds.items()), highlight=False)
+            if filtered and len(r.hits) < effective_k:
+                err.print(f"only {len(r.hits)} images pass the filters ({shown(filters[2:])})", highlight=False)
         if k > effective_k:
             err.print(f"the db holds {effective_k} images for {name}: showing all of them", highlight=False)
     if any(r.error for r in results):
