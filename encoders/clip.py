@@ -33,9 +33,9 @@ import numpy as np
 
 from simsearch import paths
 from simsearch.atomic import staged_dir
-from simsearch.encoders.spec import CLIP_ARCH, EncoderSpec, Preprocess
+from simsearch.encoders.spec import BUILTIN, CLIP_ARCH, EncoderSpec, Preprocess
 from simsearch.encoders.tokenizer import Tokenizer, TokenizerConfig, tokenizer_config, write_tokenizer_json
-from simsearch.encoders.trained import check_model_name
+from simsearch.encoders.trained import check_model_name, trained_specs
 from simsearch.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -202,14 +202,13 @@ def add_clip_folder(name: str, src: Path, models_dir: Path | None = None, source
     """Register the CLIP folder `src` (Immich's layout) as encoder `name`; its spec. Checked before anything is
     written: both towers run and give `embed_dim` vectors; with an export's parity record, they match torch and
     the tokenizer matches open_clip. The registry's folder appears whole or not at all."""
-    from simsearch.encoders.registry import list_encoders
-
     check_model_name(name)
     src = Path(src)
     if not src.is_dir():
         raise ModelError(f"{src}: no such folder")
     final = clip_dir(models_dir) / name
-    if not replace and any(s.name == name for s in list_encoders(models_dir)):
+    taken = [s.name for s in (*BUILTIN, *trained_specs(models_dir), *clip_specs(models_dir))]
+    if name in taken and not (replace and final.is_dir()):
         raise ModelError(f"an encoder named {name!r} is already registered: choose another name (or --replace)")
     config = _read_json(src / "config.json")
     pre = _read_json(src / "visual" / "preprocess_cfg.json")

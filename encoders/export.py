@@ -244,3 +244,21 @@ def export_module(model, input_shape: tuple[int, ...], path: Path, n_inputs: int
         exported = onnx.load(str(tmp))
         strip_debug_info(exported)  # the same file wherever simsearch is installed
         onnx.save(exported, str(tmp))
+
+
+def append_graph(first: Path, second: Path, out: Path) -> None:
+    """One ONNX model that runs `first` then feeds its output to `second` (e.g. a CLIP image tower, then a trained
+    head: (B, 3, S, S) -> (B, in) -> (B, out)), written atomically to `out`. `second` is converted to `first`'s
+    opset and IR version where they differ, as merging requires."""
+    import onnx
+    from onnx import compose, version_converter
+
+    a, b = onnx.load(str(first)), onnx.load(str(second))
+    opset = next(o.version for o in a.opset_import if o.domain in ("", "ai.onnx"))
+    if next(o.version for o in b.opset_import if o.domain in ("", "ai.onnx")) != opset:
+        b = version_converter.convert_version(b, opset)
+    b.ir_version = a.ir_version
+    b = compose.add_prefix(b, "head/")  # no name of the second graph may collide with the first's
+    merged = compose.merge_models(a, b, io_map=[(a.graph.output[0].name, b.graph.input[0].name)])
+    with atomic_path(out, mode=0o644) as tmp:
+        onnx.save(merged, str(tmp))

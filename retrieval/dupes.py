@@ -31,6 +31,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from simsearch.devices import Device
+from simsearch.encoders.registry import is_builtin
+from simsearch.encoders.spec import INT8_SUFFIX
 from simsearch.errors import SimsearchError
 from simsearch.indexer.images import header_size
 from simsearch.indexer.lock import writer_active
@@ -76,6 +78,9 @@ def find_duplicates(store: Store, encoder: str, threshold: float | None = None, 
     encoder's cosines are on another scale). block: vectors per search (default: BLOCK_BYTES of them).
     Groups come largest first, then by keeper path.
     """
+    if threshold is None and not is_builtin(encoder.removesuffix(INT8_SUFFIX)):
+        log.warning("the default threshold %.2f was calibrated on the built-in encoders; %s's cosines are on another "
+                    "scale (a CLIP model's especially): pass --threshold", DEFAULT_THRESHOLD, encoder)
     threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
     if not 0.0 < threshold <= 1.0:
         raise SimsearchError(f"the threshold is a cosine in (0, 1] (got {threshold:g})")

@@ -127,7 +127,7 @@ def export_head(cfg, method: str, data: TrainingData, head_arch: dict, head: tor
 
     train_paths: what its int8 variant is calibrated on (default: every training image).
     """
-    from simsearch.encoders.export import export_module
+    from simsearch.encoders.export import append_graph, export_module
     from simsearch.encoders.quantize import pick_calibration
     from simsearch.training.heads import StackedEncoder, head_dim, torch_encoder
 
@@ -136,8 +136,13 @@ def export_head(cfg, method: str, data: TrainingData, head_arch: dict, head: tor
     checks = generalisation_checks(cfg, data, head, models_dir, on_progress)
 
     def write_files(folder: Path) -> None:
-        full = StackedEncoder(torch_encoder(base, models_dir), head).eval()  # (B, 3, S, S) -> (B, dim)
-        export_module(full, (1, 3, base.image_size, base.image_size), folder / MODEL)
+        if base.clip:  # no torch definition of a CLIP tower here: the head's graph is appended to the base's
+            export_module(HeadOnFeatures(head).eval(), (2, base.dim), folder / "head.onnx")
+            append_graph(Path(base.onnx_file), folder / "head.onnx", folder / MODEL)
+            (folder / "head.onnx").unlink()
+        else:
+            full = StackedEncoder(torch_encoder(base, models_dir), head).eval()  # (B, 3, S, S) -> (B, dim)
+            export_module(full, (1, 3, base.image_size, base.image_size), folder / MODEL)
         torch.save(head.state_dict(), folder / HEAD)
 
     calibration = tuple(str(Path(p).resolve()) for p in pick_calibration(train_paths or data.train.paths))
