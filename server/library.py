@@ -21,7 +21,8 @@ from PIL import Image
 
 from simsearch.atomic import write_atomic
 from simsearch.devices import Device
-from simsearch.errors import NotFoundError
+from simsearch.encoders.registry import get_encoder
+from simsearch.errors import NotFoundError, UnknownNameError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest
 from simsearch.indexer.scan import shown_path
@@ -162,14 +163,24 @@ class Library:
         return cached[1]
 
     def info(self) -> dict:
-        """The db's info (retrieval.views.db_info, index files not verified: that reads them whole), kept until
-        the db changes."""
+        """The db's info (retrieval.views.db_info, index files not verified: that reads them whole), with `text` per
+        encoder (whether it has a text tower: the page shows its search box for words), kept until the db changes."""
         seen = self.refresh()
         cached = self._info
         if cached is None or cached[0] != seen:
-            cached = (seen, db_info(self.store, verify=False))
+            info = db_info(self.store, verify=False)
+            encoders = {name: {**e, "text": self.has_text(name)} for name, e in info["encoders"].items()}
+            cached = (seen, {**info, "encoders": encoders})
             self._info = cached
         return cached[1]
+
+    def has_text(self, name: str) -> bool:
+        """Whether the registered encoder `name` has a text tower (False for a name not registered here: the
+        server cannot search its vectors at all)."""
+        try:
+            return get_encoder(name, self.config.models_dir).has_text
+        except UnknownNameError:
+            return False
 
     def thumbnail(self, item_id: int) -> Path | bytes:
         """The cached JPEG thumbnail of an item (made now if it is not there yet); its bytes when the db folder

@@ -1,5 +1,6 @@
-"""The routes: each calls the library the CLI calls (Searcher, Store, retrieval.explain, retrieval.dupes) and sends
-its JSON view (retrieval/views.py) as it is, declaring its answer's model and every error status it can give.
+"""The routes: each calls the library the CLI calls (Searcher, Store, retrieval.query, retrieval.explain,
+retrieval.dupes) and sends its JSON view (retrieval/views.py) as it is, declaring its answer's model and every error
+status it can give.
 
 Files are served by item id only: a path is never taken from a request. JSON answers are ready `JSONResponse`s:
 FastAPI would validate a returned dict against the response model first (~0.3 ms of the "similar" route's ~1.4 ms
@@ -10,16 +11,20 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
+from pydantic import Field, StringConstraints
 
-from simsearch.errors import ImageLoadError
+from simsearch.errors import ImageLoadError, SimsearchError
 from simsearch.indexer.images import header_size
 from simsearch.indexer.scan import shown_path
-from simsearch.retrieval.views import hit_view, path_fields
+from simsearch.retrieval import query as q
+from simsearch.retrieval.search import QueryResult, Searcher
+from simsearch.retrieval.views import hit_view, path_fields, term_view
 from simsearch.server.errors import responses
 from simsearch.server.library import Library
 from simsearch.server.schemas import (DupesOut, ExplainOut, HealthOut, InfoOut, ItemOut, ItemsOut, QueryOut,
@@ -30,6 +35,9 @@ STATIC = Path(__file__).resolve().parent / "static"
 MAX_ID = 2**63 - 1  # ids are stored as signed 64-bit integers
 MAX_K = 1000
 MAX_DEPTH = 10_000
+MAX_TERMS = 32  # per kind (text, minus, like, unlike): a query is a handful of terms
+MAX_WORDS = 1000  # characters of one text term (the text tower reads its first 77 tokens)
+MAX_UNDER = 4096  # characters of `under` (PATH_MAX)
 
 # Parameter types shared by the routes (module level: FastAPI resolves the annotations by name).
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="the store's item id")]
@@ -42,6 +50,60 @@ Format = Annotated[Literal["json", "png"], Query(description="json: the grids; p
 Method = Annotated[Literal["auto", "decomposition", "occlusion"], Query(
     description="auto: the exact decomposition where the encoder allows it, else occlusion")]
 Image = Annotated[UploadFile, File(description="an image file (any format `simsearch index` reads)")]
+
+Words = Annotated[list[Annotated[str, StringConstraints(min_length=1, max_length=MAX_WORDS)]],
+                  Query(max_length=MAX_TERMS)]
+Ids = Annotated[list[Annotated[int, Field(ge=0, le=MAX_ID)]], Query(max_length=MAX_TERMS)]
+
+
+@dataclass(frozen=True)
+class Refinements:
+    """The optional fields of a query, shared by GET /api/search and POST /api/query: its terms besides an
+    uploaded image, and the filters."""
+
+    terms: tuple[q.Term, ...]
+    under: str | None
+    min_score: float | None
+
+
+def refinements(
+        text: Annotated[Words, Query(description="words to search for (repeatable); the encoder must have a text "
+                                                 "tower (`text` in /api/info), else 400")] = [],
+        minus: Annotated[Words, Query(description="words to search away from (repeatable): subtracted")] = [],
+        like: Annotated[Ids, Query(description="an item id to search towards (repeatable): its stored vector is "
+                                               "added; an id the db does not hold answers 404")] = [],
+        unlike: Annotated[Ids, Query(description="an item id to search away from (repeatable): subtracted")] = [],
+        under: Annotated[str | None, Query(max_length=MAX_UNDER, pattern=r"^[^\x00]*$", description=(
+            "only items under this folder, or whose path matches this glob (`*`, `?`, `[...]` within a folder, "
+            "`**/` across folders); a relative one is taken from the server's working folder"))] = None,
+        min_score: Annotated[float | None, Query(ge=-1.0, le=1.0, description="drop hits whose cosine to the "
+                                                                              "combined query is below this")] = None,
+) -> Refinements:
+    terms = ([q.Term("text", t) for t in text] + [q.Term("text", t, -1.0) for t in minus]
+             + [q.Term("item", i) for i in like] + [q.Term("item", i, -1.0) for i in unlike])
+    return Refinements(tuple(terms), under or None, min_score)
+
+
+Refined = Annotated[Refinements, Depends(refinements)]
+
+
+def search(searcher: Searcher, terms: tuple[q.Term, ...], refined: Refinements, k: int, reranker=None,
+           depth: int = 100) -> QueryResult:
+    """Searcher.search over the combined query; words for an encoder without a text tower are refused (400) here,
+    before the library would try to open a text tower it does not have (a model error, 503)."""
+    if not searcher.encoder.spec.has_text and any(t.kind == "text" for t in terms):
+        raise SimsearchError(f"encoder {searcher.name!r} has no text tower: words need a CLIP encoder (`text` in "
+                             "/api/info; docs/clip.md)")
+    query = q.Query(terms, min_score=refined.min_score, under=refined.under)
+    return searcher.search(query, k, reranker, depth)
+
+
+def answer(searcher: Searcher, k: int, reranker: str | None, terms: list[dict], refined: Refinements,
+           result: QueryResult) -> JSONResponse:
+    return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "reranker": reranker,
+                         "terms": terms, "under": refined.under, "min_score": refined.min_score,
+                         "hits": [hit_view(h) for h in result.hits], "seconds": result.seconds})
+
 
 # The upload's part must be an image: said in the multipart encoding (FastAPI does not write one).
 IMAGE_PART = {"requestBody": {"content": {"multipart/form-data": {"encoding": {"image": {"contentType": "image/*"}}}}}}
@@ -65,18 +127,30 @@ def add_routes(app: FastAPI, lib: Library) -> None:
 
     @app.post("/api/query", response_model=QueryOut, responses=responses(400, 404, 413, 422, 503),
                  openapi_extra=IMAGE_PART)
-    def query(image: Image, k: K = 10, encoder: EncoderName = None,
+    def query(image: Image, refined: Refined, k: K = 10, encoder: EncoderName = None,
               rerank: Annotated[str | None, Query(description="reranker name (see `simsearch rerankers`); an "
                                                               "unknown one answers 404")] = None,
               depth: Annotated[int, Query(ge=1, le=MAX_DEPTH, description="candidates the reranker sees")] = 100):
         searcher = lib.searcher(encoder)
         reranker = lib.reranker(rerank) if rerank else None
+        name = upload_name(image)
         with saved_upload(image, config.max_upload_bytes) as path:
-            (result,) = searcher.query([path], k, reranker, depth)
-        if result.error:
-            raise ImageLoadError(result.error.replace(str(path), upload_name(image)))
-        return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "reranker": rerank,
-                             "hits": [hit_view(h) for h in result.hits], "seconds": result.seconds})
+            try:
+                result = search(searcher, (q.Term("image", str(path)), *refined.terms), refined, k, reranker, depth)
+            except ImageLoadError as e:  # named by the client's file name, not the temp file's
+                raise ImageLoadError(str(e).replace(str(path), name)) from None
+        terms = [term_view(t) for t in (q.Term("image", name), *refined.terms)]  # the upload by its own name
+        return answer(searcher, k, rerank, terms, refined, result)
+
+    @app.get("/api/search", response_model=QueryOut, responses=responses(400, 404, 422, 503))
+    def search_terms(refined: Refined, k: K = 10, encoder: EncoderName = None):
+        """Search by words and items of the db: the combined query vector is normalize(sum of weight x unit
+        vector) over the terms (text, minus: the text tower; like, unlike: the items' stored vectors)."""
+        if not refined.terms:
+            raise SimsearchError("nothing to search for: give text, minus, like or unlike")
+        searcher = lib.searcher(encoder)
+        result = search(searcher, refined.terms, refined, k)
+        return answer(searcher, k, None, [term_view(t) for t in refined.terms], refined, result)
 
     @app.get("/api/items/{item_id}/similar", response_model=SimilarOut, responses=responses(404, 422, 503))
     def similar(item_id: ItemId, k: K = 10, encoder: EncoderName = None):

@@ -7,6 +7,8 @@ run checks every answer against it.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -33,10 +35,27 @@ class HitOut(Model):
     rerank_score: float | None = Field(description="P(same) from the reranker; null when not reranked")
 
 
+class TermOut(Model):
+    """One term of a query, as it was searched: the combined query vector is normalize(sum of weight x the term's
+    unit vector)."""
+
+    kind: Literal["image", "text", "item"] = Field(description="an uploaded image, words (the text tower), or an "
+                                                              "item of the db (its stored vector)")
+    value: str | int = Field(description="the upload's file name, the words, or the item's id")
+    value_bytes: str | None = Field(None, description="base64 of an image path's exact bytes; only for a name that "
+                                                      "is not valid UTF-8")
+    weight: float = Field(description="1 for text and like, -1 for minus and unlike")
+
+
 class QueryOut(Model):
-    k: int = Field(description="hits per query: the k asked for, or every item when the db holds fewer")
+    k: int = Field(description="hits asked for, or every item when the db holds fewer (`under` and `min_score` can "
+                               "leave fewer hits)")
     encoder: str
     reranker: str | None
+    terms: list[TermOut] = Field(description="the query's terms, in the order given: image, text, minus, like, "
+                                             "unlike")
+    under: str | None = Field(description="only items under this folder or matching this glob")
+    min_score: float | None = Field(description="hits below this cosine to the combined query are dropped")
     hits: list[HitOut]
     seconds: dict[str, float] = Field(description="time per stage: load+embed, search, rerank")
 
@@ -134,6 +153,7 @@ class EncoderInfoOut(Model):
     index_problem: str | None = Field(description="why the index cannot be used; null when not verified: the "
                                                    "server does not read index files per request (`simsearch info` "
                                                    "does)")
+    text: bool = Field(description="whether the encoder has a text tower (a CLIP encoder): queries may hold words")
 
 
 class InfoOut(Model):

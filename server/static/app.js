@@ -8,7 +8,11 @@ const $ = (id) => document.getElementById(id);
 const state = {
   k: 10,
   encoder: null,            // null: the db's default encoder
-  query: null,              // {kind: "upload", file, url} | {kind: "item", id, path}
+  info: null,               // /api/info: which encoders have a text tower
+  // The current query: an uploaded image (or none) and terms, each {kind: "text" | "minus" | "like" | "unlike",
+  // value: words or an item id, label}; null when nothing is asked.
+  query: null,              // {upload: {file, url, name} | null, terms: [...]}
+  under: "",                // folder filter: only items under this folder (or matching this glob)
   searchSeq: 0,             // a newer search makes the answer of an older one stale
   browse: { offset: 0, limit: 48, q: "", total: 0, seq: 0 },
   dupesLoaded: false,
@@ -100,14 +104,134 @@ function itemCard(id, path, testid) {
 
 // ---------- search ----------
 
-function setQuery(query, imgSrc, label) {
-  if (state.query && state.query.kind === "upload" && state.query !== query) URL.revokeObjectURL(state.query.url);
-  state.query = query;
-  $("query-img").src = imgSrc;  // alt stays empty: the name is written beside it (and a broken upload shows no text)
-  $("query-name").textContent = label;
-  $("query-name").title = query.kind === "item" ? query.path : label;
-  $("query").hidden = false;
-  $("dropzone").classList.add("compact");
+const TERM_PARAM = { text: "text", minus: "minus", like: "like", unlike: "unlike" };
+
+// The box's words as terms: " - " before words searches away from them, " + " (or nothing) towards them; a "-"
+// inside a word ("t-shirt") is part of it.
+function parseWords(text) {
+  const pieces = text.trim().split(/(?:^|\s)([+-])(?=\s|$)/);  // [words, sign, words, sign, ...]
+  const terms = [];
+  let sign = "+";
+  pieces.forEach((piece, i) => {
+    if (i % 2) { sign = piece; return; }
+    const words = piece.trim();
+    if (words) terms.push({ kind: sign === "-" ? "minus" : "text", value: words, label: words });
+  });
+  return terms;
+}
+
+const sameTerm = (a, b) => a.kind === b.kind && a.value === b.value;
+
+// What the query panel shows: the upload, else the first item searched towards, else the first words.
+function headOf(query) {
+  if (query.upload) return { src: query.upload.url, label: query.upload.name, title: query.upload.name };
+  const item = query.terms.find((t) => t.kind === "like");
+  if (item) return { src: thumbUrl(item.value), label: item.label, title: item.path };
+  const words = query.terms.find((t) => t.kind === "text") || query.terms[0];
+  return { src: null, label: words.kind === "minus" ? `not “${words.label}”` : words.label, title: words.label };
+}
+
+// The image "why?" explains a hit against: the upload, else the first item searched towards (none for words only).
+function explainSource(query) {
+  if (!query) return null;
+  if (query.upload) return { upload: query.upload };
+  const item = query.terms.find((t) => t.kind === "like");
+  return item ? { id: item.value, label: item.label } : null;
+}
+
+function newQuery(upload, terms) {
+  const old = state.query;
+  if (old && old.upload && (!upload || old.upload.url !== upload.url)) URL.revokeObjectURL(old.upload.url);
+  state.query = { upload, terms };
+  showView("search");
+  runQuery();
+}
+
+function renderQuery() {
+  const q = state.query;
+  $("query").hidden = !q;
+  $("dropzone").classList.toggle("compact", Boolean(q));
+  $("terms").hidden = !q;
+  $("text-add").disabled = !q;
+  if (!q) {
+    $("terms").replaceChildren();
+    return;
+  }
+  const head = headOf(q);
+  $("query-img").hidden = !head.src;
+  if (head.src) $("query-img").src = head.src;  // alt stays empty: the name is written beside it
+  $("query-lead").textContent = q.upload || q.terms.some((t) => t.kind === "like") ? "Most similar to" : "Best matches for";
+  $("query-name").textContent = head.label;
+  $("query-name").title = head.title || head.label;
+  const chips = [];
+  if (q.upload) chips.push(termChip("image", `image ${q.upload.name}`, null, () => { q.upload = null; }));
+  q.terms.forEach((term) => {
+    const label = { text: `“${term.label}”`, minus: `not “${term.label}”`, like: `like ${term.label}`,
+      unlike: `not like ${term.label}` }[term.kind];
+    const thumb = term.kind === "like" || term.kind === "unlike" ? term.value : null;
+    chips.push(termChip(term.kind, label, thumb, () => { q.terms = q.terms.filter((t) => t !== term); },
+      term.value));
+  });
+  $("terms").replaceChildren(el("span", { class: "muted small", text: "query:" }), ...chips);
+}
+
+// One term of the query as a chip; its × removes the term and searches again.
+function termChip(kind, label, thumbId, remove, value = "") {
+  const chip = el("span", { class: `term ${kind}`, "data-testid": "term", "data-kind": kind,
+    "data-value": String(value) });
+  if (thumbId !== null) chip.append(el("img", { src: thumbUrl(thumbId), alt: "" }));
+  chip.append(el("span", { class: "term-label", text: label, title: label }),
+    el("button", { class: "icon", type: "button", "data-testid": "term-remove", "aria-label": `remove ${label}`,
+      title: "remove from the query", text: "×", onclick: () => { remove(); afterRemove(); } }));
+  return chip;
+}
+
+function afterRemove() {
+  const q = state.query;
+  if (q && !q.upload && !q.terms.length) {
+    state.query = null;
+    state.searchSeq += 1;  // an answer still on its way belongs to a query that is gone
+    renderQuery();
+    $("results").replaceChildren();
+    $("results").dataset.state = "empty";
+    $("results-empty").hidden = false;
+    $("search-status").textContent = "";
+    return;
+  }
+  runQuery();
+}
+
+function searchParams(extra = {}) {
+  const params = new URLSearchParams({ k: String(state.k), ...extra });
+  if (state.encoder) params.set("encoder", state.encoder);
+  return params;
+}
+
+// The request for the current query: an upload goes with its terms to POST /api/query; one item alone is
+// "similar" (the item itself first); anything else is GET /api/search.
+function queryRequest() {
+  const q = state.query;
+  const params = searchParams();
+  for (const term of q.terms) params.append(TERM_PARAM[term.kind], String(term.value));
+  if (state.under) params.set("under", state.under);
+  if (q.upload) {
+    return () => {
+      const form = new FormData();
+      form.append("image", q.upload.file, q.upload.file.name || "pasted.png");
+      return getJSON(`/api/query?${params}`, { method: "POST", body: form });
+    };
+  }
+  if (q.terms.length === 1 && q.terms[0].kind === "like" && !state.under) {
+    const id = q.terms[0].value;
+    return () => getJSON(`/api/items/${encodeURIComponent(id)}/similar?${searchParams()}`);
+  }
+  return () => getJSON(`/api/search?${params}`);
+}
+
+function runQuery() {
+  if (!state.query) return;
+  renderQuery();
+  runSearch(queryRequest());
 }
 
 async function runSearch(request) {
@@ -137,44 +261,48 @@ async function runSearch(request) {
   }
 }
 
-function searchParams(extra = {}) {
-  const params = new URLSearchParams({ k: String(state.k), ...extra });
-  if (state.encoder) params.set("encoder", state.encoder);
-  return params;
-}
-
 function searchUpload(file) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) {
     showError(`${file.name} is not an image (${file.type})`);
     return;
   }
-  const url = URL.createObjectURL(file);
-  setQuery({ kind: "upload", file, url }, url, file.name || "pasted image");
-  showView("search");
-  runSearch(() => {
-    const form = new FormData();
-    form.append("image", file, file.name || "pasted.png");
-    return getJSON(`/api/query?${searchParams()}`, { method: "POST", body: form });
-  });
+  newQuery({ file, url: URL.createObjectURL(file), name: file.name || "pasted image" }, []);
 }
 
 function searchItem(id, path) {
-  setQuery({ kind: "item", id, path }, thumbUrl(id), baseName(path));
-  showView("search");
   window.scrollTo({ top: 0 });
-  runSearch(() => getJSON(`/api/items/${encodeURIComponent(id)}/similar?${searchParams()}`));
+  newQuery(null, [{ kind: "like", value: id, label: baseName(path), path }]);
 }
 
-function rerun() {
+// The words in the box: a new query (Search), or more terms of the current one (Add to query).
+function searchWords(add) {
+  const terms = parseWords($("text-input").value);
+  if (!terms.length) return;
+  if (add && state.query) {
+    const q = state.query;
+    q.terms = q.terms.concat(terms.filter((t) => !q.terms.some((u) => sameTerm(t, u))));
+    $("text-input").value = "";  // the words are in the query's terms now
+    runQuery();
+  } else {
+    newQuery(null, terms);
+  }
+}
+
+// "more like this" / "less like this" on a hit: the current query with the hit added towards or away from it
+// (replacing the opposite term of the same item).
+function refine(kind, hit) {
   const q = state.query;
   if (!q) return;
-  if (q.kind === "upload") searchUpload(q.file);
-  else searchItem(q.id, q.path);
+  const opposite = kind === "like" ? "unlike" : "like";
+  q.terms = q.terms.filter((t) => !((t.kind === kind || t.kind === opposite) && t.value === hit.id));
+  q.terms.push({ kind, value: hit.id, label: baseName(hit.path), path: hit.path });
+  runQuery();
 }
 
 function renderHits(hits) {
   const grid = $("results");
+  const canExplain = explainSource(state.query) !== null;
   const cards = hits.map((hit) => {
     const { card, caption } = itemCard(hit.id, hit.path, "hit");
     card.dataset.rank = String(hit.rank);
@@ -185,40 +313,59 @@ function renderHits(hits) {
     const why = el("button", { class: "why", type: "button", "data-testid": "why",
       title: "which parts of the two images made them match", text: "why?",
       onclick: () => explain(hit) });
+    why.hidden = !canExplain;  // words have no picture to compare with
     caption.prepend(el("div", { class: "meta" },
       el("span", { class: "rank", text: `#${hit.rank}` }),
-      el("span", { class: "score", "data-testid": "score", text: score }), why), meter);
+      el("span", { class: "score", "data-testid": "score", text: score }), why), meter,
+    el("div", { class: "refine" },
+      el("button", { type: "button", "data-testid": "more-like", title: "more like this: refine the query towards it",
+        text: "+ more", onclick: () => refine("like", hit) }),
+      el("button", { type: "button", "data-testid": "less-like", title: "less like this: refine the query away from it",
+        text: "− less", onclick: () => refine("unlike", hit) })));
     return card;
   });
   grid.replaceChildren(...cards);
+  // The folders of the hits, offered to the folder filter.
+  const folders = [...new Set(hits.map((h) => h.path.slice(0, Math.max(h.path.lastIndexOf("/"), 1))))];
+  $("folders").replaceChildren(...folders.map((f) => el("option", { value: f })));
   $("results-empty").hidden = hits.length > 0;
-  if (!hits.length) $("results-empty").textContent = "No results: the db has no items for this encoder yet.";
+  if (!hits.length) {
+    $("results-empty").textContent = state.under ? `No results under ${state.under}.`
+      : "No results: the db has no items for this encoder yet.";
+  }
+}
+
+function updateTextBox() {
+  const info = state.info;
+  const enc = info && info.encoders[state.encoder || info.default_encoder];
+  $("text-form").hidden = !(enc && enc.text);
 }
 
 // ---------- explanation overlay ----------
 
 async function explain(hit) {
-  const q = state.query;
-  if (!q) return;
+  const source = explainSource(state.query);
+  if (!source) return;
   const seq = ++state.explainSeq;
   const modal = $("explain");
   const img = $("explain-img");
   img.hidden = true;
   img.removeAttribute("src");
-  $("explain-caption").textContent = `${q.kind === "item" ? baseName(q.path) : q.file.name || "your image"}`
-    + `  vs  ${baseName(hit.path)}`;
+  $("explain-caption").textContent = `${source.upload ? source.upload.name : source.label}  vs  ${baseName(hit.path)}`;
   $("explain-status").textContent = "explaining…";
   modal.dataset.state = "loading";
   modal.hidden = false;
   $("explain-close").focus();
   try {
     let res;
-    if (q.kind === "item") {
-      res = await api(`/api/explain?${new URLSearchParams({ a: q.id, b: hit.id, format: "png" })}`);
+    const encoder = state.encoder ? { encoder: state.encoder } : {};
+    if (!source.upload) {
+      res = await api(`/api/explain?${new URLSearchParams({ a: source.id, b: hit.id, format: "png", ...encoder })}`);
     } else {
+      const { file } = source.upload;
       const form = new FormData();
-      form.append("image", q.file, q.file.name || "pasted.png");
-      res = await api(`/api/explain?${new URLSearchParams({ b: hit.id, format: "png" })}`,
+      form.append("image", file, file.name || "pasted.png");
+      res = await api(`/api/explain?${new URLSearchParams({ b: hit.id, format: "png", ...encoder })}`,
         { method: "POST", body: form });
     }
     const blob = await res.blob();
@@ -357,6 +504,8 @@ async function watchGeneration() {
 async function loadInfo() {
   try {
     const info = await getJSON("/api/info");
+    state.info = info;
+    updateTextBox();
     generation = info.generation;
     const names = Object.keys(info.encoders);
     const enc = info.encoders[info.default_encoder];
@@ -403,8 +552,15 @@ function init() {
     if (item) searchUpload(item.getAsFile());
   });
 
-  $("k").addEventListener("change", (e) => { state.k = Number(e.target.value); rerun(); });
-  $("encoder").addEventListener("change", (e) => { state.encoder = e.target.value; rerun(); });
+  $("k").addEventListener("change", (e) => { state.k = Number(e.target.value); runQuery(); });
+  $("encoder").addEventListener("change", (e) => { state.encoder = e.target.value; updateTextBox(); runQuery(); });
+  $("under").addEventListener("change", (e) => {
+    if (e.target.value.trim() === state.under) return;
+    state.under = e.target.value.trim();
+    runQuery();
+  });
+  $("text-form").addEventListener("submit", (e) => { e.preventDefault(); searchWords(false); });
+  $("text-add").addEventListener("click", () => searchWords(true));
   $("error-close").addEventListener("click", clearError);
 
   $("explain-close").addEventListener("click", closeExplain);

@@ -72,8 +72,11 @@ def test_health_and_info_are_the_stores(client, db, store, encoder):
     (name, enc), = info["encoders"].items()
     assert name == encoder.spec.name and enc["dim"] == 1280 and enc["vectors_in_index"] == N
     assert enc["index_type"] == "flat" and enc["index_up_to_date"] is True
-    # the one view of the db's info (retrieval.views.db_info), index files not read
-    assert {k: v for k, v in info.items() if k != "max_upload_bytes"} == db_info(store, verify=False)
+    assert enc["text"] is False  # no text tower: the page shows no search box for words
+    # the one view of the db's info (retrieval.views.db_info, index files not read), with `text` per encoder
+    ref = db_info(store, verify=False)
+    ref["encoders"] = {n: {**e, "text": False} for n, e in ref["encoders"].items()}
+    assert {k: v for k, v in info.items() if k != "max_upload_bytes"} == ref
 
 
 def test_similar_is_the_item_itself_then_brute_force_order(client, store, items, encoder):
@@ -242,7 +245,7 @@ def test_openapi_lists_the_routes(client):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {
         "/api/health", "/api/info", "/api/query", "/api/items", "/api/items/{item_id}", "/api/items/{item_id}/similar",
-        "/api/items/{item_id}/thumbnail", "/api/items/{item_id}/image", "/api/explain", "/api/dupes"}
+        "/api/items/{item_id}/thumbnail", "/api/items/{item_id}/image", "/api/explain", "/api/dupes", "/api/search"}
     assert set(schema["paths"]["/api/explain"]) == {"get", "post"}
     hit = schema["components"]["schemas"]["HitOut"]["properties"]
     assert set(hit) == {"rank", "id", "path", "path_bytes", "score", "rerank_score"}

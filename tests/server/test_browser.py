@@ -16,7 +16,9 @@ import shutil
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -74,13 +76,14 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(photos, models_dir):
-    """`simsearch index`, then `simsearch serve --port 0` (a free loopback port, which it prints) in a subprocess;
-    yields the base URL once /api/health answers."""
+@contextmanager
+def _served(photos: Path, *encoder: str):
+    """`simsearch index PHOTOS [--encoder NAME]`, then `simsearch serve --port 0` (a free loopback port, which it
+    prints) in a subprocess; yields the base URL once /api/health answers."""
     db = photos.parent / "db"
     cli = [sys.executable, "-m", "simsearch.cli"]
-    index = subprocess.run([*cli, "index", str(photos), "--db", str(db)], capture_output=True, text=True, timeout=300)
+    index = subprocess.run([*cli, "index", str(photos), "--db", str(db), *encoder], capture_output=True, text=True,
+                           timeout=300)
     assert index.returncode == 0, index.stderr
     log_path = photos.parent / "serve.log"
     with log_path.open("wb") as log:
@@ -114,14 +117,54 @@ def server(photos, models_dir):
             proc.wait()
 
 
-@pytest.fixture
-def page(chromium, server):
-    context = chromium.new_context(viewport={"width": 1100, "height": 820}, base_url=server)
+@pytest.fixture(scope="module")
+def server(photos, models_dir):
+    """The demo photos served with the default encoder (no text tower)."""
+    with _served(photos) as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def clip_photos(tmp_path_factory) -> Path:
+    """32 photos in two folders, a/ (the first 16 imagenet-samples photos) and b/ (the next 16)."""
+    samples = sorted((shared_data() / "imagenet-samples").glob("*.JPEG"))[:32]
+    if len(samples) < 32:
+        pytest.skip(f"shared data missing: {shared_data() / 'imagenet-samples'}")
+    folder = tmp_path_factory.mktemp("web-clip") / "photos"
+    for i, path in enumerate(samples):
+        (folder / "ab"[i // 16]).mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, folder / "ab"[i // 16] / path.name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def clip_server(clip_photos, clip):
+    """The 32 photos served with the tiny CLIP encoder (random towers: arbitrary but deterministic rankings)."""
+    with _served(clip_photos, "--encoder", clip.name) as base:
+        yield base
+
+
+def _open(chromium, base: str):
+    context = chromium.new_context(viewport={"width": 1100, "height": 820}, base_url=base)
     page = context.new_page()
     # Errors belong in the page, never in an alert; and the page itself must not throw.
     errors: list[str] = []
     page.on("dialog", lambda d: (errors.append(f"a dialog: {d.message}"), d.dismiss()))
     page.on("pageerror", lambda e: errors.append(str(e)))
+    return context, page, errors
+
+
+@pytest.fixture
+def page(chromium, server):
+    context, page, errors = _open(chromium, server)
+    yield page
+    context.close()
+    assert not errors, f"JavaScript errors: {errors}"
+
+
+@pytest.fixture
+def clip_page(chromium, clip_server):
+    context, page, errors = _open(chromium, clip_server)
     yield page
     context.close()
     assert not errors, f"JavaScript errors: {errors}"
@@ -133,6 +176,19 @@ def _names(page, grid: str) -> list[str]:
 
 def _ids(page, grid: str) -> list[int]:
     return [int(i) for i in page.locator(f"#{grid} .card").evaluate_all("cs => cs.map(c => c.dataset.id)")]
+
+
+def _wait_ids(page, ids: list[int]) -> None:
+    """Until the results are these ids, in this order (then the search is done)."""
+    page.wait_for_function("ids => document.getElementById('results').dataset.state === 'done' && JSON.stringify("
+                           "[...document.querySelectorAll('#results .card')].map(c => Number(c.dataset.id))) === "
+                           "JSON.stringify(ids)", arg=ids, timeout=30_000)
+
+
+def _terms(page) -> list[tuple[str, str]]:
+    """The query's terms the page shows: (kind, value) per chip."""
+    return [tuple(t) for t in page.locator("#terms [data-testid=term]").evaluate_all(
+        "ts => ts.map(t => [t.dataset.kind, t.dataset.value])")]
 
 
 def _wait_done(page, selector: str):
@@ -149,6 +205,7 @@ def _images_loaded(page, selector: str) -> list[int]:
 def test_search_click_through_explain_and_screenshot(page, server, photos, tmp_path):
     page.goto("/")
     page.wait_for_function("document.getElementById('db-info').textContent.includes('241 images')")
+    assert page.locator("#text-form").is_hidden()  # the default encoder has no text tower: no box for words
 
     # Upload the goldfish: itself first, the tench among the first results, exactly as the API ranks them.
     page.set_input_files("#file-input", str(photos / GOLDFISH))
@@ -253,3 +310,75 @@ def test_api_errors_show_in_the_page(page, photos, tmp_path):
     assert page.locator("#results .card").count() == 0
     page.click("#error-close")
     assert page.locator("#error").is_hidden()
+
+
+def test_words_refined_by_results_and_a_folder(clip_page, clip_photos, tmp_path):
+    """Type words, then "more like this" and "less like this" on results, words added, a term removed, a folder:
+    after each step the page shows exactly the API's answer to the same query."""
+    page = clip_page
+
+    def api(params: list[tuple[str, object]]) -> list[int]:
+        r = page.request.get(f"/api/search?{urllib.parse.urlencode(params)}")
+        assert r.ok, r.text()
+        return [h["id"] for h in r.json()["hits"]]
+
+    page.goto("/")
+    page.wait_for_function("document.getElementById('db-info').textContent.includes('32 images')")
+    assert page.locator("#text-form").is_visible()  # the tiny CLIP encoder has a text tower
+
+    page.fill("#text-input", "a red car")
+    page.press("#text-input", "Enter")
+    words = api([("text", "a red car"), ("k", 10)])
+    assert len(words) == 10
+    _wait_ids(page, words)
+    assert _terms(page) == [("text", "a red car")]
+    assert page.inner_text("#query-name") == "a red car" and page.locator("#query-img").is_hidden()
+    assert page.locator("#results [data-testid=why]").evaluate_all("ws => ws.every(w => w.hidden)")  # no image
+
+    # "more like this" on the third result: the words and that item
+    liked = words[2]
+    page.locator(f"#results .card[data-id='{liked}'] [data-testid=more-like]").click()
+    refined = api([("text", "a red car"), ("like", liked), ("k", 10)])
+    assert refined != words
+    _wait_ids(page, refined)
+    assert _terms(page) == [("text", "a red car"), ("like", str(liked))]
+
+    # "less like this" on the last one
+    disliked = refined[-1]
+    page.locator(f"#results .card[data-id='{disliked}'] [data-testid=less-like]").click()
+    refined = api([("text", "a red car"), ("like", liked), ("unlike", disliked), ("k", 10)])
+    _wait_ids(page, refined)
+    assert disliked not in refined[:-1]
+
+    # words added to the query, one of them subtracted (" - ")
+    page.fill("#text-input", "golden retriever - grass")
+    page.click("#text-add")
+    params = [("text", "a red car"), ("text", "golden retriever"), ("minus", "grass"), ("like", liked),
+              ("unlike", disliked), ("k", 10)]
+    refined = api(params)
+    _wait_ids(page, refined)
+    assert sorted(_terms(page)) == sorted([("text", "a red car"), ("like", str(liked)), ("unlike", str(disliked)),
+                                           ("text", "golden retriever"), ("minus", "grass")])
+
+    # remove the first words: the rest stays
+    page.locator("#terms [data-testid=term][data-value='a red car'] [data-testid=term-remove]").click()
+    params = [p for p in params if p != ("text", "a red car")]
+    _wait_ids(page, api(params))
+    assert ("text", "a red car") not in _terms(page)
+
+    # a folder: only its items, as the API keeps them
+    folder = str((clip_photos / "b").resolve())
+    page.fill("#under", folder)
+    page.press("#under", "Enter")
+    under = api(params + [("under", folder)])
+    _wait_ids(page, under)
+    assert all(p.startswith(folder + os.sep) for p in
+               page.locator("#results .card .name").evaluate_all("ns => ns.map(n => n.title)"))
+    assert 0 < len(under) <= 10
+    page.screenshot(path=str(tmp_path / "words.png"), full_page=True)
+
+    # every term removed: no query, no results
+    while page.locator("#terms [data-testid=term-remove]").count():
+        page.locator("#terms [data-testid=term-remove]").first.click()
+    page.wait_for_selector("#results[data-state=empty]", state="attached")
+    assert page.locator("#results .card").count() == 0 and page.locator("#query").is_hidden()

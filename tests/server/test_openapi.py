@@ -1,6 +1,6 @@
 """The OpenAPI document tells the truth: Schemathesis (an independent OpenAPI fuzzer) against `simsearch serve` on
-loopback, over a small real db made with the default encoder, finds nothing; and the document itself declares every
-error status of a route with the one error body the server sends."""
+loopback, over a small real db made with the default encoder and a tiny CLIP encoder (for words), finds nothing; and
+the document itself declares every error status of a route with the one error body the server sends."""
 
 from __future__ import annotations
 
@@ -25,17 +25,19 @@ from simsearch.retrieval.backend import refresh
 from ..conftest import copy_samples
 
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
+CONFIG = Path(__file__).with_name("schemathesis.toml")  # what a query's 400 means to the positive-data check
 ST = Path(sys.executable).with_name("st")  # the schemathesis CLI of this environment (the dev extra)
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory, models_dir):
+def url(tmp_path_factory, models_dir, clip):
     root = tmp_path_factory.mktemp("openapi")
     copy_samples(root / "imgs", 6)
-    encoder = OnnxEncoder(get_encoder(default_encoder(), models_dir), models_dir=models_dir)
     with Store(root / "db", create=True) as store:
-        Indexer(encoder, store).run(root / "imgs")
-        refresh(store, encoder.spec.name)
+        for spec in (get_encoder(default_encoder(), models_dir), clip):  # the default encoder: the db's default
+            encoder = OnnxEncoder(spec, models_dir=models_dir)
+            Indexer(encoder, store).run(root / "imgs")
+            refresh(store, encoder.spec.name)
     with served(root / "db", models_dir) as (base, _):
         yield base
 
@@ -44,14 +46,14 @@ def test_schemathesis_finds_nothing(url, tmp_path):
     """Every check (status codes, content types, response schemas, valid data accepted, invalid data rejected, the
     Allow header...) over every operation and the inferred links between them; seeded and bounded (~800 requests,
     ~15 s on 2 cores). Uploads are real images (the hooks): the document says the part is `image/*`."""
-    cmd = [str(ST), "run", f"{url}/openapi.json", "--checks", "all", "--seed", "1", "--max-examples", "20",
+    cmd = [str(ST), "--config-file", str(CONFIG), "run", f"{url}/openapi.json", "--checks", "all", "--seed", "1", "--max-examples", "20",
            "--workers", "1", "--generation-database", "none", "--request-timeout", "60", "--no-color"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)})
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert generated and int(generated.group(1)) == int(generated.group(2)) >= 500, out.stdout[-3000:]
-    assert "Tested: 11" in out.stdout  # every operation of the API
+    assert "Tested: 12" in out.stdout  # every operation of the API
 
 
 def test_every_error_is_declared_with_the_body_it_is_sent_with(url):
@@ -76,7 +78,8 @@ def test_every_error_is_declared_with_the_body_it_is_sent_with(url):
         "GET /api/health": {503}, "GET /api/info": {503}, "POST /api/query": uploads,
         "GET /api/items/{item_id}/similar": by_item, "GET /api/items": {422, 503}, "GET /api/items/{item_id}": by_item,
         "GET /api/items/{item_id}/thumbnail": by_item, "GET /api/items/{item_id}/image": by_item,
-        "GET /api/explain": {400, 404, 422, 503}, "POST /api/explain": uploads, "GET /api/dupes": {400, 404, 422, 503}}
+        "GET /api/explain": {400, 404, 422, 503}, "POST /api/explain": uploads, "GET /api/dupes": {400, 404, 422, 503},
+        "GET /api/search": {400, 404, 422, 503}}
     for op in (doc["paths"]["/api/query"]["post"], doc["paths"]["/api/explain"]["post"]):
         assert op["requestBody"]["content"]["multipart/form-data"]["encoding"] == {"image": {"contentType": "image/*"}}
 
