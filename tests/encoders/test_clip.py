@@ -18,10 +18,12 @@ from typer.testing import CliRunner
 
 from simsearch.cli import app
 from simsearch.encoders.clip import ClipCard, add_clip_folder
+from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.text import TextEncoder
 from simsearch.errors import ModelError
+from simsearch.indexer.images import load_rgb
 
 from ..clip_models import CONTEXT, make_onnx_clip_folder
 
@@ -223,3 +225,37 @@ def test_export_refuses_both_weights_sources_and_a_missing_checkpoint(exported, 
     unknown = runner.invoke(app, ["encoders", "add", "x", "--open-clip", "No-Such-Model", "--python", exe,
                                   "--models-dir", str(models)])
     assert unknown.exit_code == 1 and "is not an open_clip model" in unknown.output
+
+
+def test_a_text_query_process_imports_no_torch(onnx_spec, clip_models, tmp_path):
+    """`simsearch query --text` on a CLIP db: ONNX Runtime, tokenizers and FAISS only, as an image query."""
+    import shutil
+    import sys
+
+    from ..conftest import sample_paths
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sample_paths(6):
+        shutil.copy2(p, photos / p.name)
+    env = {"SIMSEARCH_MODELS_DIR": str(clip_models)}
+    done = CliRunner().invoke(app, ["index", str(photos), "--encoder", "tiny-onnx", "--db", str(tmp_path / "db")],
+                              env=env)
+    assert done.exit_code == 0, done.output
+    code = (
+        "import sys\n"
+        "from simsearch.cli import main\n"
+        f"sys.argv = ['simsearch', 'query', '--text', 'a red car', '-k', '3', '--json', '--db', {str(tmp_path / 'db')!r}]\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'onnx', 'onnxscript', 'transformers'})\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    hits = json.loads(proc.stdout)["results"][0]["hits"]
+    files = sorted(photos.iterdir())
+    images = OnnxEncoder(onnx_spec).embed(np.stack([to_input(load_rgb(p, decode_side(onnx_spec)), onnx_spec) for p in files]))  # (6, 32)
+    scores = images @ TextEncoder(onnx_spec).embed(["a red car"])[0]  # brute force over the whole db
+    assert [Path(h["path"]).name for h in hits] == [files[i].name for i in np.argsort(-scores)[:3]]
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(scores)[::-1][:3], atol=1e-5)
