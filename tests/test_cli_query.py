@@ -142,3 +142,21 @@ def test_mistakes_give_one_line(db, tmp_path, args, message):
     fmt = {"img": str(photo(db, "a", 0)), "tmp": str(tmp_path), "db": str(db / "db")}
     result = runner.invoke(app, [a.format(**fmt) for a in args])
     assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+
+
+def test_a_text_query_process_does_not_import_torch(db):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from simsearch.cli import main\n"
+        f"sys.argv = ['simsearch', 'query', '--text', 'red car', '--minus', {str(photo(db, 'a', 0))!r}, '-k', '3',\n"
+        f"            '--db', {str(db / 'db')!r}, '--encoder', 'tiny-clip']\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'onnx', 'onnxscript'})\n"
+        "assert not heavy, heavy\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "red car - " in proc.stdout
