@@ -116,7 +116,7 @@ class PathFilter:
         if not _GLOB.search(under) or os.path.exists(under):  # a folder's symlinks resolved; a file keeps its name
             return cls(os.path.realpath(under) if os.path.isdir(under) else item_path(under))
         head, rest = [], os.path.abspath(under).split(os.sep)
-        while rest and not _GLOB.search(rest[0]):  # the folders before the first glob character: resolved as the store's are
+        while rest and not _GLOB.search(rest[0]):  # the folders before the first glob: resolved as the store's are
             head.append(rest.pop(0))
         folder = os.path.realpath(os.sep.join(head) or os.sep)
         return cls(folder, re.compile(_glob_regex(os.path.join(folder, *rest)), re.S))
