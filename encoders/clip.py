@@ -156,13 +156,15 @@ def _normalised(src: Path, dst: Path) -> None:
     onnx.save(model, str(dst), save_as_external_data=big, location=dst.name + ".data" if big else None)
 
 
-def _ort_run(path: Path, array: np.ndarray) -> np.ndarray:
+def _ort_run(path: Path, array: np.ndarray, pad_id: int | None = None) -> np.ndarray:
+    """A tower's output on `array`: images (B, 3, S, S), or token ids (B, context) when pad_id is given."""
     from simsearch.encoders.runtime import ort_session
+    from simsearch.encoders.text import text_feed
 
     session, _ = ort_session(path, threads=1)
-    inp = session.get_inputs()[0]
-    dtype = np.int32 if inp.type == "tensor(int32)" else (np.int64 if "int" in inp.type else np.float32)
-    return session.run(None, {inp.name: array.astype(dtype)})[0]
+    if pad_id is not None:
+        return session.run(None, text_feed(session, array, pad_id))[0]
+    return session.run(None, {session.get_inputs()[0].name: array.astype(np.float32)})[0]
 
 
 def _check_parity(src: Path, work: Path, spec: EncoderSpec, tokenizer: Tokenizer) -> dict:
@@ -180,7 +182,7 @@ def _check_parity(src: Path, work: Path, spec: EncoderSpec, tokenizer: Tokenizer
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
     image = float(np.abs(_ort_run(work / VISUAL, ref["images"]) - unit(ref["image_out"])).max())
-    text = float(np.abs(_ort_run(work / TEXTUAL, ref["tokens"]) - unit(ref["text_out"])).max())
+    text = float(np.abs(_ort_run(work / TEXTUAL, ref["tokens"], tokenizer.config.pad_id) - unit(ref["text_out"])).max())
     ids = tokenizer(texts)
     tokens_equal = bool(np.array_equal(ids, ref["tokens"]))
     pre = float(np.abs(to_input(test_image(), spec) - ref["test_image"]).mean())  # (3, S, S), normalised units
@@ -216,6 +218,7 @@ def add_clip_folder(name: str, src: Path, models_dir: Path | None = None, source
         dim = int(config["embed_dim"])
         size = pre["size"] if isinstance(pre["size"], int) else int(pre["size"][0])
         context = int(config.get("text_cfg", {}).get("context_length", 77))
+        clean = (config.get("text_cfg", {}).get("tokenizer_kwargs") or {}).get("clean")
         policy = RESIZE_MODES[pre.get("resize_mode", "shortest")]
         mean = tuple(255.0 * float(m) for m in pre["mean"])
         std = tuple(255.0 * float(s) for s in pre["std"])
@@ -233,7 +236,7 @@ def add_clip_folder(name: str, src: Path, models_dir: Path | None = None, source
             _normalised(src / tower / "model.onnx", work / stored)
         with tempfile.TemporaryDirectory(prefix="simsearch-tokenizer-") as scratch:
             shutil.copyfile(write_tokenizer_json(_writable_textual(src, Path(scratch))), work / TOKENIZER)
-        tokenizer = Tokenizer(work / TOKENIZER, tokenizer_config(src / "textual", context))
+        tokenizer = Tokenizer(work / TOKENIZER, tokenizer_config(src / "textual", context, clean))
         sha = {f: _sha256(work / f) for f in (VISUAL, TEXTUAL, TOKENIZER)}
         from simsearch import __version__
 
@@ -242,8 +245,9 @@ def add_clip_folder(name: str, src: Path, models_dir: Path | None = None, source
                         parity={}, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         simsearch_version=__version__, notes=notes)
         spec = card.spec(work)
-        for probe, batch in ((VISUAL, np.zeros((2, 3, size, size), np.float32)), (TEXTUAL, tokenizer(["a", "b"]))):
-            got = _ort_run(work / probe, batch)
+        for probe, batch, pad in ((VISUAL, np.zeros((2, 3, size, size), np.float32), None),
+                                  (TEXTUAL, tokenizer(["a", "b"]), tokenizer.config.pad_id)):
+            got = _ort_run(work / probe, batch, pad)
             if got.shape != (2, dim):
                 raise ModelError(f"{src}: the {probe.removesuffix('.onnx')} tower gives {got.shape[1:]} vectors, "
                                  f"config.json says embed_dim {dim}")

@@ -31,16 +31,26 @@ class TextEncoder:
         self.spec = spec
         self.tokenizer = load_tokenizer(spec)
         self.session, self.device = ort_session(Path(spec.text_onnx), device, threads)
-        inp = self.session.get_inputs()[0]
-        self._input = inp.name
-        self._dtype = np.int32 if inp.type == "tensor(int32)" else np.int64  # Immich's towers take int32 ids
 
     def embed(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.spec.dim), np.float32)
         out = []
         for start in range(0, len(texts), TEXT_BATCH):
-            ids = self.tokenizer(texts[start:start + TEXT_BATCH]).astype(self._dtype)  # (B, context)
-            (vectors,) = self.session.run(None, {self._input: ids})  # (B, dim)
+            ids = self.tokenizer(texts[start:start + TEXT_BATCH])  # (B, context)
+            vectors = self.session.run(None, text_feed(self.session, ids, self.tokenizer.config.pad_id))[0]  # (B, dim)
             out.append(vectors)
         return np.concatenate(out).astype(np.float32, copy=False)
+
+
+def text_feed(session, ids: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """A text tower's inputs for token ids (B, context): the ids in the integer type it takes (Immich's towers take
+    int32), and, for a tower that asks for one (Immich's multilingual M-CLIP), which positions hold tokens."""
+    first, *rest = session.get_inputs()
+    dtype = np.int32 if first.type == "tensor(int32)" else np.int64
+    feed = {first.name: ids.astype(dtype)}
+    for extra in rest:
+        if extra.name != "attention_mask":
+            raise ModelError(f"the text tower takes an input {extra.name!r} simsearch does not know how to give")
+        feed[extra.name] = (ids != pad_id).astype(dtype)
+    return feed

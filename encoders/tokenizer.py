@@ -132,9 +132,10 @@ def write_tokenizer_json(textual: Path) -> Path:
     return target
 
 
-def tokenizer_config(textual: Path, context_length: int) -> TokenizerConfig:
+def tokenizer_config(textual: Path, context_length: int, clean: str | None = None) -> TokenizerConfig:
     """The folder's tokenizer settings: simsearch's own section of tokenizer_config.json (an open_clip export), else
-    what Immich's exports say (pad_token; their tokenizer.json cleans and lower-cases itself)."""
+    what Immich's exports say (pad_token; `clean`: config.json's text_cfg.tokenizer_kwargs.clean, else whitespace
+    only, as their tokenizer.json normalises case itself)."""
     file = textual / "tokenizer_config.json"
     try:
         doc = json.loads(file.read_text()) if file.is_file() else {}
@@ -153,4 +154,4 @@ def tokenizer_config(textual: Path, context_length: int) -> TokenizerConfig:
         pad_id = HFTokenizer.from_file(str(textual / "tokenizer.json")).token_to_id(pad)
         if pad_id is None:
             raise ModelError(f"{file}: its pad_token {pad!r} is not in tokenizer.json")
-    return TokenizerConfig(context_length=context_length, clean="whitespace", pad_id=pad_id)
+    return TokenizerConfig(context_length=context_length, clean=clean or "whitespace", pad_id=pad_id)

@@ -45,9 +45,13 @@ def _byte_tokenizer() -> tuple[str, int]:
     return tok.to_str(), n
 
 
-def make_onnx_clip_folder(dst: Path, dim: int = 32, image_size: int = 32, seed: int = 0) -> Path:
+def make_onnx_clip_folder(dst: Path, dim: int = 32, image_size: int = 32, seed: int = 0, masked: bool = False,
+                          clean: str | None = None) -> Path:
     """A CLIP folder as Immich publishes them: config.json, visual/{model.onnx, preprocess_cfg.json},
-    textual/{model.onnx (int32 ids, as Immich's), tokenizer.json, tokenizer_config.json}. Towers return raw features."""
+    textual/{model.onnx (int32 ids, as Immich's), tokenizer.json, tokenizer_config.json}. Towers return raw features.
+
+    masked: the text tower also takes an `attention_mask` (as Immich's multilingual M-CLIP towers) and multiplies
+    each token's embedding by it. clean: config.json's text_cfg.tokenizer_kwargs.clean."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -64,19 +68,26 @@ def make_onnx_clip_folder(dst: Path, dim: int = 32, image_size: int = 32, seed: 
     embeddings = rng.standard_normal((vocab, dim)).astype(np.float32)
     embeddings[0] = 0  # <pad>: texts differ by their own tokens, not by how much padding they have
     table = numpy_helper.from_array(embeddings, "table")
-    _save(helper.make_graph(
-        [helper.make_node("Gather", ["table", "text"], ["tokens"]),  # (B, context, dim)
-         helper.make_node("ReduceMean", ["tokens", "axes"], ["embedding"], keepdims=0)],
-        "textual", [helper.make_tensor_value_info("text", TensorProto.INT32, ["batch", CONTEXT])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
-        [table, numpy_helper.from_array(np.array([1], np.int64), "axes")]), dst / "textual" / "model.onnx")
+    nodes = [helper.make_node("Gather", ["table", "text"], ["tokens"])]  # (B, context, dim)
+    inputs = [helper.make_tensor_value_info("text", TensorProto.INT32, ["batch", CONTEXT])]
+    if masked:
+        nodes += [helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+                  helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),  # (B, context, 1)
+                  helper.make_node("Mul", ["tokens", "mask3"], ["kept"])]
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", CONTEXT]))
+    nodes.append(helper.make_node("ReduceMean", ["kept" if masked else "tokens", "axes"], ["embedding"], keepdims=0))
+    _save(helper.make_graph(nodes, "textual", inputs,
+                            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+                            [table, numpy_helper.from_array(np.array([1], np.int64), "axes"),
+                             numpy_helper.from_array(np.array([2], np.int64), "last")]), dst / "textual" / "model.onnx")
     (dst / "textual" / "tokenizer.json").write_text(tokenizer_json)
     (dst / "textual" / "tokenizer_config.json").write_text(json.dumps({"pad_token": "<pad>"}))
     (dst / "visual" / "preprocess_cfg.json").write_text(json.dumps({
         "size": [image_size, image_size], "mode": "RGB", "mean": MEAN, "std": STD, "interpolation": "bicubic",
         "resize_mode": "shortest", "fill_color": 0}))
+    text_cfg = {"context_length": CONTEXT, **({"tokenizer_kwargs": {"clean": clean}} if clean else {})}
     (dst / "config.json").write_text(json.dumps({"embed_dim": dim, "vision_cfg": {"image_size": image_size},
-                                                 "text_cfg": {"context_length": CONTEXT}}))
+                                                 "text_cfg": text_cfg}))
     return dst
 
 

@@ -89,6 +89,22 @@ def test_onnx_folder_towers_equal_their_reference(onnx_spec, folder):
     np.testing.assert_allclose(got, unit(x.reshape(3, -1) @ w), atol=1e-5)
 
 
+def test_multilingual_tower_gets_its_attention_mask_and_the_folders_cleaning(tmp_path):
+    import onnx
+    from onnx import numpy_helper
+
+    folder = make_onnx_clip_folder(tmp_path / "mclip", masked=True, clean="canonicalize")
+    spec = add_clip_folder("mclip", folder, tmp_path / "models")
+    text = TextEncoder(spec)
+    assert text.tokenizer.config.clean == "canonicalize"
+    np.testing.assert_array_equal(text.tokenizer(["A Dog!!"]), text.tokenizer(["a dog"]))  # no case, no punctuation
+    table = numpy_helper.to_array(next(t for t in onnx.load(str(folder / "textual" / "model.onnx")).graph.initializer
+                                       if t.name == "table"))
+    ids = text.tokenizer(["a red car"])  # (1, context)
+    mask = (ids != text.tokenizer.config.pad_id)[..., None]  # (1, context, 1)
+    np.testing.assert_allclose(text.embed(["a red car"]), unit((table[ids] * mask).mean(axis=1)), atol=1e-6)
+
+
 def test_onnx_folder_registered_with_its_preprocessing_and_card(onnx_spec, clip_models):
     spec = get_encoder("tiny-onnx", clip_models)
     assert spec == onnx_spec and spec.clip and spec.has_text and spec.dim == 32 and spec.image_size == 32
