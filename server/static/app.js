@@ -164,7 +164,12 @@ function renderQuery() {
   $("query-name").textContent = head.label;
   $("query-name").title = head.title || head.label;
   const chips = [];
-  if (q.upload) chips.push(termChip("image", `image ${q.upload.name}`, null, () => { q.upload = null; }));
+  if (q.upload) {
+    chips.push(termChip("image", `image ${q.upload.name}`, null, () => {
+      URL.revokeObjectURL(q.upload.url);
+      q.upload = null;
+    }));
+  }
   q.terms.forEach((term) => {
     const label = { text: `“${term.label}”`, minus: `not “${term.label}”`, like: `like ${term.label}`,
       unlike: `not like ${term.label}` }[term.kind];

@@ -228,9 +228,17 @@ def test_search_click_through_explain_and_screenshot(page, server, photos, tmp_p
         SCREENSHOT.parent.mkdir(exist_ok=True)
         shutil.copyfile(tmp_path / "results.png", SCREENSHOT)
 
-    # "why?" on the tench with the upload as A: the overlay PNG loads.
+    # "more like this" on the tench: the upload and the tench together, as POST /api/query?like= answers.
     tench = page.locator("#results .card", has=page.locator(".name", has_text=TENCH))
     tench_id = int(tench.get_attribute("data-id"))
+    tench.locator("[data-testid=more-like]").click()
+    api = page.request.post(f"/api/query?k=10&like={tench_id}", multipart={
+        "image": {"name": GOLDFISH, "mimeType": "image/jpeg", "buffer": (photos / GOLDFISH).read_bytes()}}).json()
+    assert api["terms"][1] == {"kind": "item", "value": tench_id, "weight": 1.0}
+    _wait_ids(page, [h["id"] for h in api["hits"]])
+    assert _terms(page) == [("image", ""), ("like", str(tench_id))]
+
+    # "why?" on the tench with the upload as A: the overlay PNG loads.
     tench.locator("[data-testid=why]").click()
     _wait_done(page, "#explain")
     assert page.locator("#explain-img").evaluate("i => i.naturalWidth") > 0
