@@ -158,13 +158,13 @@ def _normalised(src: Path, dst: Path) -> None:
 
 def _ort_run(path: Path, array: np.ndarray, pad_id: int | None = None) -> np.ndarray:
     """A tower's output on `array`: images (B, 3, S, S), or token ids (B, context) when pad_id is given."""
-    from simsearch.encoders.runtime import ort_session
+    from simsearch.encoders.runtime import ort_session, run_batched
     from simsearch.encoders.text import text_feed
 
     session, _ = ort_session(path, threads=1)
     if pad_id is not None:
-        return session.run(None, text_feed(session, array, pad_id))[0]
-    return session.run(None, {session.get_inputs()[0].name: array.astype(np.float32)})[0]
+        return run_batched(session, text_feed(session, array, pad_id))
+    return run_batched(session, {session.get_inputs()[0].name: array.astype(np.float32)})
 
 
 def _check_parity(src: Path, work: Path, spec: EncoderSpec, tokenizer: Tokenizer) -> dict:

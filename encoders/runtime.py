@@ -57,5 +57,14 @@ class OnnxEncoder:
     def embed(self, batch: np.ndarray) -> np.ndarray:
         if batch.ndim != 4 or batch.shape[1:] != (3, self.spec.image_size, self.spec.image_size):
             raise ValueError(f"expected (B, 3, {self.spec.image_size}, {self.spec.image_size}), got {batch.shape}")
-        (out,) = self.session.run(None, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
-        return out
+        return run_batched(self.session, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
+
+
+def run_batched(session, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The session's first output for a batch of inputs (B, ...). A model exported with a fixed batch of 1 (Immich's
+    CLIP towers are) is run one row at a time; any other runs the batch at once."""
+    batch = session.get_inputs()[0].shape[0]
+    if batch != 1 or len(next(iter(feed.values()))) == 1:
+        return session.run(None, feed)[0]
+    rows = len(next(iter(feed.values())))
+    return np.concatenate([session.run(None, {k: v[i:i + 1] for k, v in feed.items()})[0] for i in range(rows)])

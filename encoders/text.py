@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.devices import Device
-from simsearch.encoders.runtime import ort_session
+from simsearch.encoders.runtime import ort_session, run_batched
 from simsearch.encoders.spec import EncoderSpec
 from simsearch.errors import ModelError
 
@@ -38,7 +38,7 @@ class TextEncoder:
         out = []
         for start in range(0, len(texts), TEXT_BATCH):
             ids = self.tokenizer(texts[start:start + TEXT_BATCH])  # (B, context)
-            vectors = self.session.run(None, text_feed(self.session, ids, self.tokenizer.config.pad_id))[0]  # (B, dim)
+            vectors = run_batched(self.session, text_feed(self.session, ids, self.tokenizer.config.pad_id))  # (B, dim)
             out.append(vectors)
         return np.concatenate(out).astype(np.float32, copy=False)
 

@@ -46,12 +46,13 @@ def _byte_tokenizer() -> tuple[str, int]:
 
 
 def make_onnx_clip_folder(dst: Path, dim: int = 32, image_size: int = 32, seed: int = 0, masked: bool = False,
-                          clean: str | None = None) -> Path:
+                          clean: str | None = None, batch: int | str = "batch") -> Path:
     """A CLIP folder as Immich publishes them: config.json, visual/{model.onnx, preprocess_cfg.json},
     textual/{model.onnx (int32 ids, as Immich's), tokenizer.json, tokenizer_config.json}. Towers return raw features.
 
     masked: the text tower also takes an `attention_mask` (as Immich's multilingual M-CLIP towers) and multiplies
-    each token's embedding by it. clean: config.json's text_cfg.tokenizer_kwargs.clean."""
+    each token's embedding by it. clean: config.json's text_cfg.tokenizer_kwargs.clean. batch: the inputs' first
+    axis, 1 for a fixed batch of one (as Immich exports its towers)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
@@ -61,23 +62,23 @@ def make_onnx_clip_folder(dst: Path, dim: int = 32, image_size: int = 32, seed: 
     shape = numpy_helper.from_array(np.array([0, pixels], np.int64), "shape")  # 0: keep the batch axis
     _save(helper.make_graph(
         [helper.make_node("Reshape", ["image", "shape"], ["flat"]), helper.make_node("MatMul", ["flat", "w"], ["embedding"])],
-        "visual", [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["batch", 3, image_size, image_size])],
-        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])], [w, shape]),
+        "visual", [helper.make_tensor_value_info("image", TensorProto.FLOAT, [batch, 3, image_size, image_size])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, dim])], [w, shape]),
         dst / "visual" / "model.onnx")
     tokenizer_json, vocab = _byte_tokenizer()
     embeddings = rng.standard_normal((vocab, dim)).astype(np.float32)
     embeddings[0] = 0  # <pad>: texts differ by their own tokens, not by how much padding they have
     table = numpy_helper.from_array(embeddings, "table")
     nodes = [helper.make_node("Gather", ["table", "text"], ["tokens"])]  # (B, context, dim)
-    inputs = [helper.make_tensor_value_info("text", TensorProto.INT32, ["batch", CONTEXT])]
+    inputs = [helper.make_tensor_value_info("text", TensorProto.INT32, [batch, CONTEXT])]
     if masked:
         nodes += [helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
                   helper.make_node("Unsqueeze", ["maskf", "last"], ["mask3"]),  # (B, context, 1)
                   helper.make_node("Mul", ["tokens", "mask3"], ["kept"])]
-        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT32, ["batch", CONTEXT]))
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT32, [batch, CONTEXT]))
     nodes.append(helper.make_node("ReduceMean", ["kept" if masked else "tokens", "axes"], ["embedding"], keepdims=0))
     _save(helper.make_graph(nodes, "textual", inputs,
-                            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", dim])],
+                            [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, [batch, dim])],
                             [table, numpy_helper.from_array(np.array([1], np.int64), "axes"),
                              numpy_helper.from_array(np.array([2], np.int64), "last")]), dst / "textual" / "model.onnx")
     (dst / "textual" / "tokenizer.json").write_text(tokenizer_json)

@@ -93,16 +93,21 @@ def test_multilingual_tower_gets_its_attention_mask_and_the_folders_cleaning(tmp
     import onnx
     from onnx import numpy_helper
 
-    folder = make_onnx_clip_folder(tmp_path / "mclip", masked=True, clean="canonicalize")
+    folder = make_onnx_clip_folder(tmp_path / "mclip", masked=True, clean="canonicalize", batch=1)  # as Immich's
     spec = add_clip_folder("mclip", folder, tmp_path / "models")
     text = TextEncoder(spec)
     assert text.tokenizer.config.clean == "canonicalize"
     np.testing.assert_array_equal(text.tokenizer(["A Dog!!"]), text.tokenizer(["a dog"]))  # no case, no punctuation
     table = numpy_helper.to_array(next(t for t in onnx.load(str(folder / "textual" / "model.onnx")).graph.initializer
                                        if t.name == "table"))
-    ids = text.tokenizer(["a red car"])  # (1, context)
-    mask = (ids != text.tokenizer.config.pad_id)[..., None]  # (1, context, 1)
-    np.testing.assert_allclose(text.embed(["a red car"]), unit((table[ids] * mask).mean(axis=1)), atol=1e-6)
+    texts = ["a red car", "a dog", "une voiture rouge"]
+    ids = text.tokenizer(texts)  # (3, context)
+    mask = (ids != text.tokenizer.config.pad_id)[..., None]  # (3, context, 1)
+    np.testing.assert_allclose(text.embed(texts), unit((table[ids] * mask).mean(axis=1)), atol=1e-6)
+    x = np.random.default_rng(3).standard_normal((5, 3, 32, 32)).astype(np.float32)  # a batch through a batch-1 tower
+    w = numpy_helper.to_array(next(t for t in onnx.load(str(folder / "visual" / "model.onnx")).graph.initializer
+                                   if t.name == "w"))
+    np.testing.assert_allclose(OnnxEncoder(spec).embed(x), unit(x.reshape(5, -1) @ w), atol=1e-5)
 
 
 def test_onnx_folder_registered_with_its_preprocessing_and_card(onnx_spec, clip_models):
