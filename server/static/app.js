@@ -160,7 +160,8 @@ function renderQuery() {
   const head = headOf(q);
   $("query-img").hidden = !head.src;
   if (head.src) $("query-img").src = head.src;  // alt stays empty: the name is written beside it
-  $("query-lead").textContent = q.upload || q.terms.some((t) => t.kind === "like") ? "Most similar to" : "Best matches for";
+  const byImage = q.upload || q.terms.some((t) => t.kind === "like");
+  $("query-lead").textContent = byImage ? "Most similar to" : "Best matches for";
   $("query-name").textContent = head.label;
   $("query-name").title = head.title || head.label;
   const chips = [];

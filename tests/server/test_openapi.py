@@ -46,8 +46,9 @@ def test_schemathesis_finds_nothing(url, tmp_path):
     """Every check (status codes, content types, response schemas, valid data accepted, invalid data rejected, the
     Allow header...) over every operation and the inferred links between them; seeded and bounded (~800 requests,
     ~15 s on 2 cores). Uploads are real images (the hooks): the document says the part is `image/*`."""
-    cmd = [str(ST), "--config-file", str(CONFIG), "run", f"{url}/openapi.json", "--checks", "all", "--seed", "1", "--max-examples", "20",
-           "--workers", "1", "--generation-database", "none", "--request-timeout", "60", "--no-color"]
+    cmd = [str(ST), "--config-file", str(CONFIG), "run", f"{url}/openapi.json", "--checks", "all", "--seed", "1",
+           "--max-examples", "20", "--workers", "1", "--generation-database", "none", "--request-timeout", "60",
+           "--no-color"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "SCHEMATHESIS_HOOKS": str(HOOKS)})
     assert out.returncode == 0, out.stdout[-6000:] + out.stderr[-2000:]
