@@ -679,6 +679,8 @@ def encoders_add(
     python: Annotated[Optional[str], typer.Option(
         envvar="SIMSEARCH_CLIP_PYTHON",
         help="the Python that has open_clip_torch, for --open-clip (default: this one).")] = None,
+    random_weights: Annotated[bool, typer.Option(
+        help="--open-clip without weights: an untrained model, for speed measurements and tests only.")] = False,
     replace: Annotated[bool, typer.Option(help="replace an encoder of that name added before.")] = False,
     models_dir: ModelsDirOption = None,
     verbose: VerboseOption = False,
@@ -693,11 +695,12 @@ def encoders_add(
     if (open_clip is None) == (onnx is None):
         raise SimsearchError("give --open-clip MODEL or --onnx DIR (one of them)")
     if onnx is not None:
-        if pretrained or checkpoint:
-            raise SimsearchError("--pretrained and --checkpoint go with --open-clip, not --onnx")
+        if pretrained or checkpoint or random_weights:
+            raise SimsearchError("--pretrained, --checkpoint and --random-weights go with --open-clip, not --onnx")
         spec = add_clip_folder(name, onnx, models_dir, replace=replace)
     else:
-        spec = export_open_clip(name, open_clip, pretrained or "", checkpoint, python, models_dir, replace=replace)
+        spec = export_open_clip(name, open_clip, pretrained or "", checkpoint, python, models_dir, replace=replace,
+                                random_weights=random_weights)
     out.print(f"added [bold]{shown(spec.name)}[/bold]: {spec.dim}-d, {spec.image_size} px {spec.preprocess.value}, "
               f"image and text towers ({shown(spec.source)}); its int8 image tower: {shown(spec.name)}-int8",
               highlight=False, soft_wrap=True)

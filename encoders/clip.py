@@ -87,6 +87,7 @@ class ClipCard:
         origin = (f"open_clip {src['open_clip_model']}"
                   + (f" ({src['pretrained']})" if src.get("pretrained") else "")
                   + (f" ({Path(src['checkpoint']).name})" if src.get("checkpoint") else "")
+                  + (" (random weights: its vectors mean nothing)" if src.get("random_weights") else "")
                   if "open_clip_model" in src else f"ONNX folder {src.get('onnx_folder', '?')}")
         return EncoderSpec(
             name=self.name, arch=CLIP_ARCH, dim=self.dim, image_size=self.image_size, mean=self.mean, std=self.std,
@@ -272,14 +273,22 @@ def clip_python(given: str | None = None) -> str:
 
 
 def export_open_clip(name: str, model: str, pretrained: str = "", checkpoint: Path | None = None,
-                     python: str | None = None, models_dir: Path | None = None, replace: bool = False) -> EncoderSpec:
+                     python: str | None = None, models_dir: Path | None = None, replace: bool = False,
+                     random_weights: bool = False) -> EncoderSpec:
     """Export open_clip model `model` (a name in open_clip.list_models() or a model config .json) with its
-    `pretrained` tag (open_clip downloads it) or a local `checkpoint`, and register it as `name`."""
+    `pretrained` tag (open_clip downloads it) or a local `checkpoint`, and register it as `name`.
+
+    random_weights: neither, on purpose (speed measurements, tests): its vectors mean nothing, and its card says so."""
     import simsearch
 
     check_model_name(name)
     if pretrained and checkpoint:
         raise ModelError("give --pretrained or --checkpoint, not both")
+    if not (pretrained or checkpoint or random_weights):
+        raise ModelError("give --pretrained TAG (open_clip.list_pretrained() lists them) or --checkpoint FILE; "
+                         "--random-weights exports an untrained model, whose vectors mean nothing")
+    if random_weights and (pretrained or checkpoint):
+        raise ModelError("--random-weights goes without --pretrained and --checkpoint")
     if checkpoint is not None and not Path(checkpoint).is_file():
         raise ModelError(f"{checkpoint}: no such checkpoint file")
     exe = clip_python(python)
@@ -303,5 +312,6 @@ def export_open_clip(name: str, model: str, pretrained: str = "", checkpoint: Pa
                 raise ModelError(f"{exe} cannot export: {last.split(': ', 1)[-1]}. Install simsearch[clip] there, or pass "
                                  "--python (or set SIMSEARCH_CLIP_PYTHON) with a Python that has open_clip_torch")
             raise ModelError(f"the open_clip export failed: {last.removeprefix('error: ')}")
-        source = {**_read_json(out / "config.json").get("source", {}), "python": exe}
+        source = {**_read_json(out / "config.json").get("source", {}), "python": exe,
+                  **({"random_weights": True} if random_weights else {})}
         return add_clip_folder(name, out, models_dir, source=source, replace=replace)

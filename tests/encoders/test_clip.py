@@ -174,7 +174,7 @@ def test_cli_add_onnx_and_list(folder, tmp_path):
 def test_cli_open_clip_without_open_clip_says_how_to_get_it(tmp_path):
     import sys
 
-    done = CliRunner().invoke(app, ["encoders", "add", "b32", "--open-clip", "ViT-B-32", "--python", sys.executable,
+    done = CliRunner().invoke(app, ["encoders", "add", "b32", "--open-clip", "ViT-B-32", "--random-weights", "--python", sys.executable,
                                     "--models-dir", str(tmp_path)])
     assert done.exit_code == 1
     assert "No module named 'open_clip'" in done.output and "simsearch[clip]" in done.output
@@ -243,8 +243,11 @@ def test_export_refuses_both_weights_sources_and_a_missing_checkpoint(exported, 
     missing = runner.invoke(app, ["encoders", "add", "x", "--open-clip", str(config), "--checkpoint",
                                   str(tmp_path / "nope.pt"), "--python", exe, "--models-dir", str(models)])
     assert missing.exit_code == 1 and "no such checkpoint file" in missing.output
-    unknown = runner.invoke(app, ["encoders", "add", "x", "--open-clip", "No-Such-Model", "--python", exe,
+    neither = runner.invoke(app, ["encoders", "add", "x", "--open-clip", str(config), "--python", exe,
                                   "--models-dir", str(models)])
+    assert neither.exit_code == 1 and "--random-weights exports an untrained model" in neither.output
+    unknown = runner.invoke(app, ["encoders", "add", "x", "--open-clip", "No-Such-Model", "--random-weights",
+                                  "--python", exe, "--models-dir", str(models)])
     assert unknown.exit_code == 1 and "is not an open_clip model" in unknown.output
 
 
