@@ -52,6 +52,7 @@ BENCHMARKS = {
                                      "synthetic vectors with planted copies, every planted pair found."),
     "encoder-device": Benchmark("encoder_device", "DeviceConfig", "results/encoder_device.json", width=110,
                                 aliases=("encoder_device",)),
+    "clip": Benchmark("clip", "ClipConfig", "results/clip.json"),
     "index-update": Benchmark("index_update", "IndexUpdateConfig", "results/index_update.json", width=140,
                               aliases=("index_update",)),
     "pair-folders": Benchmark("pair_folders", "PairFoldersConfig", None, aliases=("pair_folders",),
