@@ -159,8 +159,7 @@ def _normalised(src: Path, dst: Path) -> None:
 
 def _ort_run(path: Path, array: np.ndarray, pad_id: int | None = None) -> np.ndarray:
     """A tower's output on `array`: images (B, 3, S, S), or token ids (B, context) when pad_id is given."""
-    from simsearch.encoders.runtime import ort_session, run_batched
-    from simsearch.encoders.text import text_feed
+    from simsearch.encoders.runtime import ort_session, run_batched, text_feed
 
     session, _ = ort_session(path, threads=1)
     if pad_id is not None:

@@ -11,6 +11,7 @@ import numpy as np
 from simsearch.devices import CUDA_EP, Device, ort_device_used, ort_providers
 from simsearch.encoders.export import ensure_onnx
 from simsearch.encoders.spec import EncoderSpec
+from simsearch.errors import ModelError
 
 log = logging.getLogger(__name__)
 
@@ -68,3 +69,16 @@ def run_batched(session, feed: dict[str, np.ndarray]) -> np.ndarray:
         return session.run(None, feed)[0]
     rows = len(next(iter(feed.values())))
     return np.concatenate([session.run(None, {k: v[i:i + 1] for k, v in feed.items()})[0] for i in range(rows)])
+
+
+def text_feed(session, ids: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
+    """A text tower's inputs for token ids (B, context): the ids in the integer type it takes (Immich's towers take
+    int32), and, for a tower that asks for one (Immich's multilingual M-CLIP), which positions hold tokens."""
+    first, *rest = session.get_inputs()
+    dtype = np.int32 if first.type == "tensor(int32)" else np.int64
+    feed = {first.name: ids.astype(dtype)}
+    for extra in rest:
+        if extra.name != "attention_mask":
+            raise ModelError(f"the text tower takes an input {extra.name!r} simsearch does not know how to give")
+        feed[extra.name] = (ids != pad_id).astype(dtype)
+    return feed

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from simsearch.devices import Device
-from simsearch.encoders.runtime import ort_session, run_batched
+from simsearch.encoders.runtime import ort_session, run_batched, text_feed
 from simsearch.encoders.spec import EncoderSpec
 from simsearch.errors import ModelError
 
@@ -42,15 +42,3 @@ class TextEncoder:
             out.append(vectors)
         return np.concatenate(out).astype(np.float32, copy=False)
 
-
-def text_feed(session, ids: np.ndarray, pad_id: int) -> dict[str, np.ndarray]:
-    """A text tower's inputs for token ids (B, context): the ids in the integer type it takes (Immich's towers take
-    int32), and, for a tower that asks for one (Immich's multilingual M-CLIP), which positions hold tokens."""
-    first, *rest = session.get_inputs()
-    dtype = np.int32 if first.type == "tensor(int32)" else np.int64
-    feed = {first.name: ids.astype(dtype)}
-    for extra in rest:
-        if extra.name != "attention_mask":
-            raise ModelError(f"the text tower takes an input {extra.name!r} simsearch does not know how to give")
-        feed[extra.name] = (ids != pad_id).astype(dtype)
-    return feed
