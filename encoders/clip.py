@@ -35,7 +35,7 @@ from simsearch import paths
 from simsearch.atomic import staged_dir
 from simsearch.encoders.spec import BUILTIN, CLIP_ARCH, EncoderSpec, Preprocess
 from simsearch.encoders.tokenizer import Tokenizer, TokenizerConfig, tokenizer_config, write_tokenizer_json
-from simsearch.encoders.trained import check_model_name, trained_specs
+from simsearch.encoders.trained import check_model_name, specs_in, trained_specs
 from simsearch.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -101,16 +101,7 @@ class ClipCard:
 
 def clip_specs(models_dir: Path | None) -> list[EncoderSpec]:
     """Every complete CLIP encoder in the models dir; a broken folder is logged and ignored."""
-    root = clip_dir(models_dir)
-    if not root.is_dir():
-        return []
-    specs = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        try:
-            specs.append(ClipCard.load(folder / CARD).spec(folder))
-        except ModelError as e:
-            log.warning("ignoring CLIP encoder %s: %s", folder, e)
-    return specs
+    return specs_in(clip_dir(models_dir), lambda folder: ClipCard.load(folder / CARD).spec(folder), "CLIP encoder")
 
 
 def load_tokenizer(spec: EncoderSpec) -> Tokenizer:

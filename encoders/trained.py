@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from simsearch.encoders.cards import CARD, MODEL, Card
@@ -45,14 +46,23 @@ def spec_from_card(card: Card, folder: Path) -> EncoderSpec:
 def trained_specs(models_dir: Path | None) -> list[EncoderSpec]:
     """Every complete trained encoder in models_dir; a broken folder (or a card from a newer simsearch) is
     logged and ignored."""
-    root = trained_dir(models_dir)
+    def load(folder: Path) -> EncoderSpec | None:
+        return spec_from_card(Card.load(folder / CARD, "encoder"), folder) if (folder / MODEL).is_file() else None
+
+    return specs_in(trained_dir(models_dir), load, "trained encoder")
+
+
+def specs_in(root: Path, load: Callable[[Path], EncoderSpec | None], kind: str) -> list[EncoderSpec]:
+    """The spec of each model folder in a registry folder (name order; hidden folders are staging), by `load`
+    (None: not complete yet). A folder `load` refuses (ModelError) is logged and skipped: one broken model must
+    not hide the others."""
     if not root.is_dir():
         return []
     specs = []
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
-            if (folder / MODEL).is_file():
-                specs.append(spec_from_card(Card.load(folder / CARD, "encoder"), folder))
+            if (spec := load(folder)) is not None:
+                specs.append(spec)
         except ModelError as e:
-            log.warning("ignoring trained encoder %s: %s", folder, e)
+            log.warning("ignoring %s %s: %s", kind, folder, e)
     return specs
