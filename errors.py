@@ -44,3 +44,7 @@ class EmptyDbError(SimsearchError):
 
 class NotFoundError(SimsearchError):
     """An item the db does not hold (or no longer holds)."""
+
+
+class DiskFullError(SimsearchError):
+    """A write that found no space (a full disk, a quota, a file size limit); nothing was half-written."""

@@ -25,7 +25,9 @@ from simsearch.errors import DbCorruptError, EmptyDbError, SchemaError
 # 4: index kinds with tuned search parameters and the recall they were tuned to; the store logs changes
 # so an index is updated in place; an encoder's vectors may be served by Milvus instead of FAISS.
 # 5: the index's state is one `index` object owned by its backend; the entry keeps the store's fields.
-SCHEMA_VERSION = 5
+# 6: a FAISS index is segments: its base file, the base's id list (`ids`) and delta files (`deltas`); a base from
+# before has no id list (its first update rewrites it with one) and no deltas.
+SCHEMA_VERSION = 6
 MANIFEST = "manifest.json"
 POLICIES = tuple(p.value for p in Preprocess)
 
@@ -158,4 +160,6 @@ def _upgrade(entry: dict, version: int, name: str) -> dict:
                               "sha256": old.get("index_sha256"), "bytes": old.get("index_bytes", 0)}
         else:  # never built (an interrupted first `index`)
             entry["index"], entry["index_generation"] = {}, -1
+    if version < 6 and entry.get("backend", "faiss") == "faiss" and entry.get("index"):
+        entry["index"] = {**entry["index"], "ids": None, "deltas": []}
     return entry

@@ -23,6 +23,7 @@ path of every id that index returns.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ import numpy as np
 from simsearch.errors import DbCorruptError, DbNotFoundError, SimsearchError
 from simsearch.indexer.lmdb_file import check_data_file
 from simsearch.indexer.lock import DbLock
-from simsearch.atomic import write_atomic
+from simsearch.atomic import lacks_space, no_space, write_atomic
 from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest, parse_manifest
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,13 @@ class Store:
         """Record that `backend` published `name`'s index of store generation `generation`, with its own `state`
         (opaque here: the backend reads and validates it); saved at once. generation -1, state {}: none published."""
         entry = self.manifest.encoders[name]
+        before = entry.backend, entry.index_generation, entry.index
         entry.backend, entry.index_generation, entry.index = backend, generation, dict(state)
-        self.save_manifest()
+        try:
+            self.save_manifest()
+        except BaseException:  # e.g. a full disk: the manifest on disk still names the old state, and so do we
+            entry.backend, entry.index_generation, entry.index = before
+            raise
         return entry
 
     def index_dir(self) -> Path:
@@ -347,7 +353,8 @@ class Store:
 
         items: (path, sha256, size, mtime_ns, vector (dim,) or None when the vector is already stored).
         """
-        with self.env.begin(write=True) as txn:
+        needed = sum(300 + (0 if vec is None else 4 * len(vec)) for *_, vec in items)  # records, keys, vectors
+        with self._writing(needed) as txn:
             next_id = self._counter(txn, b"next_id")
             generation = self._counter(txn, b"generation") + 1
             for path, sha, size, mtime_ns, vec in items:
@@ -369,7 +376,7 @@ class Store:
     def remove_items(self, paths: Iterable[str]) -> int:
         """Remove items; their ids stay resolvable (tombstones) until `collect_tombstones`."""
         n = 0
-        with self.env.begin(write=True) as txn:
+        with self._writing(0) as txn:
             generation = self._counter(txn, b"generation") + 1
             for path in paths:
                 raw = txn.pop(_path_key(path), db=self._items)
@@ -394,7 +401,7 @@ class Store:
         built = [e.index_generation for e in self.manifest.encoders.values() if e.has_index]
         oldest = min(built, default=self.generation)
         n = 0
-        with self.env.begin(write=True) as txn:
+        with self._writing(0) as txn:
             for k, raw in list(txn.cursor(db=self._removed)):
                 if json.loads(raw)["generation"] <= oldest:
                     txn.delete(k, db=self._removed)
@@ -421,20 +428,34 @@ class Store:
                 if k.rsplit(b"\0", 1)[1].decode() not in live:
                     dead.append(k)
         if dead:
-            with self.env.begin(write=True, db=self._vectors) as txn:
+            with self._writing(0) as txn:
                 for k in dead:
-                    txn.delete(k)
+                    txn.delete(k, db=self._vectors)
         return len(dead)
 
     def prune_changes(self, upto: int) -> None:
         """Forget the change log up to generation `upto` (every index is at least that new)."""
-        with self.env.begin(write=True) as txn:
+        with self._writing(0) as txn:
             if upto <= self._counter(txn, b"changes_since"):
                 return
             cur = txn.cursor(db=self._changes)
             while cur.first() and _ID.unpack(cur.key()[:8])[0] <= upto:
                 cur.delete()
             txn.put(b"changes_since", _ID.pack(upto), db=self._meta)
+
+    @contextlib.contextmanager
+    def _writing(self, needed: int) -> Iterator[lmdb.Transaction]:
+        """A write transaction, committed when the block ends. A commit that finds no space (LMDB reports a short
+        write as EIO, so the disk is asked) raises DiskFullError, the transaction undone: the store is as it was.
+        needed: about the bytes it adds (0: it frees pages, but a commit still writes a few)."""
+        try:
+            with self.env.begin(write=True) as txn:
+                yield txn
+        except lmdb.Error:
+            data = self.root / LMDB_DIR / "data.mdb"
+            if code := lacks_space(data, needed):
+                raise no_space(data, needed, code) from None
+            raise
 
     def _counter(self, txn, name: bytes) -> int:
         raw = txn.get(name, db=self._meta)

@@ -76,27 +76,35 @@ class Finding:
 class RefreshConfig:
     index: IndexConfig = IndexConfig()  # how an index file is built (kind, memory budget, recall target): FAISS
     uri: str | None = None  # where a backend outside the db lives (a server, a Milvus Lite file); None: the recorded one
+    compact: bool = False  # fold what updates added beside the index into it now, whatever its size (`compact`)
+    verify: bool = False  # verify every index file's checksum before updating it (`check --repair`); else sizes only
 
 
 @dataclass(frozen=True)
 class RefreshOutcome:
     """What `Backend.refresh` did."""
 
-    action: str  # "unchanged" | "updated" (in place) | "built" (the first time) | "rebuilt" (from every stored vector)
+    # "unchanged" | "updated" (in place) | "compacted" (no change, its deltas folded into it) | "built" (the first
+    # time) | "rebuilt" (from every stored vector)
+    action: str
     backend: str
     count: int  # vectors in the index now
     added: int = 0  # added or changed (an update), or every vector (a build)
     removed: int = 0
     reason: str | None = None  # why it was rebuilt rather than updated
     seconds: float = 0.0
+    compacted: bool = False  # an update that also folded the index's deltas into its base
 
     @property
     def changed(self) -> bool:
         return self.action != "unchanged"
 
     def __str__(self) -> str:
+        folded = "; deltas folded into the base" if self.compacted else ""
         if self.action == "updated":
-            return f"updated: {self.added} added or changed, {self.removed} removed"
+            return f"updated: {self.added} added or changed, {self.removed} removed{folded}"
+        if self.action == "compacted":
+            return "compacted: deltas folded into the base"
         return f"rebuilt: {self.reason}" if self.action == "rebuilt" else self.action
 
 
@@ -125,6 +133,7 @@ class Applied:
     count: int
     added: int = 0
     removed: int = 0
+    compacted: bool = False  # the update rewrote the index whole (FAISS: its deltas folded into the base)
 
 
 @dataclass
@@ -198,34 +207,43 @@ class Backend(ABC):
         entry = store.manifest.encoders[name]
         job = Job(store, name, entry, store.generation, config, on_progress)
         ours = entry.backend == self.name and entry.has_index
-        with self.connect(job) as job.conn:
-            why = self.rebuild_reason(job) if ours else "never built"
-            if why is None:
-                changed = store.changed_ids(entry.index_generation)
-                if changed is None:
-                    why = "the store's change log does not reach back to this index"
-                else:
-                    applied = self.update(job, changed)  # a reason it returns is logged by the backend if unusual
-                    if isinstance(applied, str):
-                        why = applied
-                    elif not applied.added and not applied.removed:
-                        return RefreshOutcome("unchanged", self.name, applied.count, seconds=time.perf_counter() - t)
+        self.tidy(job)
+        try:
+            with self.connect(job) as job.conn:
+                why = self.rebuild_reason(job) if ours else "never built"
+                if why is None:
+                    changed = store.changed_ids(entry.index_generation)
+                    if changed is None:
+                        why = "the store's change log does not reach back to this index"
                     else:
-                        log.info("updated the %s index of %s in place: %d added or changed, %d removed", self.name,
-                                 name, applied.added, applied.removed)
-            elif ours:
-                log.warning("the index of %s: %s; rebuilding it from the stored vectors", name, why)
-            if why is not None:
-                applied = self.rebuild(job)
-        previous, old_state = entry.backend, entry.index
-        store.set_index_state(name, self.name, job.generation, applied.state)
+                        applied = self.update(job, changed)  # a reason it returns is logged by the backend if unusual
+                        if isinstance(applied, str):
+                            why = applied
+                        elif not applied.added and not applied.removed and not applied.compacted:
+                            return RefreshOutcome("unchanged", self.name, applied.count,
+                                                  seconds=time.perf_counter() - t)
+                        else:
+                            log.info("updated the %s index of %s in place: %d added or changed, %d removed", self.name,
+                                     name, applied.added, applied.removed)
+                elif ours:
+                    log.warning("the index of %s: %s; rebuilding it from the stored vectors", name, why)
+                if why is not None:
+                    applied = self.rebuild(job)
+            previous, old_state = entry.backend, entry.index
+            store.set_index_state(name, self.name, job.generation, applied.state)
+        except BaseException:
+            self.tidy(job)  # e.g. a full disk: nothing the manifest does not name is left behind
+            raise
         if previous != self.name and old_state:
             get_backend(previous).drop(store, name, old_state)
         self.published(job, applied.state)
         store.collect_tombstones()
         action = "updated" if why is None else "rebuilt" if ours else "built"
+        if action == "updated" and not applied.added and not applied.removed:
+            action = "compacted"
         return RefreshOutcome(action, self.name, applied.count, applied.added, applied.removed,
-                              why if action == "rebuilt" else None, time.perf_counter() - t)
+                              why if action == "rebuilt" else None, time.perf_counter() - t,
+                              applied.compacted and why is None)
 
     def connect(self, job: Job) -> AbstractContextManager:
         """What the steps of one refresh share (a client), opened before the first and closed after the last."""
@@ -246,6 +264,11 @@ class Backend(ABC):
 
     def published(self, job: Job, state: dict) -> None:
         """After the manifest points at the new state (FAISS deletes its older files here)."""
+
+    def tidy(self, job: Job) -> None:
+        """Remove what this backend keeps for the encoder that the manifest (`job.store.manifest`, as on disk) does
+        not name: what a failed refresh (a full disk, an interrupt) or a killed one left. Runs before a refresh's
+        steps and after they fail; must not raise."""
 
 
 def get_backend(name: str) -> Backend:

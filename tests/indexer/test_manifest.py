@@ -1,5 +1,6 @@
-"""The manifest's migration ladder: a manifest of every older schema is read as schema 5 and written back as it;
-a schema-4 db keeps working (read, query, update in place) with its index file as it is."""
+"""The manifest's migration ladder: a manifest of every older schema is read as schema 6 and written back as it;
+a schema-4 or schema-5 db keeps working (read, query, update in place) with its index file as it is: a base with
+no deltas."""
 
 import json
 
@@ -14,14 +15,15 @@ from simsearch.retrieval.faiss_index import FaissState
 from simsearch.retrieval.milvus_backend import MilvusState
 
 FLAT_STATE = {"kind": "flat", "params": {}, "recall": 1.0, "recall_target": None, "trained_count": 3, "count": 3,
-              "file": "lite.4.abcdef012345.faiss", "sha256": "ab" * 32, "bytes": 1234}
+              "file": "lite.4.abcdef012345.faiss", "sha256": "ab" * 32, "bytes": 1234, "ids": None, "deltas": []}
+SCHEMA_5 = {k: v for k, v in FLAT_STATE.items() if k not in ("ids", "deltas")}
 
-# What each schema wrote for one encoder (from `git log -p indexer/manifest.py`), and what schema 5 makes of it.
+# What each schema wrote for one encoder (from `git log -p indexer/manifest.py`), and what schema 6 makes of it.
 CASES = {
     "1": ({"key": "k", "dim": 4, "metric": "inner_product", "index_type": "flat", "count": 3, "index_generation": 1},
           EncoderEntry("k", 4, "crop", "inner_product", "faiss", 1, {
               "kind": "flat", "params": {}, "recall": None, "recall_target": None, "trained_count": 0, "count": 3,
-              "file": "lite.faiss", "sha256": None, "bytes": 0})),
+              "file": "lite.faiss", "sha256": None, "bytes": 0, "ids": None, "deltas": []})),
     "1-never-built": ({"key": "k", "dim": 4, "metric": "inner_product", "index_type": "none", "count": 0,
                        "index_generation": -1},
                       EncoderEntry("k", 4, "crop", "inner_product", "faiss", -1, {})),
@@ -31,13 +33,13 @@ CASES = {
           EncoderEntry("k", 4, "crop", "inner_product", "faiss", 2, {
               "kind": "ivf", "params": {"nlist": 64, "nprobe": 8}, "recall": None, "recall_target": None,
               "trained_count": 0, "count": 3, "file": "lite.2.abcdef012345.faiss", "sha256": "ab" * 32,
-              "bytes": 1234})),
+              "bytes": 1234, "ids": None, "deltas": []})),
     "3": ({"key": "k", "dim": 4, "preprocess": "pad", "metric": "inner_product", "index_type": "flat", "count": 3,
            "index_generation": 3, "index_file": "lite.3.abcdef012345.faiss", "index_sha256": "ab" * 32,
            "index_bytes": 1234},
           EncoderEntry("k", 4, "pad", "inner_product", "faiss", 3, {
               "kind": "flat", "params": {}, "recall": None, "recall_target": None, "trained_count": 0, "count": 3,
-              "file": "lite.3.abcdef012345.faiss", "sha256": "ab" * 32, "bytes": 1234})),
+              "file": "lite.3.abcdef012345.faiss", "sha256": "ab" * 32, "bytes": 1234, "ids": None, "deltas": []})),
     "4": ({"key": "k", "dim": 4, "preprocess": "resize", "metric": "inner_product", "index_type": "flat",
            "index_params": {}, "recall": 1.0, "recall_target": None, "trained_count": 3, "count": 3,
            "index_generation": 4, "index_file": "lite.4.abcdef012345.faiss", "index_sha256": "ab" * 32,
@@ -57,11 +59,20 @@ CASES = {
                        "index_generation": -1, "index_file": None, "index_sha256": None, "index_bytes": 0,
                        "backend": "faiss", "backend_uri": None},
                       EncoderEntry("k", 4, "crop", "inner_product", "faiss", -1, {})),
+    "5": ({"key": "k", "dim": 4, "preprocess": "resize", "metric": "inner_product", "backend": "faiss",
+           "index_generation": 4, "index": SCHEMA_5},
+          EncoderEntry("k", 4, "resize", "inner_product", "faiss", 4, FLAT_STATE)),
+    "5-milvus": ({"key": "k", "dim": 4, "preprocess": "crop", "metric": "inner_product", "backend": "milvus",
+                  "index_generation": 4, "index": {"uri": "milvus.db", "collection": "simsearch_lite_0123456789ab",
+                                                   "params": {"M": 16}, "count": 3}},
+                 EncoderEntry("k", 4, "crop", "inner_product", "milvus", 4, {
+                     "uri": "milvus.db", "collection": "simsearch_lite_0123456789ab", "params": {"M": 16},
+                     "count": 3})),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_older_schema_is_read_as_5_and_written_back_as_5(tmp_path, case):
+def test_every_older_schema_is_read_as_6_and_written_back_as_6(tmp_path, case):
     old, want = CASES[case]
     Store(tmp_path, create=True).close()
     version = int(case.split("-")[0])
@@ -72,7 +83,7 @@ def test_every_older_schema_is_read_as_5_and_written_back_as_5(tmp_path, case):
     with Store(tmp_path) as s:  # a writer saves what it read, as the current schema
         s.save_manifest()
     written = json.loads((tmp_path / MANIFEST).read_text())
-    assert written["schema_version"] == SCHEMA_VERSION == 5
+    assert written["schema_version"] == SCHEMA_VERSION == 6
     assert written["encoders"]["lite"] == {"key": "k", "dim": 4, "preprocess": want.preprocess,
                                            "metric": "inner_product", "backend": want.backend,
                                            "index_generation": want.index_generation, "index": want.index}
@@ -109,8 +120,25 @@ def _unit(n, seed):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def test_a_schema_4_db_with_its_index_file_is_queried_and_updated_in_place(tmp_path):
-    """A db as schema 4 left it: the manifest in the schema-4 layout, the index file as it was written."""
+def _old_manifest(version: int, entry: EncoderEntry) -> dict:
+    """The manifest schema `version` wrote for this FAISS entry (schema 4's flat fields, or schema 5's `index`)."""
+    st = entry.index
+    if version == 5:
+        fields = {"backend": "faiss", "index_generation": entry.index_generation,
+                  "index": {k: v for k, v in st.items() if k not in ("ids", "deltas")}}
+    else:
+        fields = {"index_type": st["kind"], "index_params": st["params"], "recall": st["recall"],
+                  "recall_target": st["recall_target"], "trained_count": st["trained_count"], "count": st["count"],
+                  "index_generation": entry.index_generation, "index_file": st["file"], "index_sha256": st["sha256"],
+                  "index_bytes": st["bytes"], "backend": "faiss", "backend_uri": None}
+    return {"schema_version": version, "default_encoder": "lite", "encoders": {"lite": {
+        "key": "k", "dim": 8, "preprocess": "crop", "metric": "inner_product", **fields}}}
+
+
+@pytest.mark.parametrize("version", [4, 5])
+def test_an_older_db_with_its_index_file_is_queried_then_updated_as_segments(tmp_path, version):
+    """A db as schema 4 or 5 left it: the manifest in that layout, the single index file as it was written. It opens
+    as a base with no deltas; its first update rewrites it with its id list, the next ones write deltas."""
     vecs = _unit(40, 0)
     with Store(tmp_path, create=True) as s:
         s.register_encoder("lite", "k", 8, "crop")
@@ -118,25 +146,29 @@ def test_a_schema_4_db_with_its_index_file_is_queried_and_updated_in_place(tmp_p
         refresh(s, "lite")
         entry = s.manifest.encoders["lite"]
         file = entry.index["file"]
-    st = entry.index
-    (tmp_path / MANIFEST).write_text(json.dumps({"schema_version": 4, "default_encoder": "lite", "encoders": {"lite": {
-        "key": "k", "dim": 8, "preprocess": "crop", "metric": "inner_product", "index_type": st["kind"],
-        "index_params": st["params"], "recall": st["recall"], "recall_target": st["recall_target"],
-        "trained_count": st["trained_count"], "count": st["count"], "index_generation": entry.index_generation,
-        "index_file": file, "index_sha256": st["sha256"], "index_bytes": st["bytes"], "backend": "faiss",
-        "backend_uri": None}}}))
+    (tmp_path / MANIFEST).write_text(json.dumps(_old_manifest(version, entry)))
     with Store(tmp_path, readonly=True) as s:
         index, entry = open_index(s, "lite")
+        assert FaissState.of(entry, "lite").ids is None and FaissState.of(entry, "lite").deltas == []
         scores, ids = index.search(vecs[:5], 3)
         brute = vecs[:5] @ vecs.T  # (5, 40)
         np.testing.assert_array_equal(ids, np.argsort(-brute, axis=1, kind="stable")[:, :3])
         np.testing.assert_allclose(scores, np.sort(brute, axis=1)[:, ::-1][:, :3], atol=1e-5)
         assert get_backend("faiss").status(s, "lite", entry, verify=True).problem is None
     with Store(tmp_path) as s:
-        assert refresh(s, "lite").action == "unchanged"  # nothing changed since schema 4 built it: kept as it is
+        assert refresh(s, "lite").action == "unchanged"  # nothing changed since it was built: kept as it is
         assert (tmp_path / "index" / file).is_file()
         s.remove_items(["/p/0.jpg"])
         outcome = refresh(s, "lite")
         assert (outcome.action, outcome.removed, outcome.count) == ("updated", 1, 39)
-    assert json.loads((tmp_path / MANIFEST).read_text())["schema_version"] == 5
-    assert not (tmp_path / "index" / file).exists()  # the schema-4 build was replaced
+        state = FaissState.of(s.manifest.encoders["lite"], "lite")
+        assert state.ids is not None and state.deltas == []  # the base rewritten once, with its id list
+        s.remove_items(["/p/1.jpg"])
+        assert refresh(s, "lite").count == 38
+        assert len(FaissState.of(s.manifest.encoders["lite"], "lite").deltas) == 1  # then an update is a delta
+    assert json.loads((tmp_path / MANIFEST).read_text())["schema_version"] == 6
+    assert not (tmp_path / "index" / file).exists()  # the old build was replaced
+    with Store(tmp_path, readonly=True) as s:
+        index, _ = open_index(s, "lite")
+        brute = vecs[:5] @ vecs[2:].T  # (5, 38): what is left
+        np.testing.assert_array_equal(index.search(vecs[:5], 3)[1], 2 + np.argsort(-brute, axis=1)[:, :3])

@@ -8,8 +8,8 @@ from simsearch.retrieval.faiss_index import FaissState, LoadedIndex, build_index
 from simsearch.retrieval.index_plan import FLAT_MAX, IndexConfig
 
 
-def refresh_index(store, name, config=IndexConfig()) -> RefreshOutcome:
-    return get_backend("faiss").refresh(store, name, RefreshConfig(config))
+def refresh_index(store, name, config=IndexConfig(), verify=False) -> RefreshOutcome:
+    return get_backend("faiss").refresh(store, name, RefreshConfig(config, verify=verify))
 
 
 def state(store, name="x") -> FaissState:
@@ -106,7 +106,7 @@ def test_added_changed_and_removed_items_update_the_index_in_place(tmp_path, kin
         assert (outcome.action, outcome.added, outcome.removed, outcome.count) == ("updated", 110, 50, FLAT_MAX + 550)
         assert str(outcome) == "updated: 110 added or changed, 50 removed"
         index, entry = load_index(store, "x")
-        assert np.array_equal(np.sort(index_ids(index.cpu_index)), _live(store)) and state(store).count == FLAT_MAX + 550
+        assert np.array_equal(index.live_ids(), _live(store)) and state(store).count == FLAT_MAX + 550
         assert index.ntotal == FLAT_MAX + 550
         _, top = index.search(moved, 1)  # a changed item is found by its new vector
         assert top[:, 0].tolist() == list(range(10))
@@ -165,14 +165,28 @@ def test_the_change_log_lists_ids_touched_since_a_generation(tmp_path):
         assert store.changed_ids(g - 1) is None and store.changed_ids(g).tolist() == [1, 5]
 
 
+def _check_errors(store, name="x") -> list[str]:
+    """What `check` finds wrong with the index (in this process, where the store is already open)."""
+    known = {i for i, _, _ in store.iter_ids()}
+    found, _ = get_backend("faiss").check(store, name, store.manifest.encoders[name], known)
+    return [f.message for f in found if f.level == "error"]
+
+
+@pytest.mark.parametrize("segment", ["base", "ids", "delta"])
 @pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
-def test_damaged_index_file_is_named_and_rebuilt_without_embedding(tmp_path, damage):
+def test_a_damaged_segment_is_named_and_rebuilt_without_embedding(tmp_path, damage, segment):
+    """A truncated or deleted file is seen by every open (its size is checked); a flipped bit by `check`,
+    `info` and `check --repair` (sha256), and on open for the deltas, which are read whole."""
     vecs = clustered(50, 8, 5)
     store = _store_of(tmp_path, vecs)
     with store:
         assert refresh_index(store, "x").changed and not refresh_index(store, "x").changed  # second: up to date
+        store.remove_items(["/img/49.jpg"])
+        assert refresh_index(store, "x").action == "updated" and len(state(store).deltas) == 1
         entry = store.manifest.encoders["x"]
-        path = state(store).path(store)
+        st = state(store)
+        file = {"base": st.file, "ids": st.ids["file"], "delta": st.deltas[0]["file"]}[segment]
+        path = store.index_dir() / file
         data = bytearray(path.read_bytes())
         if damage == "truncate":
             path.write_bytes(data[: len(data) // 2])
@@ -181,30 +195,45 @@ def test_damaged_index_file_is_named_and_rebuilt_without_embedding(tmp_path, dam
             path.write_bytes(data)
         else:
             path.unlink()
-        assert get_backend("faiss").status(store, "x", entry, verify=True).problem is not None
-        with pytest.raises(DbCorruptError, match="check --repair") as e:
-            load_index(store, "x")
-        assert str(path) in str(e.value)
+        problem = get_backend("faiss").status(store, "x", entry, verify=True).problem
+        assert problem is not None and str(path) in problem
+        errors = _check_errors(store)
+        assert len(errors) == 1 and str(path) in errors[0] and "check --repair" in errors[0]
+        if segment == "delta" or (segment == "base" and damage != "flip"):
+            with pytest.raises(DbCorruptError, match="check --repair") as e:
+                load_index(store, "x")
+            assert str(path) in str(e.value)
         generation = store.generation
-        assert refresh_index(store, "x").action == "rebuilt"  # from the stored vectors
+        outcome = refresh_index(store, "x", verify=damage == "flip")  # `check --repair` verifies every checksum
+        assert outcome.action == "rebuilt" and str(path) in outcome.reason  # from the stored vectors
         assert store.generation == generation  # nothing was written to the store
         index, _ = load_index(store, "x")
         _, ids = index.search(vecs[:5], 1)
-        assert ids[:, 0].tolist() == [0, 1, 2, 3, 4]
+        assert ids[:, 0].tolist() == [0, 1, 2, 3, 4] and index.ntotal == 49
+        assert not _check_errors(store)
 
 
-def test_publish_replaces_the_old_file_and_readers_follow(tmp_path):
+def test_publish_replaces_the_old_files_and_readers_follow(tmp_path):
     vecs = clustered(50, 8, 5)
     store = _store_of(tmp_path, vecs)
     with store:
         refresh_index(store, "x")
-        old = state(store).file
+        old = state(store)
         before, _ = load_index(store, "x")
         store.remove_items(["/img/0.jpg"])
         assert store.paths_of([0]) == ["/img/0.jpg"]  # the published index still returns id 0: resolvable
-        refresh_index(store, "x")
-        new = state(store).file
-        assert new != old and sorted(p.name for p in store.index_dir().iterdir()) == [new]
+        refresh_index(store, "x")  # a delta beside the same base
+        new = state(store)
+        assert new.file == old.file and {p.name for p in store.index_dir().iterdir()} == new.files() != old.files()
         assert store.paths_of([0]) == [None]  # every published index is newer than the removal
-        after, entry = load_index(store, "x")  # re-reads the manifest: follows the new build
-        assert (before.ntotal, after.ntotal, after.state.file) == (50, 49, new)
+        after, entry = load_index(store, "x")  # re-reads the manifest: follows the new state
+        assert (before.ntotal, after.ntotal, after.state) == (50, 49, new)
+        outcome = get_backend("faiss").refresh(store, "x", RefreshConfig(compact=True))
+        assert (str(outcome), outcome.count) == ("compacted: deltas folded into the base", 49)
+        compacted = state(store)
+        assert compacted.file != old.file and not compacted.deltas
+        assert {p.name for p in store.index_dir().iterdir()} == compacted.files()
+        # The old base is gone from the folder but still mapped by the reader that opened it: it still answers.
+        assert before.search(vecs[:1], 1)[1].tolist() == [[0]]
+        assert load_index(store, "x")[0].search(vecs[:1], 1)[1].tolist() != [[0]]
+        assert refresh_index(store, "x").action == "unchanged"
