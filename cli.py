@@ -462,6 +462,17 @@ def check(
 
 @app.command()
 @user_errors
+def compact(db: DbOption = DEFAULT_DB, no_wait: NoWaitOption = False):
+    """Fold the delta segments that updates wrote beside each index into it now (`index` does once they pass a
+    size; see docs/scale.md); changes not yet indexed are applied first."""
+    from simsearch.retrieval.check import compact_db
+
+    for name, outcome in compact_db(db, wait=not no_wait):
+        err.print(f"the index of {shown(name)}: {shown(outcome)} ({outcome.count} vectors)", highlight=False)
+
+
+@app.command()
+@user_errors
 def prune(
     folder: Annotated[Optional[Path], typer.Argument(help="only items under this folder (default: all).")] = None,
     db: DbOption = DEFAULT_DB,

@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+from simsearch.atomic import NO_SPACE
 from simsearch.errors import DbBusyError
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,11 @@ class DbLock:
                                 "(--no-wait to fail instead)", self.path.parent, holder)
                     fcntl.flock(fd, fcntl.LOCK_EX)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            except OSError as e:  # a full disk: the lock holds without it (the pid only names the writer to waiters)
+                if e.errno not in NO_SPACE:
+                    raise
         except BaseException:
             os.close(fd)
             raise

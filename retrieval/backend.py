@@ -222,7 +222,7 @@ class Backend(ABC):
                         elif not applied.added and not applied.removed and not applied.compacted:
                             return RefreshOutcome("unchanged", self.name, applied.count,
                                                   seconds=time.perf_counter() - t)
-                        else:
+                        elif applied.added or applied.removed:
                             log.info("updated the %s index of %s in place: %d added or changed, %d removed", self.name,
                                      name, applied.added, applied.removed)
                 elif ours:

@@ -62,12 +62,20 @@ def _check_items(store: Store, findings: list[Finding], facts: dict) -> set[int]
 
 
 def repair_db(root: str | Path, config: IndexConfig = IndexConfig(), wait: bool = True) -> list[tuple[str, RefreshOutcome]]:
-    """Rebuild every encoder's index that is missing, damaged or stale, from the stored vectors, with the backend
-    the db records for it: (encoder, what was done) for each that changed."""
+    """Rebuild every encoder's index that is missing, damaged (every file's checksum verified) or stale, from the
+    stored vectors, with the backend the db records for it: (encoder, what was done) for each that changed."""
     done = []
     with Store(root, wait=wait) as store:
         for name in list(store.manifest.encoders):
-            outcome = refresh(store, name, RefreshConfig(config))
+            outcome = refresh(store, name, RefreshConfig(config, verify=True))
             if outcome.changed:
                 done.append((name, outcome))
     return done
+
+
+def compact_db(root: str | Path, wait: bool = True) -> list[tuple[str, RefreshOutcome]]:
+    """Bring every built index up to date and fold what updates left beside it into it (FAISS: the deltas into a new
+    base), whatever their size: (encoder, what was done) for each."""
+    with Store(root, wait=wait) as store:
+        return [(name, refresh(store, name, RefreshConfig(compact=True)))
+                for name, entry in list(store.manifest.encoders.items()) if entry.has_index]

@@ -502,8 +502,8 @@ class FaissBackend(Backend):
         # Compaction keeps what the build measured (recall, what it was trained on).
         new = write_index(job.store, job.name, index, job.generation, state.kind, state.params, state.recall,
                           state.recall_target, state.trained_count)
-        log.info("compacted the %s index of %s: %d deltas (%d replaced ids) folded into the base in %.1f s",
-                 state.kind, job.name, len(state.deltas) + 1, len(delta.replaced), time.perf_counter() - t)
+        log.info("compacted the %s index of %s: %d replaced ids and %d vectors folded into a new base in %.1f s",
+                 state.kind, job.name, len(delta.replaced), len(delta.ids), time.perf_counter() - t)
         return Applied(dataclasses.asdict(new), new.count, len(change.ids), len(change.replaced) - len(change.ids),
                        compacted=True)
 
