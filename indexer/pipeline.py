@@ -5,7 +5,8 @@ The search index is built from the store afterwards (`retrieval.backend.refresh`
 A run commits every batch in its own LMDB transaction, so a run that is killed keeps everything it
 embedded, and the next run only does the rest. Files whose (size, mtime) are unchanged and whose
 vector is stored are not even read; files whose content hash already has a vector (renamed,
-touched, duplicated) are read and hashed but not decoded or embedded.
+touched, duplicated) are read and hashed but not decoded or embedded (decoded only when their perceptual hashes,
+indexer/phash.py, are missing). The perceptual hashes come from the same decode as the vector.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.runtime import OnnxEncoder, cpu_count
 from simsearch.errors import ImageLoadError
 from simsearch.indexer.images import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
+from simsearch.indexer.phash import DECODE_SIDE, hashes_of
 from simsearch.indexer.scan import FileEntry, item_path, scan
 from simsearch.indexer.store import Store
 
@@ -71,6 +73,7 @@ class _Prepared:
     entry: FileEntry
     sha256: str | None = None
     array: np.ndarray | None = None  # (3, S, S); None when the vector is already stored
+    hashes: bytes | None = None  # perceptual hashes (phash.Hashes), None when already stored
     error: str | None = None
     seconds: float = 0.0
 
@@ -182,9 +185,17 @@ class Indexer:
             except OSError as e:
                 raise ImageLoadError(f"{entry.path}: cannot read ({e.strerror})") from None
             out.sha256 = hashlib.sha256(data).hexdigest()
-            if not self.store.has_vector(self.spec.key, out.sha256):
-                im = load_rgb(entry.path, decode_side(self.spec), self.config.max_pixels, data=data)
-                out.array = to_input(im, self.spec)
+            embed = not self.store.has_vector(self.spec.key, out.sha256)
+            hashed = self.store.get_hashes([out.sha256])[0] is not None
+            if embed or not hashed:
+                # One decode for both: at least the encoder's side, and the hashes' (a fixed scale, so the pixel
+                # digest of one file never depends on the encoder).
+                side = max(decode_side(self.spec), DECODE_SIDE) if embed else DECODE_SIDE
+                im = load_rgb(entry.path, side, self.config.max_pixels, data=data)
+                if not hashed:
+                    out.hashes = hashes_of(im).to_bytes()
+                if embed:
+                    out.array = to_input(im, self.spec)
         except ImageLoadError as e:
             out.error = str(e)
         out.seconds = time.perf_counter() - t
@@ -210,6 +221,9 @@ class Indexer:
                 self.spec.key,
                 [(p.entry.path, p.sha256, p.entry.size, p.entry.mtime_ns, vectors.get(id(p))) for p in pending],
             )
+            hashes = [(p.sha256, p.hashes) for p in pending if p.hashes is not None]
+            if hashes:
+                self.store.put_hashes(hashes)
             report.seconds["write"] += time.perf_counter() - t
             report.embedded += len(arrays)
             report.reused += len(pending) - len(arrays)

@@ -115,12 +115,17 @@ class Store:
         if not self.readonly:
             (self.root / INDEX_DIR).mkdir(exist_ok=True)
         try:
-            self.env = lmdb.open(str(self.root / LMDB_DIR), map_size=MAP_SIZE, max_dbs=6, readonly=self.readonly)
+            self.env = lmdb.open(str(self.root / LMDB_DIR), map_size=MAP_SIZE, max_dbs=8, readonly=self.readonly)
             tables = [self.env.open_db(name, create=not self.readonly) for name in (b"items", b"ids", b"vectors", b"meta")]
             self._items, self._ids, self._vectors, self._meta = tables
             # Tombstones came with schema 2: a read-only open of an older db has none.
             no_tombstones = self.readonly and not self._has_table(b"removed")
             self._removed = None if no_tombstones else self.env.open_db(b"removed", create=not self.readonly)
+            # Perceptual hashes and cached local features (duplicates) came after schema 5: a read-only open of
+            # an older db has neither table, and its images are hashed when `dupes` needs them.
+            self._hashes, self._features = (
+                self.env.open_db(t, create=not self.readonly) if not self.readonly or self._has_table(t) else None
+                for t in (b"hashes", b"features"))
             # The change log came with schema 4; it covers the generations after `changes_since`.
             self._changes = None
             if not self.readonly or self._has_table(b"changes"):
@@ -333,6 +338,35 @@ class Store:
                     found.append(int(i))
                     vecs.append(np.frombuffer(v, dtype="<f4"))
         return np.asarray(found, dtype=np.int64), (np.stack(vecs) if vecs else np.empty((0, dim), np.float32))
+
+    # -- perceptual hashes and local features, by content (retrieval/dupes.py) ----------------------------------
+    def get_hashes(self, sha256s: Iterable[str]) -> list[bytes | None]:
+        """The stored perceptual hashes (indexer/phash.py `Hashes.to_bytes`) of these contents, None where absent."""
+        return self._get_by_content(self._hashes, b"", sha256s)
+
+    def put_hashes(self, items: Iterable[tuple[str, bytes]]) -> None:
+        """Store (sha256, hashes) pairs in one transaction."""
+        self._put_by_content(self._hashes, b"", items)
+
+    def get_features(self, key: str, sha256s: Iterable[str]) -> list[bytes | None]:
+        """Cached local features (retrieval/verify.py) of these contents under the feature settings `key`."""
+        return self._get_by_content(self._features, key.encode() + b"\0", sha256s)
+
+    def put_features(self, key: str, items: Iterable[tuple[str, bytes]]) -> None:
+        self._put_by_content(self._features, key.encode() + b"\0", items)
+
+    def _get_by_content(self, table, prefix: bytes, sha256s: Iterable[str]) -> list[bytes | None]:
+        if table is None:
+            return [None for _ in sha256s]
+        with self.env.begin(db=table) as txn:
+            return [bytes(raw) if (raw := txn.get(prefix + s.encode())) is not None else None for s in sha256s]
+
+    def _put_by_content(self, table, prefix: bytes, items: Iterable[tuple[str, bytes]]) -> None:
+        if self.readonly:
+            raise SimsearchError(f"{self.root}: opened read-only")
+        with self.env.begin(write=True, db=table) as txn:
+            for sha, raw in items:
+                txn.put(prefix + sha.encode(), raw)
 
     def iter_ids(self) -> Iterator[tuple[int, str, bool]]:
         """(id, path, live) of every id the db knows; live is False for a tombstone."""

@@ -1,57 +1,93 @@
-"""Groups of near-duplicate images over a whole db, found through its index, never an N x N matrix.
+"""Groups of duplicate images over a whole db, in tiers: exact copies, verified edited copies, and (asked for)
+images that are only similar. Never an N x N matrix.
 
-Every stored vector is a query: the store is read in blocks (`Store.iter_vector_blocks`), each block is
-searched for its k nearest neighbours in the encoder's index (the FAISS file or the Milvus collection the
-Searcher uses), and the pairs scoring at least the threshold are kept. A vector whose k-th neighbour is
-still above the threshold is searched again with 4x the k, until its list ends below the threshold (or
-MAX_NEIGHBOURS is reached: a threshold that low joins everything anyway, and it is logged). The pairs then
-go through a union-find, strongest first (Kruskal), so a group's `min_score` does not depend on the order
-pairs were found in: it is the highest threshold at which the group would still be one group.
+    groups = find_duplicates(store, encoder)                     # exact + edited copies
+    groups = find_duplicates(store, encoder, similar=True)       # + the similar tier (cosine >= threshold)
 
-Memory: the index, one block of vectors (BLOCK_BYTES), the kept pairs (near-duplicates are rare: 20 bytes
-each) and the ids of the collection (8 bytes each, to drop pairs with items removed since the index was
-built). Nothing grows with N^2. (While `load_index` deserialises the file, it holds 2x the index for a moment,
-as for any query.)
+Two stages.
 
-Recall: the index is approximate for IVF and HNSW kinds (tuned to recall@10 >= 0.95 against exact search,
-see faiss_index.py). A near-duplicate is its partner's first neighbour, and the pair is found when either
-side finds the other, so far fewer than 5% of pairs are missed: none of 10,000 planted pairs among 1M
-vectors with an ivf index tuned to 0.95 (benchmarks/dupes.py --scale). Scores are exact cosines for flat, ivf, hnsw and
-ivfpq (re-scored from the stored vectors by LoadedIndex); sq8's 8-bit codes are re-scored here from the
-stored vectors for every candidate within the index's `score_error` (faiss_index.SQ8_MARGIN) of the
-threshold, so no pair is kept or dropped on a quantisation error. A pair the index never returns is not
-recovered: use `--index flat` for exact groups.
+1. **Candidates** (`find_candidates`): pairs that may be copies, found two ways, both bounded per image.
+   - The db's own index (retrieval/backend.py, any backend): every stored vector is a query, read in blocks; its
+     `candidate_k` nearest neighbours at cosine >= `candidate_threshold` (a threshold set for recall, far below
+     the similar tier's: a thumbnail or a framed screenshot of a photo scores as low as 0.3-0.5 with it).
+   - The perceptual hashes stored at index time (indexer/phash.py): pairs whose whole-frame or content-box hashes,
+     direct or mirrored, differ in at most `hash_bits` bits. Found by pigeonhole: a pair that close shares at
+     least one of the four 16-bit quarters exactly when within 3 bits, and almost always when within 10, so only
+     pairs that share a quarter are compared (buckets larger than MAX_BUCKET are skipped, and logged).
+   Same content (sha256) or the same pixels (the hashes' pixel digest) makes an exact pair at once.
+2. **Verification** (`verify_pairs`, retrieval/verify.py): each candidate pair is checked by local features
+   (SIFT) and one affine map (RANSAC), with the pixels compared over the overlap after warping, or by the two
+   whole frames' correlation; the first catches crops, frames, borders, captions, rotations, aspect changes and
+   overlays, the second thumbnails, recompressions, colour filters and grey or mirrored copies. Only verified
+   pairs join "edited" groups. Features are computed only for images in some candidate pair, in parallel, and
+   cached in the db by content when the store is open for writing (a second run reads them back).
+
+Groups are the connected components of the accepted pairs, joined tier by tier (exact, then edited, then
+similar), so a group's tier is its weakest link and each member's tier is the weakest link on its best path to
+the keeper. The keeper is the image with the most content pixels (its pixels less flat borders and bars), then the
+largest file: the original, not a screenshot of it. Nothing is deleted.
+
+Memory: the index, one block of vectors, 8+32 bytes of ids and content per image, 40 bytes of hashes per image,
+the candidate pairs (bounded by candidate_k per image plus the hash pairs) and the features of CACHE_IMAGES
+images at most. Time at scale: the index pass (as before), the hash pass (numpy), and verification, which grows
+with the candidate pairs, not with N x N.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from simsearch.devices import Device
 from simsearch.encoders.registry import is_builtin
+from simsearch.encoders.runtime import cpu_count
 from simsearch.encoders.spec import INT8_SUFFIX
-from simsearch.errors import SimsearchError
-from simsearch.indexer.images import header_size
+from simsearch.errors import ImageLoadError, SimsearchError
+from simsearch.indexer.images import header_size, load_rgb
 from simsearch.indexer.lock import writer_active
+from simsearch.indexer.phash import DECODE_SIDE, Hashes, hamming, hashes_of, mirrored
 from simsearch.indexer.store import Store
 from simsearch.retrieval.backend import Progress, VectorIndex, open_index, require_vectors
+from simsearch.retrieval.verify import Features, VerifyConfig, Verdict, features_of, verify
 
 log = logging.getLogger(__name__)
 
-# Calibrated, not guessed: `python -m simsearch.benchmarks dupes` (results/dupes.json) on the 1,000 imagenet-samples
-# photos and 5 seeded augmented copies of each (crop, resize, JPEG quality 15-35, colour shift, mirror) with
-# efficientnet-lite0-int8, the default encoder on x86 with AVX2. Chosen on one seeded half of the photos as the highest threshold
-# whose grouped pairs reach precision and recall >= 0.95 there (tune: P 1.000, R 0.957); on the other half, never
-# tuned on: precision 1.000, recall 0.965. The closest two *different* photos score 0.730 (a silver sedan and a
-# silver minivan): the best-F1 threshold, 0.73, would sit right on them. Curve: docs/explain-dupes.md, "Near-duplicates".
+# The similar tier's cosine, calibrated for the built-in encoders (`python -m simsearch.benchmarks dupes`, issue
+# 15): on held-out imagenet-samples photos, the highest threshold whose groups reach precision and recall 0.95 on
+# mild copies. It only groups what verification does not: bursts, retakes, photos merely alike.
 DEFAULT_THRESHOLD = 0.86
-FIRST_K = 16  # neighbours asked per vector at first (the vector itself is one of them)
+# Candidates: chosen on the tune half of `python -m simsearch.benchmarks dupes` (docs/explain-dupes.md) as the
+# cheapest setting whose verified groups meet every edit's recall target there.
+CANDIDATE_THRESHOLD = 0.5
+CANDIDATE_K = 16
+HASH_BITS = 10
+FIRST_K = 16  # neighbours asked per vector at first for the similar tier (the vector itself is one of them)
 MAX_NEIGHBOURS = 4096  # a vector's neighbour list is not widened past this
+MAX_BUCKET = 4096  # hash buckets larger than this are not searched (a flat colour's hash, shared by thousands)
 BLOCK_BYTES = 16 << 20  # vectors searched per block: 16 MiB of float32
+PAIR_CHUNK = 2048  # candidate pairs verified per chunk (their features loaded together)
+CACHE_IMAGES = 1024  # features kept in memory at most
 FLOAT_SLACK = 1e-6
+TIERS = ("exact", "edited", "similar")  # strongest first
+
+
+@dataclass(frozen=True)
+class DupesConfig:
+    """What `find_duplicates` looks for, and how hard."""
+
+    similar: bool = False  # add the similar tier: pairs at cosine >= threshold that verification did not confirm
+    threshold: float | None = None  # the similar tier's cosine; None: DEFAULT_THRESHOLD
+    candidate_threshold: float = CANDIDATE_THRESHOLD
+    candidate_k: int = CANDIDATE_K
+    hash_bits: int = HASH_BITS
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    workers: int = 0  # threads that decode, describe and verify; 0: one per core
+    block: int | None = None  # vectors per index search (default: BLOCK_BYTES of them)
+
 
 @dataclass(frozen=True)
 class DupeItem:
@@ -61,89 +97,148 @@ class DupeItem:
     height: int
     bytes: int  # the file's size when it was indexed
     score: float = 1.0  # cosine to the group's keeper (1.0 for the keeper)
+    tier: str = "keeper"  # how it is a duplicate of the keeper: exact | edited | similar ("keeper" for the keeper)
 
 
 @dataclass(frozen=True)
 class DupeGroup:
-    keeper: DupeItem  # largest pixel count, then largest file size, then the lowest id
-    others: list[DupeItem]  # by descending similarity to the keeper
-    min_score: float  # the smallest cosine of a pair that joined the group (strongest pairs joined first)
+    keeper: DupeItem  # most content pixels, then largest file size, then the lowest id
+    others: list[DupeItem]  # strongest tier first, then by descending similarity to the keeper
+    min_score: float  # the smallest cosine of a pair that joined the group
+    tier: str = "similar"  # its weakest link: exact | edited | similar
 
 
-def find_duplicates(store: Store, encoder: str, threshold: float | None = None, *, on_progress: Progress | None = None,
+@dataclass
+class Candidates:
+    """Stage 1's pairs (id arrays, lo < hi, each pair once), with what each needs."""
+
+    exact: tuple[np.ndarray, np.ndarray]  # same content or same pixels: no verification needed
+    pairs: tuple[np.ndarray, np.ndarray]  # to verify
+    from_hash: np.ndarray  # (P,) bool: the pair was proposed by the hashes (else: by the index only)
+    similar: tuple[np.ndarray, np.ndarray, np.ndarray]  # (a, b, cosine) at or above the similar threshold (if asked)
+    items: int = 0  # images considered
+    stats: dict = field(default_factory=dict)
+
+
+def find_duplicates(store: Store, encoder: str, threshold: float | None = None, *, similar: bool | None = None,
+                    config: DupesConfig = DupesConfig(), on_progress: Progress | None = None,
                     block: int | None = None) -> list[DupeGroup]:
-    """Groups of items whose vectors of `encoder` have cosine >= threshold, directly or through each other.
+    """Duplicate groups of the db's images (by `encoder`'s vectors and index), largest first, then by keeper path.
 
-    threshold None: DEFAULT_THRESHOLD (calibrated for the built-in EfficientNet-Lite encoders; a trained
-    encoder's cosines are on another scale). block: vectors per search (default: BLOCK_BYTES of them).
-    Groups come largest first, then by keeper path.
+    threshold: the similar tier's cosine (None: DEFAULT_THRESHOLD, calibrated for the built-in EfficientNet-Lite
+    encoders); similar: add that tier (None: when a threshold is given). `config` says the rest.
     """
-    if threshold is None and not is_builtin(encoder.removesuffix(INT8_SUFFIX)):
+    if threshold is not None:
+        config = replace(config, threshold=float(threshold))
+    if similar is None:
+        similar = config.similar or threshold is not None
+    config = replace(config, similar=similar, block=block or config.block)
+    cands = find_candidates(store, encoder, config, on_progress)
+    verdicts = verify_pairs(store, cands.pairs, config, on_progress)
+    accepted = np.array([config.verify.accepts(v) for v in verdicts], dtype=bool)
+    return group(store, encoder, cands, accepted, on_progress)
+
+
+def _similar_threshold(config: DupesConfig, encoder: str) -> float:
+    if config.threshold is None and config.similar and not is_builtin(encoder.removesuffix(INT8_SUFFIX)):
         log.warning("the default threshold %.2f was calibrated on the built-in encoders; %s's cosines are on another "
                     "scale (a CLIP model's especially): pass --threshold", DEFAULT_THRESHOLD, encoder)
-    threshold = DEFAULT_THRESHOLD if threshold is None else float(threshold)
-    if not 0.0 < threshold <= 1.0:
-        raise SimsearchError(f"the threshold is a cosine in (0, 1] (got {threshold:g})")
-    # One pass of queries on the CPU: a GPU copy of the index would cost more to make than the
-    # one pass saves.
+    t = DEFAULT_THRESHOLD if config.threshold is None else float(config.threshold)
+    if not 0.0 < t <= 1.0:
+        raise SimsearchError(f"the threshold is a cosine in (0, 1] (got {t:g})")
+    return t
+
+
+# -- stage 1: candidates ---------------------------------------------------------------------------------------
+
+def find_candidates(store: Store, encoder: str, config: DupesConfig = DupesConfig(),
+                    on_progress: Progress | None = None) -> Candidates:
+    """Exact pairs, pairs to verify (index neighbours and hash neighbours), and similar-tier pairs if asked."""
+    sim_cut = _similar_threshold(config, encoder) - FLOAT_SLACK if config.similar else None
+    if not 0.0 < config.candidate_threshold <= 1.0:
+        raise SimsearchError(f"the candidate threshold is a cosine in (0, 1] (got {config.candidate_threshold:g})")
+    # One pass of queries on the CPU: a GPU copy of the index would cost more to make than the one pass saves.
     index, entry = open_index(store, encoder, Device.cpu)
     try:
         require_vectors(index, encoder, store)
         if not entry.up_to_date(store.generation) and not writer_active(store.root):
             log.warning("the index of %s is older than the db: images added since are compared with the indexed "
                         "ones only; re-run `simsearch index` first for complete groups", encoder)
-        rows = block or max(256, BLOCK_BYTES // (4 * entry.dim))
-        # float32 rounding: an image and an identical copy score 0.99999994, and `--threshold 1` must group them.
-        cut = threshold - FLOAT_SLACK
-        edges, live = _edges(store, index, entry.key, entry.dim, cut, rows, on_progress)
+        rows = config.block or max(256, BLOCK_BYTES // (4 * entry.dim))
+        near, sim, live = _neighbour_pairs(store, index, entry.key, entry.dim, config, sim_cut, rows, on_progress)
     finally:
         index.close()  # e.g. Milvus Lite serves one process per file
-    edges = _only_between(edges, live)  # ids removed since the index was built are not items any more
-    groups = _union(*edges)
-    return _describe(store, entry.key, entry.dim, groups, on_progress)
+    ids, content = _contents(store, live)
+    hashes = _hashes(store, ids, content, on_progress)
+    exact = _exact_pairs(ids, content, hashes[2])
+    by_hash = _hash_pairs(ids, hashes, config.hash_bits)
+    near = _only_between(near, live)
+    a = np.concatenate([near[0], by_hash[0]])
+    b = np.concatenate([near[1], by_hash[1]])
+    source = np.concatenate([np.zeros(len(near[0]), bool), np.ones(len(by_hash[0]), bool)])
+    a, b, source = _unique_pairs(a, b, source)
+    known = _pair_keys(*exact)
+    keep = ~np.isin(_pair_keys(a, b), known)  # exact pairs need no verification
+    stats = {"index_pairs": int(len(near[0])), "hash_pairs": int(len(by_hash[0])), "exact_pairs": int(len(exact[0])),
+             "pairs_to_verify": int(keep.sum())}
+    log.info("%d images: %d exact pairs, %d candidate pairs to verify (%d from the index, %d from the hashes)",
+             len(ids), stats["exact_pairs"], stats["pairs_to_verify"], stats["index_pairs"], stats["hash_pairs"])
+    return Candidates(exact, (a[keep], b[keep]), source[keep], _only_between(sim, live) if sim else
+                      (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32)), len(ids), stats)
 
 
-def _edges(store: Store, index: VectorIndex, key: str, dim: int, threshold: float, rows: int,
-           on_progress: Progress | None) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
-    """Pairs (a (E,), b (E,), score (E,)) with a < b and score >= threshold, each once; and every id queried (N,)."""
+def _neighbour_pairs(store: Store, index: VectorIndex, key: str, dim: int, config: DupesConfig,
+                     sim_cut: float | None, rows: int, on_progress: Progress | None):
+    """((a, b) candidate pairs from the index, each once), (a, b, cosine) similar-tier pairs or None, and every id
+    queried (N,)."""
     total, done = index.ntotal, 0  # read once: a Milvus collection counts on the server
-    search_cut = threshold - index.score_error  # an approximate score (sq8) may be below the exact one
-    found, queried = [], []
+    err = index.score_error  # an approximate score (sq8) may be below the exact one
+    cand_cut = config.candidate_threshold - err
+    found, similar, queried = [], [], []
     widened = 0
     for ids, vecs in store.iter_vector_blocks(key, dim, rows):  # (n,), (n, dim)
-        a, b, s, capped = _neighbours(index, total, ids, vecs, search_cut)
-        if index.score_error and len(a):
-            a, b, s = _rescore(store, key, dim, ids, vecs, a, b, threshold)
-        widened += capped
-        found.append((a, b, s))
+        k = min(max(config.candidate_k + 1, FIRST_K if sim_cut is not None else 0), total)
+        scores, nbrs = index.search(vecs, k)  # (n, k), (n, k), best first
+        ok = (nbrs >= 0) & (nbrs != ids[:, None])
+        rank = np.cumsum(ok, axis=1)  # a neighbour's place among the others (the vector itself left out)
+        r, c = np.nonzero(ok & (scores >= cand_cut) & (rank <= config.candidate_k))
+        found.append((ids[r], nbrs[r, c].astype(np.int64)))
+        if sim_cut is not None:
+            a, b, s, capped = _similar(index, total, ids, vecs, scores, nbrs, k, sim_cut - err)
+            if err and len(a):
+                a, b, s = _rescore(store, key, dim, ids, vecs, a, b, sim_cut)
+            widened += capped
+            similar.append((a, b, s))
         queried.append(ids)
         done += len(ids)
         if on_progress:
-            on_progress("finding near-duplicates", done, max(total, done))
+            on_progress("finding candidates", done, max(total, done))
     if widened:
         log.warning("%d images have over %d neighbours above the threshold %g: groups that large are joined through "
-                    "them anyway, but raise the threshold for meaningful ones", widened, MAX_NEIGHBOURS, threshold)
+                    "them anyway, but raise the threshold for meaningful ones", widened, MAX_NEIGHBOURS, sim_cut)
     if not queried:
         raise SimsearchError(f"the db at {store.root} holds no vectors of this encoder: run `simsearch index FOLDER`")
-    a, b, s = (np.concatenate(part) for part in zip(*found))
-    lo, hi = np.minimum(a, b), np.maximum(a, b)
-    # Each pair is usually found from both sides: keep it once (its best score: equal unless sq8 re-scored one side).
-    order = np.lexsort((-s, hi, lo))
-    lo, hi, s = lo[order], hi[order], s[order]
-    first = np.ones(len(lo), dtype=bool)
-    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
-    return (lo[first], hi[first], s[first]), np.concatenate(queried)
+    a, b = (np.concatenate(x) for x in zip(*found))
+    a, b, _ = _unique_pairs(a, b, np.zeros(len(a), bool))
+    sim = None
+    if sim_cut is not None:
+        sa, sb, ss = (np.concatenate(x) for x in zip(*similar))
+        lo, hi = np.minimum(sa, sb), np.maximum(sa, sb)
+        order = np.lexsort((-ss, hi, lo))  # each pair once: its best score (equal unless sq8 re-scored one side)
+        lo, hi, ss = lo[order], hi[order], ss[order]
+        first = np.ones(len(lo), dtype=bool)
+        first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+        sim = lo[first], hi[first], ss[first]
+    return (a, b), sim, np.concatenate(queried)
 
 
-def _neighbours(index: VectorIndex, ntotal: int, ids: np.ndarray, vecs: np.ndarray, threshold: float
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-    """(query id, neighbour id, score) of every neighbour above the threshold for this block, widening k for
-    the rows whose list is still above it at its end; and how many rows hit MAX_NEIGHBOURS."""
+def _similar(index: VectorIndex, ntotal: int, ids: np.ndarray, vecs: np.ndarray, scores: np.ndarray,
+             nbrs: np.ndarray, k: int, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(query id, neighbour id, score) of every neighbour above the threshold for this block, widening k for the
+    rows whose list is still above it at its end; and how many rows hit MAX_NEIGHBOURS."""
     a, b, s = [], [], []
-    capped, k = 0, FIRST_K
+    capped = 0
     while len(ids):
-        k = min(k, ntotal)
-        scores, nbrs = index.search(vecs, k)  # (n, k), (n, k), best first
         keep = (scores >= threshold) & (nbrs >= 0) & (nbrs != ids[:, None])
         rows, cols = np.nonzero(keep)
         full = (scores[:, -1] >= threshold) & (nbrs[:, -1] >= 0) & (k < ntotal)
@@ -154,7 +249,9 @@ def _neighbours(index: VectorIndex, ntotal: int, ids: np.ndarray, vecs: np.ndarr
         a.append(ids[rows])
         b.append(nbrs[rows, cols])
         s.append(scores[rows, cols])
-        ids, vecs, k = ids[full], vecs[full], k * 4
+        ids, vecs, k = ids[full], vecs[full], min(k * 4, ntotal)
+        if len(ids):
+            scores, nbrs = index.search(vecs, k)
     cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)  # noqa: E731
     return cat(a, np.int64), cat(b, np.int64), cat(s, np.float32), capped
 
@@ -170,20 +267,229 @@ def _rescore(store: Store, key: str, dim: int, ids: np.ndarray, vecs: np.ndarray
     return a[keep], b[keep], s[keep]
 
 
-def _only_between(edges: tuple[np.ndarray, np.ndarray, np.ndarray], live: np.ndarray):
-    a, b, s = edges
-    keep = np.isin(a, live) & np.isin(b, live)
-    return a[keep], b[keep], s[keep]
+def _only_between(pairs: tuple, live: np.ndarray) -> tuple:
+    """The pairs whose two ids are both among `live` (ids removed since the index was built are not items)."""
+    keep = np.isin(pairs[0], live) & np.isin(pairs[1], live)
+    return tuple(x[keep] for x in pairs)
 
 
-def _union(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[tuple[np.ndarray, float]]:
-    """Connected components of the pairs: [(member ids (m,), min_score)], joined strongest pair first."""
+def _pair_keys(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """One int per unordered pair of ids (ids < 2^31 in practice; wider ones still collide only with themselves
+    in the low bits they share, which is harmless for set membership of small pair sets)."""
+    lo, hi = np.minimum(a, b).astype(np.uint64), np.maximum(a, b).astype(np.uint64)
+    return (lo << np.uint64(32)) | (hi & np.uint64(0xFFFFFFFF))
+
+
+def _unique_pairs(a: np.ndarray, b: np.ndarray, flag: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(lo, hi, any flag) of each unordered pair once, self-pairs dropped; sorted by (lo, hi)."""
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    keep = lo != hi
+    lo, hi, flag = lo[keep], hi[keep], flag[keep]
+    order = np.lexsort((~flag, hi, lo))  # a flagged copy of a pair first
+    lo, hi, flag = lo[order], hi[order], flag[order]
+    first = np.ones(len(lo), dtype=bool)
+    first[1:] = (lo[1:] != lo[:-1]) | (hi[1:] != hi[:-1])
+    return lo[first], hi[first], flag[first]
+
+
+def _contents(store: Store, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,) sorted, their content sha256 as 32-byte strings (N,)) of the live items among `live`."""
+    ids, shas = [], []
+    for _, rec in store.iter_items():
+        ids.append(rec.id)
+        shas.append(bytes.fromhex(rec.sha256))
+    ids_a = np.asarray(ids, dtype=np.int64)
+    content = np.asarray(shas, dtype="S32")
+    keep = np.isin(ids_a, live)
+    order = np.argsort(ids_a[keep])
+    return ids_a[keep][order], content[keep][order]
+
+
+def _hashes(store: Store, ids: np.ndarray, content: np.ndarray, on_progress: Progress | None
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(full (N,), content-box (N,), pixel digest (N,)) uint64 hashes and the content share (N,) of every image.
+
+    Images indexed before hashes existed are hashed now (their files decoded at a small scale), and the hashes are
+    stored when the store is open for writing; an unreadable file gets no hash pairs."""
+    n = len(ids)
+    full, box, pixels = (np.zeros(n, np.uint64) for _ in range(3))
+    share = np.ones(n, np.float32)
+    has = np.zeros(n, bool)
+    step = 65536
+    for start in range(0, n, step):
+        raws = store.get_hashes(c.hex() for c in content[start:start + step])
+        for j, raw in enumerate(raws, start):
+            if raw is not None:
+                h = Hashes.from_bytes(raw)
+                full[j], box[j], pixels[j], share[j], has[j] = h.full, h.content, h.pixels, h.content_share, True
+    missing = np.flatnonzero(~has)
+    if len(missing):
+        log.warning("%d images have no perceptual hash (indexed by an older simsearch): hashing them now%s", len(missing),
+                    "" if not store.readonly else " (not kept: the db is open read-only; `simsearch index` keeps them)")
+        done = 0
+        with ThreadPoolExecutor(cpu_count()) as pool:
+            for start in range(0, len(missing), 256):
+                part = missing[start:start + 256]
+                paths = store.paths_of(ids[part].tolist())
+                made = list(pool.map(_hash_file, paths))
+                if not store.readonly:
+                    store.put_hashes([(content[j].hex(), h.to_bytes()) for j, h in zip(part, made) if h is not None])
+                for j, h in zip(part, made):
+                    if h is not None:
+                        full[j], box[j], pixels[j], share[j], has[j] = h.full, h.content, h.pixels, h.content_share, True
+                done += len(part)
+                if on_progress:
+                    on_progress("hashing images", done, len(missing))
+    return full, box, pixels, np.where(has, share, np.float32(np.nan))
+
+
+def _hash_file(path: str | None) -> Hashes | None:
+    if path is None:
+        return None
+    try:
+        return hashes_of(load_rgb(path, DECODE_SIDE))
+    except ImageLoadError as e:
+        log.info("no hash: %s", e)
+        return None
+
+
+def _exact_pairs(ids: np.ndarray, content: np.ndarray, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of the same content, or of the same pixels: each image linked to the first of its run."""
+    a, b = [], []
+    hashed = pixels != 0
+    for keys, where in ((content, np.arange(len(ids))), (pixels[hashed], np.flatnonzero(hashed))):
+        order = np.argsort(keys, kind="stable")
+        k = keys[order]
+        same = np.flatnonzero(k[1:] == k[:-1]) + 1  # positions equal to their predecessor
+        if not len(same):
+            continue
+        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        head = starts[np.searchsorted(starts, same, side="right") - 1]  # the run's first position
+        a.append(ids[where[order[head]]])
+        b.append(ids[where[order[same]]])
+    if not a:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    lo, hi, _ = _unique_pairs(np.concatenate(a), np.concatenate(b), np.zeros(sum(map(len, a)), bool))
+    return lo, hi
+
+
+def _hash_pairs(ids: np.ndarray, hashes: tuple, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of images whose hashes (whole frame or content box, either side mirrored) differ in at most `bits`
+    bits, among those that share a 16-bit quarter of a hash (pigeonhole: all pairs within 3 bits)."""
+    full, box, _, share = hashes
+    hashed = ~np.isnan(share)
+    own = np.flatnonzero(hashed)
+    # The table: each image's whole-frame hash, and its content-box hash where that differs.
+    cut = own[box[own] != full[own]]
+    table = np.concatenate([full[own], box[cut]])
+    owner = np.concatenate([own, cut])
+    # The probes: the same hashes and their mirrors (a mirrored copy's hash is the mirror of its original's).
+    probe = np.concatenate([table, mirrored(table)])
+    probe_owner = np.concatenate([owner, owner])
+    found_a, found_b, skipped = [], [], 0
+    for q in range(4):
+        shift = np.uint64(16 * q)
+        tkey = (table >> shift) & np.uint64(0xFFFF)
+        order = np.argsort(tkey, kind="stable")
+        tkey_sorted = tkey[order]
+        pkey = (probe >> shift) & np.uint64(0xFFFF)
+        lo = np.searchsorted(tkey_sorted, pkey, side="left")
+        hi = np.searchsorted(tkey_sorted, pkey, side="right")
+        size = hi - lo
+        big = size > MAX_BUCKET
+        skipped += int(big.sum())
+        size[big] = 0
+        for start in range(0, len(probe), 1 << 16):  # bounded memory: pairs of 65,536 probes at a time
+            sl = slice(start, start + (1 << 16))
+            sz = size[sl]
+            if not sz.sum():
+                continue
+            p = np.repeat(np.arange(start, start + len(sz)), sz)
+            offsets = np.arange(int(sz.sum())) - np.repeat(np.cumsum(sz) - sz, sz)
+            t = order[np.repeat(lo[sl], sz) + offsets]
+            ok = (owner[t] != probe_owner[p]) & (hamming(table[t], probe[p]) <= bits)
+            found_a.append(probe_owner[p[ok]])
+            found_b.append(owner[t[ok]])
+    if skipped:
+        log.warning("%d hash probes fell in buckets of over %d images (flat or blank images?) and were not compared",
+                    skipped, MAX_BUCKET)
+    if not found_a:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    a, b, _ = _unique_pairs(ids[np.concatenate(found_a)], ids[np.concatenate(found_b)],
+                            np.zeros(sum(map(len, found_a)), bool))
+    return a, b
+
+
+# -- stage 2: verification -------------------------------------------------------------------------------------
+
+def verify_pairs(store: Store, pairs: tuple[np.ndarray, np.ndarray], config: DupesConfig = DupesConfig(),
+                 on_progress: Progress | None = None) -> list[Verdict]:
+    """The verdict of each pair (retrieval/verify.py), in order. Features are read from the db's cache, or made
+    (in parallel) and cached when the store is open for writing; at most CACHE_IMAGES are held at once."""
+    a, b = pairs
+    vc = config.verify
+    workers = config.workers or cpu_count()
+    cache: OrderedDict[int, Features | None] = OrderedDict()
+    out: list[Verdict] = []
+    made = reused = 0
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(a), PAIR_CHUNK):
+            ca, cb = a[start:start + PAIR_CHUNK], b[start:start + PAIR_CHUNK]
+            need = [int(i) for i in np.unique(np.concatenate([ca, cb])) if int(i) not in cache]
+            if need:
+                paths = store.paths_of(need)
+                records = [store.get_item(p) if p is not None else None for p in paths]
+                shas = [r.sha256 if r is not None else None for r in records]
+                cached = store.get_features(vc.key, [s or "" for s in shas])
+                todo = [(i, p, s) for i, p, s, raw in zip(need, paths, shas, cached) if raw is None]
+                for i, raw in zip(need, cached):
+                    if raw is not None:
+                        cache[i] = Features.from_bytes(raw)
+                        reused += 1
+                fresh = list(pool.map(lambda t: features_of(t[1], vc) if t[1] else None, todo))
+                made += len(todo)
+                for (i, _, _), f in zip(todo, fresh):
+                    cache[i] = f
+                if not store.readonly:
+                    store.put_features(vc.key, [(s, f.to_bytes()) for (_, _, s), f in zip(todo, fresh) if s and f])
+            out += pool.map(lambda ab: _verdict(cache.get(ab[0]), cache.get(ab[1]), vc),
+                            zip(ca.tolist(), cb.tolist()))
+            while len(cache) > max(CACHE_IMAGES, 2 * PAIR_CHUNK):
+                cache.popitem(last=False)
+            if on_progress:
+                on_progress("verifying candidate pairs", min(start + PAIR_CHUNK, len(a)), len(a))
+    log.info("verified %d pairs: features of %d images made, %d read from the db's cache", len(a), made, reused)
+    return out
+
+
+def _verdict(fa, fb, vc: VerifyConfig) -> Verdict:
+    if fa is None or fb is None:
+        return Verdict(0, False)  # a file gone or unreadable: not verifiable
+    return verify(fa, fb, vc)
+
+
+# -- groups ----------------------------------------------------------------------------------------------------
+
+def group(store: Store, encoder: str, cands: Candidates, accepted: np.ndarray,
+          on_progress: Progress | None = None) -> list[DupeGroup]:
+    """The groups of the exact pairs, the accepted pairs and the similar pairs (if any), joined tier by tier."""
+    entry = store.read_manifest().encoders[encoder]
+    edges = [(cands.exact[0], cands.exact[1], 0), (cands.pairs[0][accepted], cands.pairs[1][accepted], 1),
+             (cands.similar[0], cands.similar[1], 2)]
+    a = np.concatenate([e[0] for e in edges]).astype(np.int64)
+    b = np.concatenate([e[1] for e in edges]).astype(np.int64)
+    tier = np.concatenate([np.full(len(e[0]), e[2], np.int8) for e in edges])
+    return _describe(store, entry.key, entry.dim, _components(a, b, tier), on_progress)
+
+
+def _components(a: np.ndarray, b: np.ndarray, tier: np.ndarray) -> list[tuple[np.ndarray, list[tuple[int, int, int]]]]:
+    """Connected components of the pairs, joined strongest tier first (Kruskal): [(member ids (m,), the tree's
+    edges (a, b, tier))]. The tree's path between two members has the best possible weakest tier."""
     if not len(a):
         return []
     nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
     ia, ib = inverse[: len(a)], inverse[len(a):]
     parent = list(range(len(nodes)))
-    joined_at = [1.0] * len(nodes)  # per root: the score of the last (weakest) pair that joined its group
 
     def root(x: int) -> int:
         while parent[x] != x:
@@ -191,38 +497,65 @@ def _union(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> list[tuple[np.ndarray
             x = parent[x]
         return x
 
-    for e in np.argsort(-s, kind="stable").tolist():
+    tree = []
+    for e in np.argsort(tier, kind="stable").tolist():
         ra, rb = root(int(ia[e])), root(int(ib[e]))
         if ra != rb:
             parent[rb] = ra
-            joined_at[ra] = float(s[e])  # pairs come strongest first: this is the group's weakest join so far
+            tree.append((int(nodes[ia[e]]), int(nodes[ib[e]]), int(tier[e])))
     roots = np.array([root(x) for x in range(len(nodes))])
+    by_root: dict[int, list] = {}
+    for x, y, t in tree:
+        by_root.setdefault(roots[np.searchsorted(nodes, x)], []).append((x, y, t))
     order = np.argsort(roots, kind="stable")
     bounds = np.flatnonzero(np.diff(roots[order])) + 1
-    return [(nodes[part], joined_at[int(roots[part[0]])]) for part in np.split(order, bounds)]
+    return [(nodes[part], by_root[int(roots[part[0]])]) for part in np.split(order, bounds)]
 
 
-def _describe(store: Store, key: str, dim: int, groups: list[tuple[np.ndarray, float]],
-              on_progress: Progress | None) -> list[DupeGroup]:
-    """Paths, sizes and pixel counts of the grouped items (headers only), the keeper, and cosines to it."""
+def _describe(store: Store, key: str, dim: int, groups: list, on_progress: Progress | None) -> list[DupeGroup]:
+    """Paths, sizes and pixel counts of the grouped items (headers only), the keeper, tiers and cosines to it."""
     total, done = sum(len(m) for m, _ in groups), 0
     out = []
-    for members, min_score in groups:
+    for members, tree in groups:
         ids = members.tolist()
         paths = store.paths_of(ids)
         vectors = store.vectors_of_ids(key, ids, dim)  # (m, dim)
+        records = [store.get_item(p) if p is not None else None for p in paths]
+        shares = [Hashes.from_bytes(raw).content_share if raw else 1.0
+                  for raw in store.get_hashes([r.sha256 if r else "" for r in records])]
         items = []
-        for i, path in zip(ids, paths):
-            record = store.get_item(path) if path is not None else None
+        for i, path, record in zip(ids, paths, records):
             width, height = header_size(path) if path is not None else (0, 0)
             items.append(DupeItem(i, path or f"item {i}", width, height, record.size if record else 0))
         done += len(ids)
         if on_progress:
             on_progress("reading image headers", done, total)
-        best = max(range(len(items)), key=lambda j: (items[j].width * items[j].height, items[j].bytes, -items[j].id))
+        # The keeper: the most content pixels (a screenshot of a photo has more pixels than the photo, not more of it).
+        best = max(range(len(items)), key=lambda j: (round(items[j].width * items[j].height * shares[j]),
+                                                     items[j].bytes, -items[j].id))
+        tiers = _tiers_from(items[best].id, tree)
+        pos = {i: j for j, i in enumerate(ids)}
         scores = vectors @ vectors[best]  # (m,)
-        others = sorted((replace(it, score=float(scores[j])) for j, it in enumerate(items) if j != best),
-                        key=lambda it: (-it.score, it.path))
-        out.append(DupeGroup(items[best], others, min_score))
+        others = sorted((replace(it, score=float(scores[j]), tier=TIERS[tiers[it.id]])
+                         for j, it in enumerate(items) if j != best),
+                        key=lambda it: (TIERS.index(it.tier), -it.score, it.path))
+        cosines = [float(vectors[pos[x]] @ vectors[pos[y]]) for x, y, _ in tree]
+        out.append(DupeGroup(items[best], others, min(cosines), TIERS[max(t for *_, t in tree)]))
     out.sort(key=lambda g: (-len(g.others), g.keeper.path))
     return out
+
+
+def _tiers_from(start: int, tree: list[tuple[int, int, int]]) -> dict[int, int]:
+    """Each member's weakest tier on the tree path from `start`."""
+    adj: dict[int, list[tuple[int, int]]] = {}
+    for x, y, t in tree:
+        adj.setdefault(x, []).append((y, t))
+        adj.setdefault(y, []).append((x, t))
+    worst, todo = {start: 0}, [start]
+    while todo:
+        x = todo.pop()
+        for y, t in adj.get(x, ()):
+            if y not in worst:
+                worst[y] = max(worst[x], t)
+                todo.append(y)
+    return worst
