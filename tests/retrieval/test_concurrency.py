@@ -92,14 +92,16 @@ def test_queries_during_index_runs_always_answer(tmp_path, encoder, caplog):
 
 @pytest.mark.slow
 def test_index_killed_at_random_moments_loses_and_redoes_nothing(tmp_path, encoder):
-    """SIGKILL `simsearch index` at 20 seeded random moments while the folder changes between runs."""
+    """SIGKILL `simsearch index` at 20 seeded random moments while the folder changes between runs (50 of ~70 items
+    change per run, past the compaction threshold: a kill late in a run lands in a compaction)."""
     rng = np.random.default_rng(0)
     folder, db = tmp_path / "imgs", tmp_path / "db"
     pool = list(sample_paths(1000))
     rng.shuffle(pool)
     copy_samples(folder, 40)
     fresh = iter(p for p in pool if not (folder / p.name).exists())
-    command = [sys.executable, "-m", "simsearch.cli", "index", str(folder), "--db", str(db), "--batch-size", "4"]
+    command = [sys.executable, "-m", "simsearch.cli", "index", str(folder), "--db", str(db), "--batch-size", "4",
+               "--encoder", encoder.spec.name]  # the fixture's (the default may be its int8 variant)
     t = time.monotonic()
     subprocess.run(command, check=True, capture_output=True, timeout=300)
     full = time.monotonic() - t  # a whole run on 40 new photos, start-up included: kills are drawn within it
