@@ -364,9 +364,10 @@ class Store:
     def _put_by_content(self, table, prefix: bytes, items: Iterable[tuple[str, bytes]]) -> None:
         if self.readonly:
             raise SimsearchError(f"{self.root}: opened read-only")
-        with self.env.begin(write=True, db=table) as txn:
+        items = list(items)
+        with self._writing(sum(len(raw) + 100 for _, raw in items)) as txn:  # a full disk: DiskFullError
             for sha, raw in items:
-                txn.put(prefix + sha.encode(), raw)
+                txn.put(prefix + sha.encode(), raw, db=table)
 
     def iter_ids(self) -> Iterator[tuple[int, str, bool]]:
         """(id, path, live) of every id the db knows; live is False for a tombstone."""
