@@ -4,7 +4,7 @@ import pytest
 from simsearch.errors import DbCorruptError
 from simsearch.indexer.store import Store
 from simsearch.retrieval.backend import RefreshConfig, RefreshOutcome, get_backend
-from simsearch.retrieval.faiss_index import FaissState, LoadedIndex, build_index, index_ids, load_index
+from simsearch.retrieval.faiss_index import FaissState, LoadedIndex, build_index, load_index
 from simsearch.retrieval.index_plan import FLAT_MAX, IndexConfig
 
 
