@@ -925,6 +925,9 @@ def serve(
     = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="port (0: any free one, printed).")] = 8000,
     max_upload: Annotated[str, typer.Option(help="largest image a client may upload, e.g. 20M.")] = "20M",
+    workers: Annotated[int, typer.Option(
+        min=1, max=256, help="server processes on the one port: more answer more requests at once on more cores; "
+                             "each holds its own model (docs/serving.md).")] = 1,
     device: DeviceOption = Device.auto,
     models_dir: ModelsDirOption = None,
     verbose: VerboseOption = False,
@@ -937,17 +940,33 @@ def serve(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from simsearch.retrieval.index_plan import parse_bytes
     from simsearch.server.app import ServerConfig, create_app, is_loopback, listen, run
+    from simsearch.server.workers import Workers
 
     config = ServerConfig(db=db, models_dir=models_dir, device=device, max_upload_bytes=parse_bytes(max_upload))
-    application = create_app(config)
+    application = create_app(config) if workers == 1 else None
     sock = listen(host, port)
     if not is_loopback(host):
         err.print(f"[yellow]warning:[/yellow] listening on {shown(host)}: other machines can reach this API, which "
                   "has no authentication", highlight=False)
     bound = sock.getsockname()[1]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{bound}"
-    err.print(f"serving {shown(db)} on {url} (API docs: {url}/docs); Ctrl-C stops", highlight=False, soft_wrap=True)
+
+    def serving() -> None:
+        processes = f" in {workers} processes" if workers > 1 else ""
+        err.print(f"serving {shown(db)} on {url}{processes} (API docs: {url}/docs); Ctrl-C stops", highlight=False,
+                  soft_wrap=True)
+
+    if application is None:
+        Workers(config, sock, workers, functools.partial(_worker_logging, verbose)).serve(serving)
+        return
+    serving()
     run(application, sock)
+
+
+def _worker_logging(verbose: bool) -> None:
+    """Logging in a `serve --workers` process (spawned: it starts with none of this one's)."""
+    _setup_logging()
+    _verbose(verbose)
 
 
 @app.command()

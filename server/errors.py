@@ -50,12 +50,24 @@ def error(status: int, text: object, headers: dict | None = None) -> JSONRespons
     return JSONResponse({"detail": one_line(text)}, status_code=status, headers=headers)
 
 
+def answer_to(e: Exception) -> JSONResponse | None:
+    """The answer to an error the library or a route raised (the handlers below, and hot.py, which answers outside
+    FastAPI); None for any other exception (a bug: a 500)."""
+    if isinstance(e, SimsearchError):
+        return error(status_of(e), e)
+    if isinstance(e, HTTPException):
+        return error(e.status_code, e.detail, e.headers)
+    if isinstance(e, lmdb.Error):
+        return error(503, f"the db's LMDB store is damaged ({e}): see `simsearch check`")
+    return None
+
+
 def install(app: FastAPI) -> None:
     """Every error answer is ErrorOut, with a 4xx (503 for a db or model the server cannot read)."""
 
     @app.exception_handler(SimsearchError)
     async def simsearch_error(request, e: SimsearchError):
-        return error(status_of(e), e)
+        return answer_to(e)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, e: RequestValidationError):
@@ -67,15 +79,14 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)  # FastAPI's own (an upload over the cap) and Starlette's (404, 405)
     async def http_error(request, e: HTTPException):
-        headers = e.headers
         if e.status_code == 405:
             # Starlette names only the methods of the first route that matched the path; GET and POST
             # /api/explain are two routes, and `Allow` must list both.
             allowed = {m for r in request.app.router.routes if isinstance(r, Route)
                        and r.matches(request.scope)[0] != Match.NONE for m in r.methods or ()}
-            headers = {**(headers or {}), "Allow": ", ".join(sorted(allowed))}
-        return error(e.status_code, e.detail, headers)
+            return error(e.status_code, e.detail, {**(e.headers or {}), "Allow": ", ".join(sorted(allowed))})
+        return answer_to(e)
 
     @app.exception_handler(lmdb.Error)
     async def lmdb_error(request, e: lmdb.Error):
-        return error(503, f"the db's LMDB store is damaged ({e}): see `simsearch check`")
+        return answer_to(e)

@@ -27,6 +27,7 @@ from simsearch.indexer.images import load_rgb
 from simsearch.indexer.manifest import MANIFEST, EncoderEntry, Manifest
 from simsearch.indexer.scan import shown_path
 from simsearch.indexer.store import ItemRecord, Store
+from simsearch.retrieval.backend import backend_of
 from simsearch.retrieval.dupes import find_duplicates
 from simsearch.retrieval.rerank import Reranker, get_reranker
 from simsearch.retrieval.search import Searcher
@@ -108,6 +109,20 @@ class Library:
             return seen
         finally:
             self._refreshing.release()
+
+    def ready(self, name: str | None) -> tuple[Searcher, bool] | None:
+        """(the open Searcher of encoder `name` (None: the db's default), whether its index is searched in this
+        process) when there is nothing to follow or open: the db is as it was last followed and that searcher is
+        loaded. None otherwise, and for a name the db has no vectors of: the caller then takes `searcher`, which
+        follows the writer, opens, or refuses. An index at a URI (a server, a file another process serves) is
+        searched elsewhere: a search waits on that process."""
+        if self._observe() != self._seen:
+            return None
+        found = self._searchers.get(name or self.manifest.default_encoder)
+        if found is None:
+            return None
+        searcher, entry = found
+        return searcher, entry is not None and not backend_of(entry).takes_uri
 
     def encoder_name(self, name: str | None) -> str:
         """`name` or the db's default; EmptyDbError when the db holds nothing, NotFoundError for a name it has no

@@ -5,6 +5,8 @@ status it can give.
 Files are served by item id only: a path is never taken from a request. JSON answers are ready `JSONResponse`s:
 FastAPI would validate a returned dict against the response model first (~0.3 ms of the "similar" route's ~1.4 ms
 of server CPU); the models still document them, and the suite's Schemathesis run checks each answer against them.
+The answers of "similar" and "query" are made by `similar_answer` and `query_answer`, which hot.py's plain path
+calls too.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, BinaryIO, Literal
 
 from fastapi import Depends, FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -23,6 +25,7 @@ from simsearch.errors import ImageLoadError, SimsearchError
 from simsearch.indexer.images import header_size
 from simsearch.indexer.scan import shown_path
 from simsearch.retrieval import query as q
+from simsearch.retrieval.rerank import Reranker
 from simsearch.retrieval.search import QueryResult, Searcher
 from simsearch.retrieval.views import hit_view, path_fields, term_view
 from simsearch.server.errors import responses
@@ -38,6 +41,7 @@ MAX_DEPTH = 10_000
 MAX_TERMS = 32  # per kind (text, minus, like, unlike): a query is a handful of terms
 MAX_WORDS = 1000  # characters of one text term (the text tower reads its first 77 tokens)
 MAX_UNDER = 4096  # characters of `under` (PATH_MAX)
+DEFAULT_K = 10
 
 # Parameter types shared by the routes (module level: FastAPI resolves the annotations by name).
 ItemId = Annotated[int, PathParam(ge=0, le=MAX_ID, description="the store's item id")]
@@ -85,6 +89,7 @@ def refinements(
 
 
 Refined = Annotated[Refinements, Depends(refinements)]
+PLAIN = Refinements((), None, None)  # a query with no field besides its image
 
 
 def search(searcher: Searcher, terms: tuple[q.Term, ...], refined: Refinements, k: int, reranker=None,
@@ -103,6 +108,27 @@ def answer(searcher: Searcher, k: int, reranker: str | None, terms: list[dict], 
     return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "reranker": reranker,
                          "terms": terms, "under": refined.under, "min_score": refined.min_score,
                          "hits": [hit_view(h) for h in result.hits], "seconds": result.seconds})
+
+
+def query_answer(searcher: Searcher, upload: BinaryIO | bytes, name: str, max_bytes: int, refined: Refinements,
+                 k: int, rerank: str | None = None, reranker: Reranker | None = None, depth: int = 100
+                 ) -> JSONResponse:
+    """POST /api/query's answer: the uploaded image (its file or bytes; `name`: the client's name for it) and the
+    refinements searched as one query; `rerank` names `reranker`."""
+    with saved_upload(upload, max_bytes) as path:
+        try:
+            result = search(searcher, (q.Term("image", str(path)), *refined.terms), refined, k, reranker, depth)
+        except ImageLoadError as e:  # named by the client's file name, not the temp file's
+            raise ImageLoadError(str(e).replace(str(path), name)) from None
+    terms = [term_view(t) for t in (q.Term("image", name), *refined.terms)]  # the upload by its own name
+    return answer(searcher, k, rerank, terms, refined, result)
+
+
+def similar_answer(searcher: Searcher, item_id: int, k: int) -> JSONResponse:
+    """GET /api/items/{item_id}/similar's answer."""
+    hits = searcher.similar(item_id, k)
+    return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "query_id": item_id,
+                         "hits": [hit_view(h) for h in hits]})
 
 
 # The upload's part must be an image: said in the multipart encoding (FastAPI does not write one).
@@ -127,23 +153,17 @@ def add_routes(app: FastAPI, lib: Library) -> None:
 
     @app.post("/api/query", response_model=QueryOut, responses=responses(400, 404, 413, 422, 503),
                  openapi_extra=IMAGE_PART)
-    def query(image: Image, refined: Refined, k: K = 10, encoder: EncoderName = None,
+    def query(image: Image, refined: Refined, k: K = DEFAULT_K, encoder: EncoderName = None,
               rerank: Annotated[str | None, Query(description="reranker name (see `simsearch rerankers`); an "
                                                               "unknown one answers 404")] = None,
               depth: Annotated[int, Query(ge=1, le=MAX_DEPTH, description="candidates the reranker sees")] = 100):
         searcher = lib.searcher(encoder)
         reranker = lib.reranker(rerank) if rerank else None
-        name = upload_name(image)
-        with saved_upload(image, config.max_upload_bytes) as path:
-            try:
-                result = search(searcher, (q.Term("image", str(path)), *refined.terms), refined, k, reranker, depth)
-            except ImageLoadError as e:  # named by the client's file name, not the temp file's
-                raise ImageLoadError(str(e).replace(str(path), name)) from None
-        terms = [term_view(t) for t in (q.Term("image", name), *refined.terms)]  # the upload by its own name
-        return answer(searcher, k, rerank, terms, refined, result)
+        return query_answer(searcher, image.file, upload_name(image.filename), config.max_upload_bytes, refined, k,
+                            rerank, reranker, depth)
 
     @app.get("/api/search", response_model=QueryOut, responses=responses(400, 404, 422, 503))
-    def search_terms(refined: Refined, k: K = 10, encoder: EncoderName = None):
+    def search_terms(refined: Refined, k: K = DEFAULT_K, encoder: EncoderName = None):
         """Search by words and items of the db: the combined query vector is normalize(sum of weight x unit
         vector) over the terms (text, minus: the text tower; like, unlike: the items' stored vectors)."""
         if not refined.terms:
@@ -153,11 +173,8 @@ def add_routes(app: FastAPI, lib: Library) -> None:
         return answer(searcher, k, None, [term_view(t) for t in refined.terms], refined, result)
 
     @app.get("/api/items/{item_id}/similar", response_model=SimilarOut, responses=responses(404, 422, 503))
-    def similar(item_id: ItemId, k: K = 10, encoder: EncoderName = None):
-        searcher = lib.searcher(encoder)
-        hits = searcher.similar(item_id, k)
-        return JSONResponse({"k": min(k, searcher.index.ntotal), "encoder": searcher.name, "query_id": item_id,
-                             "hits": [hit_view(h) for h in hits]})
+    def similar(item_id: ItemId, k: K = DEFAULT_K, encoder: EncoderName = None):
+        return similar_answer(lib.searcher(encoder), item_id, k)
 
     @app.get("/api/items", response_model=ItemsOut, responses=responses(422, 503))
     def items(offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=1000)] = 50,
@@ -218,14 +235,14 @@ def add_routes(app: FastAPI, lib: Library) -> None:
 
         searcher = lib.searcher(encoder)
         path_b, _ = lib.item(b)
-        with saved_upload(image, config.max_upload_bytes) as path_a:
+        with saved_upload(image.file, config.max_upload_bytes) as path_a:
             try:
                 expl = explain_pair(searcher.encoder, path_a, path_b, method=method, models_dir=config.models_dir)
                 # titled with the upload's own name, not its temp file's
-                names = (upload_name(image), Path(shown_path(str(path_b))).name)
+                names = (upload_name(image.filename), Path(shown_path(str(path_b))).name)
                 return explained(expl, path_a, path_b, format, names)
             except ImageLoadError as e:
-                raise ImageLoadError(str(e).replace(str(path_a), upload_name(image))) from None
+                raise ImageLoadError(str(e).replace(str(path_a), upload_name(image.filename))) from None
 
     @app.get("/api/dupes", response_model=DupesOut, responses=responses(400, 404, 422, 503))
     def dupes(threshold: Annotated[float | None, Query(gt=0.0, le=1.0, description="cosine (default: calibrated)")]

@@ -4,6 +4,9 @@ real `simsearch index` adding photos to the db while queries keep coming."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -118,11 +121,15 @@ def test_an_oversized_upload_is_refused_before_it_is_read(site):
         assert client.send("POST", "/api/query", body, headers)[0] == 200
 
 
-def test_a_running_index_is_picked_up_and_queries_never_fail(site):
-    root, db = site
-    goldfish = (db.parent / "imgs" / "n01443537_goldfish.JPEG").read_bytes()
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_running_index_is_picked_up_and_queries_never_fail(site, tmp_path, workers):
+    """With workers, each follows the writer by itself: every answer from any of them is a 200 with hits."""
+    root, site_db = site
+    db = tmp_path / "db"
+    shutil.copytree(site_db, db, ignore=shutil.ignore_patterns("thumbnails", "lock"))  # the 8 photos are new to it
+    goldfish = (site_db.parent / "imgs" / "n01443537_goldfish.JPEG").read_bytes()
     upload = multipart("image", "goldfish.jpg", goldfish)
-    with served(db) as (url, _):
+    with served(db, extra=("--workers", str(workers))) as (url, _):
         items_before = json.loads(get(Client(url), "/api/health")[1])["items"]
         stop = threading.Event()
         answers: list[tuple[str, int, int]] = []  # (what, status, hits)
@@ -162,3 +169,74 @@ def test_a_running_index_is_picked_up_and_queries_never_fail(site):
         assert [i["path"] for i in listed["items"]] == [str(new)]
         similar = json.loads(get(client, f"/api/items/{listed['items'][0]['id']}/similar?k=3")[1])
         assert similar["hits"][0]["id"] == listed["items"][0]["id"]
+
+
+def worker_pids(parent: int) -> set[int]:
+    """The `serve --workers` processes of a parent (multiprocessing's spawned children, not its resource tracker)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == parent and b"spawn_main" in cmdline:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def until(condition, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.2)
+
+
+def test_workers_share_the_port_and_a_dead_one_is_replaced(site):
+    _, db = site
+    upload = multipart("image", "goldfish.jpg", (db.parent / "imgs" / "n01443537_goldfish.JPEG").read_bytes())
+    with served(db, extra=("--workers", "2")) as (url, proc):
+        first = worker_pids(proc.pid)
+        assert len(first) == 2
+        clients = [Client(url) for _ in range(6)]
+        for client in clients:
+            assert get(client, "/api/items/1/similar?k=3")[0] == 200
+            assert client.send("POST", "/api/query?k=3", *upload)[0] == 200
+        gone = min(first)
+        os.kill(gone, signal.SIGKILL)
+        until(lambda: len(worker_pids(proc.pid)) == 2 and gone not in worker_pids(proc.pid))
+        for client in clients:  # a connection the dead worker held fails once, then reconnects
+            for _ in range(2):
+                try:
+                    status, body = get(client, "/api/items/1/similar?k=3")
+                    break
+                except OSError:
+                    continue
+            assert status == 200 and json.loads(body)["hits"][0]["id"] == 1
+        workers = worker_pids(proc.pid)
+    until(lambda: not any(alive(pid) for pid in workers), 30)  # SIGTERM to the parent stops them all
+
+
+def test_workers_end_with_their_parent(site):
+    _, db = site
+    with served(db, extra=("--workers", "2")) as (url, proc):
+        workers = worker_pids(proc.pid)
+        assert len(workers) == 2 and get(Client(url), "/api/health")[0] == 200
+        proc.kill()  # no chance to stop them: they notice the parent's end of their pipe closing
+        proc.wait()
+        until(lambda: not any(alive(pid) for pid in workers), 30)
+
+
+def test_workers_that_cannot_start_are_one_error_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "simsearch.cli", "serve", "--db", str(tmp_path / "nodb"), "--port", "0",
+                        "--workers", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "no simsearch db" in lines[0], r.stderr
