@@ -218,12 +218,14 @@ class Library:
             return buffer.getvalue()
         return cached
 
-    def dupes(self, name: str | None, threshold: float | None) -> dict:
-        """The duplicate groups (retrieval.views.dupes_view), kept until the db changes."""
+    def dupes(self, name: str | None, threshold: float | None, similar: bool = False) -> dict:
+        """The duplicate groups (retrieval.views.dupes_view), with the similar tier when asked, kept until the db
+        changes."""
         seen = self.refresh()
         name = self.encoder_name(name)
-        key = (seen, name, threshold)
+        key = (seen, name, threshold, similar)
         with self._dupes_lock:
             if key not in self._dupes:
-                self._dupes = {key: dupes_view(find_duplicates(self.store, name, threshold), name, threshold)}
+                groups = find_duplicates(self.store, name, threshold, similar=similar)
+                self._dupes = {key: dupes_view(groups, name, threshold, similar)}
             return self._dupes[key]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, BinaryIO, Literal
 
-from fastapi import Depends, FastAPI, File, HTTPException, Path as PathParam, Query, UploadFile
+from fastapi import Depends, FastAPI, File, HTTPException, Path as PathParam, Query, Request, UploadFile
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import Field, StringConstraints
 
@@ -30,8 +30,9 @@ from simsearch.retrieval.search import QueryResult, Searcher
 from simsearch.retrieval.views import hit_view, path_fields, term_view
 from simsearch.server.errors import responses
 from simsearch.server.library import Library
-from simsearch.server.schemas import (DupesOut, ExplainOut, HealthOut, InfoOut, ItemOut, ItemsOut, QueryOut,
-                                      SimilarOut)
+from simsearch.server.moves import MoveGroup, check_groups, destination_folder, move_groups
+from simsearch.server.schemas import (DupesOut, ExplainOut, HealthOut, InfoOut, ItemOut, ItemsOut, MoveIn, MoveOut,
+                                      QueryOut, SimilarOut)
 from simsearch.server.uploads import saved_upload, upload_name
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -245,9 +246,33 @@ def add_routes(app: FastAPI, lib: Library) -> None:
                 raise ImageLoadError(str(e).replace(str(path_a), upload_name(image.filename))) from None
 
     @app.get("/api/dupes", response_model=DupesOut, responses=responses(400, 404, 422, 503))
-    def dupes(threshold: Annotated[float | None, Query(gt=0.0, le=1.0, description="cosine (default: calibrated)")]
-              = None, encoder: EncoderName = None):
-        return JSONResponse(lib.dupes(encoder, threshold))
+    def dupes(threshold: Annotated[float | None, Query(gt=0.0, le=1.0, description=(
+                  "the similar tier's cosine (default: calibrated); implies similar"))] = None,
+              encoder: EncoderName = None,
+              similar: Annotated[bool, Query(description="also group images that are only similar (bursts, "
+                                                         "retakes), not verified as copies")] = False):
+        return JSONResponse(lib.dupes(encoder, threshold, similar or threshold is not None))
+
+    @app.post("/api/dupes/move", response_model=MoveOut, responses=responses(400, 403, 422, 503))
+    def move_dupes(plan: MoveIn, request: Request):
+        """Move the items each group does not keep into `destination` (made if needed), by id: the one path taken
+        from the request is the destination, which must be absolute and outside the db. A name already there gets
+        a suffix ("a-1.jpg"); nothing is deleted or overwritten; the db is not changed (the next `simsearch
+        index` sees the files gone). Each item is reported, moved or failed with the reason. Only from this
+        machine (a loopback client), else 403."""
+        from simsearch.server.app import is_loopback  # app.py imports this module
+
+        if request.client is None or not is_loopback(request.client.host):
+            raise HTTPException(403, "moving files is only allowed from this machine (a loopback client)")
+        groups = [MoveGroup(g.keep, tuple(g.move)) for g in plan.groups]
+        check_groups(groups)
+        folder = destination_folder(plan.destination, lib.store.root)
+        lib.refresh()
+        moved, failed = move_groups(groups, folder, lib.item)
+        return JSONResponse({**path_fields(str(folder), "destination"),
+                             "moved": [{"id": m.id, **path_fields(m.path), **path_fields(m.to, "to")} for m in moved],
+                             "failed": [{"id": f.id, **(path_fields(f.path) if f.path is not None else {"path": None}),
+                                         "reason": f.reason} for f in failed]})
 
     @app.get("/", response_class=FileResponse, include_in_schema=False)
     def page():

@@ -7,7 +7,7 @@ run checks every answer against it.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -121,6 +121,42 @@ class DupesOut(Model):
     threshold: float
     totals: DupeTotalsOut
     groups: list[DupeGroupOut]
+
+
+class MoveGroupIn(Model):
+    keep: int = Field(ge=0, le=2**63 - 1, description="the item kept: never moved; its file must be there, else "
+                                                       "none of the group's items is moved")
+    move: list[Annotated[int, Field(ge=0, le=2**63 - 1)]] = Field(
+        min_length=1, max_length=10_000, description="the items to move out (ids of the db: a path is never taken)")
+
+
+class MoveIn(Model):
+    destination: str = Field(min_length=1, max_length=4096, pattern=r"^[^\x00]*$", description=(
+        "an absolute folder outside the db; made if it is not there"))
+    groups: list[MoveGroupIn] = Field(min_length=1, max_length=100_000)
+
+
+class MovedOut(ItemRef):
+    """A file moved: `path` where it was, `to` where it is now."""
+
+    to: str
+    to_bytes: str | None = PATH_BYTES
+
+
+class MoveFailedOut(Model):
+    """A file left where it was, and why."""
+
+    id: int
+    path: str | None = Field(description="null: no such item in the db")
+    path_bytes: str | None = PATH_BYTES
+    reason: str
+
+
+class MoveOut(Model):
+    destination: str = Field(description="the folder the files were moved into (its real path)")
+    destination_bytes: str | None = PATH_BYTES
+    moved: list[MovedOut]
+    failed: list[MoveFailedOut]
 
 
 class ExplainOut(Model):
