@@ -245,7 +245,8 @@ def test_openapi_lists_the_routes(client):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {
         "/api/health", "/api/info", "/api/query", "/api/items", "/api/items/{item_id}", "/api/items/{item_id}/similar",
-        "/api/items/{item_id}/thumbnail", "/api/items/{item_id}/image", "/api/explain", "/api/dupes", "/api/search"}
+        "/api/items/{item_id}/thumbnail", "/api/items/{item_id}/image", "/api/explain", "/api/dupes", "/api/dupes/move",
+        "/api/search"}
     assert set(schema["paths"]["/api/explain"]) == {"get", "post"}
     hit = schema["components"]["schemas"]["HitOut"]["properties"]
     assert set(hit) == {"rank", "id", "path", "path_bytes", "score", "rerank_score"}
