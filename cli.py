@@ -504,26 +504,36 @@ def prune(
 def dupes(
     db: DbOption = DEFAULT_DB,
     encoder: Annotated[Optional[str], typer.Option(help="encoder (default: the db's first).")] = None,
+    similar: Annotated[bool, typer.Option(
+        "--similar", help="also group images that are only similar (cosine >= --threshold; bursts, retakes), "
+                          "not verified as copies.")] = False,
     threshold: Annotated[Optional[float], typer.Option(
-        help="cosine at or above which two images are near-duplicates (default: the calibrated one, see docs/explain-dupes.md; "
-             "it fits the built-in encoders).")] = None,
+        help="the similar tier's cosine (default: the calibrated one, see docs/explain-dupes.md; it fits the "
+             "built-in encoders); implies --similar.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="one JSON document on stdout.")] = False,
     csv_file: Annotated[Optional[str], typer.Option(
-        "--csv", metavar="FILE", help="also write one CSV row per image (group, role, id, path, width, height, bytes, "
-                                      "score, min_score) to FILE; `--csv -` writes only the CSV, to stdout.")] = None,
+        "--csv", metavar="FILE", help="also write one CSV row per image (group, tier, role, id, path, width, height, "
+                                      "bytes, score, min_score) to FILE; `--csv -` writes only the CSV, to stdout.")] = None,
     verbose: VerboseOption = False,
 ):
-    """Groups of near-duplicate images in the db, each with a suggested keeper (most pixels, then largest file)."""
+    """Groups of duplicate images in the db: exact copies and verified edited copies (crops, frames, thumbnails,
+    recompressions, mirrors, grey...), with --similar also look-alikes; each group with a suggested keeper (the most
+    content pixels, then the largest file). Nothing is deleted or moved."""
     _verbose(verbose)
     from simsearch.indexer.store import Store
     from simsearch.retrieval.dupes import find_duplicates
     from simsearch.retrieval.views import dupes_view
 
-    with Store(db, readonly=True) as store:
+    similar = similar or threshold is not None
+    try:  # open for writing when no one else is, so the verification's features are cached in the db
+        store = Store(db, wait=False)
+    except SimsearchError:
+        store = Store(db, readonly=True)
+    with store:
         name = store.manifest.encoder_name(encoder, store.root)
-        with _ProgressReporter("finding near-duplicates") as progress:
-            groups = find_duplicates(store, name, threshold, on_progress=progress.stage)
-    view = dupes_view(groups, name, threshold)
+        with _ProgressReporter("finding duplicates") as progress:
+            groups = find_duplicates(store, name, threshold, similar=similar, on_progress=progress.stage)
+    view = dupes_view(groups, name, threshold, similar)
     threshold, totals = view["threshold"], view["totals"]
     if csv_file is not None:
         _write_dupes_csv(groups, csv_file)
@@ -533,19 +543,23 @@ def dupes(
         print(json.dumps({"db": str(db), **view}, indent=2))
         return
     for i, g in enumerate(groups, 1):
-        table = Table(title=f"group {i}: {1 + len(g.others)} images, weakest link {g.min_score:.4f}",
+        table = Table(title=f"group {i}: {1 + len(g.others)} images, {g.tier}, weakest link {g.min_score:.4f}",
                       title_justify="left")
         table.add_column("", no_wrap=True)
+        table.add_column("tier", no_wrap=True)
         table.add_column("score", justify="right")
         table.add_column("pixels", justify="right", no_wrap=True)
         table.add_column("bytes", justify="right")
         table.add_column("path", overflow="fold")
         for it, role in [(g.keeper, "[green]keep[/green]"), *((o, "") for o in g.others)]:
             size = f"{it.width}x{it.height}" if it.width else "[yellow]unreadable[/yellow]"
-            table.add_row(role, f"{it.score:.4f}", size, f"{it.bytes:,}", shown(it.path))
+            table.add_row(role, "" if it.tier == "keeper" else it.tier, f"{it.score:.4f}", size, f"{it.bytes:,}",
+                          shown(it.path))
         out.print(table)
-    out.print(f"{totals['groups']} groups of near-duplicates (cosine >= {threshold:g}, {name}): "
-              f"{totals['removable_images']} images could be removed, {totals['reclaimable_bytes'] / 2**20:,.1f} MiB",
+    tiers = ", ".join(f"{n} {t}" for t, n in totals["by_tier"].items() if n or t != "similar" or similar)
+    scope = f"with similar images at cosine >= {threshold:g}" if similar else "exact and edited copies"
+    out.print(f"{totals['groups']} groups of duplicates ({tiers}; {scope}, {name}): {totals['removable_images']} "
+              f"images could be removed, {totals['reclaimable_bytes'] / 2**20:,.1f} MiB; nothing was deleted",
               highlight=False, soft_wrap=True)
 
 
@@ -561,12 +575,12 @@ def _write_dupes_csv(groups, dest: str) -> None:
         raise SimsearchError(f"--csv {dest}: cannot write ({e.strerror})") from None
     try:
         writer = csv.writer(stream)
-        writer.writerow(["group", "role", "id", "path", "width", "height", "bytes", "score", "min_score"])
+        writer.writerow(["group", "tier", "role", "id", "path", "width", "height", "bytes", "score", "min_score"])
         for i, g in enumerate(groups, 1):
             for it, role in [(g.keeper, "keeper"), *((o, "other") for o in g.others)]:
                 path = it.path if stream is not sys.stdout else shown_path(it.path)
-                writer.writerow([i, role, it.id, path, it.width, it.height, it.bytes, f"{it.score:.6f}",
-                                 f"{g.min_score:.6f}"])
+                writer.writerow([i, it.tier if role == "other" else g.tier, role, it.id, path, it.width, it.height,
+                                 it.bytes, f"{it.score:.6f}", f"{g.min_score:.6f}"])
     finally:
         if stream is not sys.stdout:
             stream.close()

@@ -44,12 +44,12 @@ BENCHMARKS = {
     # server's footing (FAISS's idle OpenMP threads otherwise spin after each single-query search).
     "load": Benchmark("load", "LoadConfig", "results/load.json", width=150, env=(("OMP_WAIT_POLICY", "PASSIVE"),)),
     "dupes": Benchmark("dupes", "DupesConfig", "results/dupes.json", run="run_photos", render="render_photos",
-                       summary="Near-duplicate groups: the default threshold calibrated on photos and their "
-                               "augmented copies (chosen on one half, reported on the other)."),
+                       summary="Duplicate groups: settings chosen on photos and 15 kinds of edited copies (one half), "
+                               "recall and precision per edit on the other, beside imagededup's hashes."),
     "dupes-scale": Benchmark("dupes", "DupesScaleConfig", "results/dupes_scale.json", run="run_scale",
                              render="render_scale", aliases=("dupes_scale",),
-                             summary="Near-duplicate groups at scale: time and memory of find_duplicates on "
-                                     "synthetic vectors with planted copies, every planted pair found."),
+                             summary="Duplicate groups at scale: time and memory of find_duplicates on "
+                                     "synthetic vectors with planted copies (some real photo pairs), every one found."),
     "encoder-device": Benchmark("encoder_device", "DeviceConfig", "results/encoder_device.json", width=110,
                                 aliases=("encoder_device",)),
     "clip": Benchmark("clip", "ClipConfig", "results/clip.json"),

@@ -217,13 +217,15 @@ class Indexer:
                 report.seconds["embed"] += time.perf_counter() - t
                 vectors = {id(p): v for p, v in zip(arrays, embedded)}
             t = time.perf_counter()
+            # Hashes first: a run killed between the two transactions leaves a hash without its item (indexed again
+            # next time), never an item that is then skipped as unchanged without its hash.
+            hashes = [(p.sha256, p.hashes) for p in pending if p.hashes is not None]
+            if hashes:
+                self.store.put_hashes(hashes)
             self.store.put_items(
                 self.spec.key,
                 [(p.entry.path, p.sha256, p.entry.size, p.entry.mtime_ns, vectors.get(id(p))) for p in pending],
             )
-            hashes = [(p.sha256, p.hashes) for p in pending if p.hashes is not None]
-            if hashes:
-                self.store.put_hashes(hashes)
             report.seconds["write"] += time.perf_counter() - t
             report.embedded += len(arrays)
             report.reused += len(pending) - len(arrays)

@@ -24,7 +24,8 @@ Two stages.
 
 Groups are the connected components of the accepted pairs, joined tier by tier (exact, then edited, then
 similar), so a group's tier is its weakest link and each member's tier is the weakest link on its best path to
-the keeper. The keeper is the image with the most content pixels (its pixels less flat borders and bars), then the
+the keeper. The keeper is the image verification found made from others the fewest times (net of the times others were found
+made from it: a crop of it, it with a frame, border or caption added), then the one with the most pixels, then the
 largest file: the original, not a screenshot of it. Nothing is deleted.
 
 Memory: the index, one block of vectors, 8+32 bytes of ids and content per image, 40 bytes of hashes per image,
@@ -136,7 +137,7 @@ def find_duplicates(store: Store, encoder: str, threshold: float | None = None, 
     cands = find_candidates(store, encoder, config, on_progress)
     verdicts = verify_pairs(store, cands.pairs, config, on_progress)
     accepted = np.array([config.verify.accepts(v) for v in verdicts], dtype=bool)
-    return group(store, encoder, cands, accepted, on_progress)
+    return group(store, encoder, cands, accepted, on_progress, [v.derived for v in verdicts])
 
 
 def _similar_threshold(config: DupesConfig, encoder: str) -> float:
@@ -293,13 +294,13 @@ def _unique_pairs(a: np.ndarray, b: np.ndarray, flag: np.ndarray) -> tuple[np.nd
 
 
 def _contents(store: Store, live: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N,) sorted, their content sha256 as 32-byte strings (N,)) of the live items among `live`."""
+    """(ids (N,) sorted, their content sha256 (N, 32) uint8) of the live items among `live`."""
     ids, shas = [], []
     for _, rec in store.iter_items():
         ids.append(rec.id)
         shas.append(bytes.fromhex(rec.sha256))
     ids_a = np.asarray(ids, dtype=np.int64)
-    content = np.asarray(shas, dtype="S32")
+    content = np.frombuffer(b"".join(shas), dtype=np.uint8).reshape(-1, 32)  # (N, 32): "S32" would drop trailing 0s
     keep = np.isin(ids_a, live)
     order = np.argsort(ids_a[keep])
     return ids_a[keep][order], content[keep][order]
@@ -317,7 +318,7 @@ def _hashes(store: Store, ids: np.ndarray, content: np.ndarray, on_progress: Pro
     has = np.zeros(n, bool)
     step = 65536
     for start in range(0, n, step):
-        raws = store.get_hashes(c.hex() for c in content[start:start + step])
+        raws = store.get_hashes(c.tobytes().hex() for c in content[start:start + step])
         for j, raw in enumerate(raws, start):
             if raw is not None:
                 h = Hashes.from_bytes(raw)
@@ -333,7 +334,7 @@ def _hashes(store: Store, ids: np.ndarray, content: np.ndarray, on_progress: Pro
                 paths = store.paths_of(ids[part].tolist())
                 made = list(pool.map(_hash_file, paths))
                 if not store.readonly:
-                    store.put_hashes([(content[j].hex(), h.to_bytes()) for j, h in zip(part, made) if h is not None])
+                    store.put_hashes([(content[j].tobytes().hex(), h.to_bytes()) for j, h in zip(part, made) if h is not None])
                 for j, h in zip(part, made):
                     if h is not None:
                         full[j], box[j], pixels[j], share[j], has[j] = h.full, h.content, h.pixels, h.content_share, True
@@ -354,16 +355,18 @@ def _hash_file(path: str | None) -> Hashes | None:
 
 
 def _exact_pairs(ids: np.ndarray, content: np.ndarray, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs of the same content, or of the same pixels: each image linked to the first of its run."""
+    """Pairs of the same content (sha256 (N, 32)), or of the same pixels (digests (N,), 0: none): each image linked
+    to the first of its run."""
     a, b = [], []
-    hashed = pixels != 0
-    for keys, where in ((content, np.arange(len(ids))), (pixels[hashed], np.flatnonzero(hashed))):
-        order = np.argsort(keys, kind="stable")
+    hashed = np.flatnonzero(pixels != 0)
+    words = np.ascontiguousarray(content).view("<u8")  # (N, 4)
+    for keys, where in ((words, np.arange(len(ids))), (pixels[hashed][:, None], hashed)):
+        order = np.lexsort(keys.T[::-1])
         k = keys[order]
-        same = np.flatnonzero(k[1:] == k[:-1]) + 1  # positions equal to their predecessor
+        same = np.flatnonzero(np.all(k[1:] == k[:-1], axis=1)) + 1  # positions equal to their predecessor
         if not len(same):
             continue
-        starts = np.flatnonzero(np.r_[True, k[1:] != k[:-1]])
+        starts = np.flatnonzero(np.r_[True, ~np.all(k[1:] == k[:-1], axis=1)])
         head = starts[np.searchsorted(starts, same, side="right") - 1]  # the run's first position
         a.append(ids[where[order[head]]])
         b.append(ids[where[order[same]]])
@@ -470,21 +473,34 @@ def _verdict(fa, fb, vc: VerifyConfig) -> Verdict:
 
 # -- groups ----------------------------------------------------------------------------------------------------
 
-def group(store: Store, encoder: str, cands: Candidates, accepted: np.ndarray,
-          on_progress: Progress | None = None) -> list[DupeGroup]:
-    """The groups of the exact pairs, the accepted pairs and the similar pairs (if any), joined tier by tier."""
+def group(store: Store, encoder: str, cands: Candidates, accepted: np.ndarray, on_progress: Progress | None = None,
+          derived: list[int] | None = None) -> list[DupeGroup]:
+    """The groups of the exact pairs, the accepted pairs and the similar pairs (if any), joined tier by tier.
+    derived: per candidate pair, which side verification says was made from the other (Verdict.derived): such an
+    image loses a vote to be the keeper, the other gains one."""
     entry = store.read_manifest().encoders[encoder]
+    made: dict[int, int] = {}  # id -> times found made from another less times another was found made from it
+    if derived is not None:
+        for x, y, d, ok in zip(cands.pairs[0].tolist(), cands.pairs[1].tolist(), derived, accepted.tolist()):
+            if ok and d:
+                child, parent = (y, x) if d > 0 else (x, y)
+                made[child] = made.get(child, 0) + 1
+                made[parent] = made.get(parent, 0) - 1
     edges = [(cands.exact[0], cands.exact[1], 0), (cands.pairs[0][accepted], cands.pairs[1][accepted], 1),
              (cands.similar[0], cands.similar[1], 2)]
     a = np.concatenate([e[0] for e in edges]).astype(np.int64)
     b = np.concatenate([e[1] for e in edges]).astype(np.int64)
     tier = np.concatenate([np.full(len(e[0]), e[2], np.int8) for e in edges])
-    return _describe(store, entry.key, entry.dim, _components(a, b, tier), on_progress)
+    # within the similar tier, strongest cosine first: the tree is then a maximum spanning tree, whose weakest
+    # link is the group's min_score whichever pairs the index returned
+    score = np.concatenate([np.ones(len(a) - len(cands.similar[2]), np.float32), cands.similar[2]])
+    return _describe(store, entry.key, entry.dim, _components(a, b, tier, score), made, on_progress)
 
 
-def _components(a: np.ndarray, b: np.ndarray, tier: np.ndarray) -> list[tuple[np.ndarray, list[tuple[int, int, int]]]]:
-    """Connected components of the pairs, joined strongest tier first (Kruskal): [(member ids (m,), the tree's
-    edges (a, b, tier))]. The tree's path between two members has the best possible weakest tier."""
+def _components(a: np.ndarray, b: np.ndarray, tier: np.ndarray, score: np.ndarray
+                ) -> list[tuple[np.ndarray, list[tuple[int, int, int]]]]:
+    """Connected components of the pairs, joined strongest tier first, then highest score (Kruskal): [(member ids
+    (m,), the tree's edges (a, b, tier))]. The tree's path between two members has the best possible weakest tier."""
     if not len(a):
         return []
     nodes, inverse = np.unique(np.concatenate([a, b]), return_inverse=True)
@@ -498,7 +514,7 @@ def _components(a: np.ndarray, b: np.ndarray, tier: np.ndarray) -> list[tuple[np
         return x
 
     tree = []
-    for e in np.argsort(tier, kind="stable").tolist():
+    for e in np.lexsort((-score, tier)).tolist():
         ra, rb = root(int(ia[e])), root(int(ib[e]))
         if ra != rb:
             parent[rb] = ra
@@ -512,7 +528,8 @@ def _components(a: np.ndarray, b: np.ndarray, tier: np.ndarray) -> list[tuple[np
     return [(nodes[part], by_root[int(roots[part[0]])]) for part in np.split(order, bounds)]
 
 
-def _describe(store: Store, key: str, dim: int, groups: list, on_progress: Progress | None) -> list[DupeGroup]:
+def _describe(store: Store, key: str, dim: int, groups: list, made: dict[int, int], on_progress: Progress | None
+              ) -> list[DupeGroup]:
     """Paths, sizes and pixel counts of the grouped items (headers only), the keeper, tiers and cosines to it."""
     total, done = sum(len(m) for m, _ in groups), 0
     out = []
@@ -521,8 +538,6 @@ def _describe(store: Store, key: str, dim: int, groups: list, on_progress: Progr
         paths = store.paths_of(ids)
         vectors = store.vectors_of_ids(key, ids, dim)  # (m, dim)
         records = [store.get_item(p) if p is not None else None for p in paths]
-        shares = [Hashes.from_bytes(raw).content_share if raw else 1.0
-                  for raw in store.get_hashes([r.sha256 if r else "" for r in records])]
         items = []
         for i, path, record in zip(ids, paths, records):
             width, height = header_size(path) if path is not None else (0, 0)
@@ -530,8 +545,9 @@ def _describe(store: Store, key: str, dim: int, groups: list, on_progress: Progr
         done += len(ids)
         if on_progress:
             on_progress("reading image headers", done, total)
-        # The keeper: the most content pixels (a screenshot of a photo has more pixels than the photo, not more of it).
-        best = max(range(len(items)), key=lambda j: (round(items[j].width * items[j].height * shares[j]),
+        # The keeper: the fewest times found made from another member (a crop of it, it with a frame or a caption
+        # added) less the times others were found made from it, then the most pixels, then the largest file.
+        best = max(range(len(items)), key=lambda j: (-made.get(items[j].id, 0), items[j].width * items[j].height,
                                                      items[j].bytes, -items[j].id))
         tiers = _tiers_from(items[best].id, tree)
         pos = {i: j for j, i in enumerate(ids)}

@@ -47,6 +47,7 @@ SAME = 64  # the whole-frame check compares both images at SAME x SAME
 BLOCK = 8  # the pixel checks compare blocks of BLOCK x BLOCK thumbnail pixels
 BLOCK_NCC = 0.5  # a block agrees when its pixels correlate at least this much
 FLAT_BLOCK = 3.0  # a block whose grey levels vary less than this (std) in both images says nothing
+BAR_LEVELS, BAR_SHARE = 3, 0.5  # a frame or a bar: at least BAR_SHARE of it within BAR_LEVELS of its commonest grey
 MIN_BLOCKS = 6  # fewer textured blocks than this in the overlap: no agreement
 # SIFT's descriptor is 4 x 4 cells (rows, columns) x 8 orientation bins; a mirror maps cell row r to 3 - r and bin
 # o to -o (mod 8). Measured: the permuted descriptors of a photo match its mirror's own (268 of 400 inliers).
@@ -121,7 +122,9 @@ class Verdict:
     mirrored: bool  # the map is between B and A's mirror
     matrix: np.ndarray | None = None  # (2, 3) affine map from A's described pixels to B's
     warp: float = 0.0  # correlation of B with A warped by the map, over both images' content
-    frame: float = 0.0  # correlation of the two whole frames (direct or mirrored), at SAME x SAME
+    frame: float = 0.0  # block agreement of the two whole frames (direct or mirrored), at SAME x SAME
+    derived: int = 0  # which side the map says was made from the other: 1 B (a crop of A, or A with a frame, border or
+    # caption added), -1 A, 0 neither (resized, recompressed, recoloured, mirrored: the pixels and bytes tell)
 
 
 def _cv2():
@@ -240,6 +243,51 @@ def _inliers(xa: np.ndarray, xb: np.ndarray, config: VerifyConfig) -> Verdict:
     return Verdict(int(mask.sum()), False, m)
 
 
+def _added_around(small: Features, big: Features, m: np.ndarray) -> bool:
+    """Whether the part of `big` that the frame of `small` (mapped by m: small's described pixels -> big's) does not
+    cover was added around it (a frame, a border, a caption bar: one colour but for its text), rather than being
+    more of the photo (small is a crop of big): most of that part within BAR_LEVELS grey levels of its commonest
+    level. Photos vary more, even where flat to the eye (water, sky)."""
+    cv2 = _cv2()
+    ss, sb = small.thumb.shape[1] / small.size[0], big.thumb.shape[1] / big.size[0]
+    mt = np.column_stack([m[:, :2] * (sb / ss), m[:, 2] * sb]).astype(np.float64)
+    h, w = big.thumb.shape
+    covered = cv2.warpAffine(np.ones(small.thumb.shape, np.float32), mt, (w, h), flags=cv2.INTER_NEAREST)
+    covered = cv2.dilate(covered, np.ones((3, 3), np.uint8))  # the seam belongs to neither
+    rest = big.thumb[covered < 0.5].astype(np.int32)
+    if rest.size < 16:
+        return False
+    mode = np.bincount(rest, minlength=256).argmax()
+    return float(np.mean(np.abs(rest - mode) <= BAR_LEVELS)) >= BAR_SHARE
+
+
+def _inside(m: np.ndarray, size_from: tuple[int, int], size_to: tuple[int, int]) -> tuple[bool, float]:
+    """(whether the frame of size_from lies inside size_to's under the map m (within 3%), the share of size_to's
+    area it covers)."""
+    w, h = size_from
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float64) @ m.T
+    tw, th = size_to
+    inside = bool(np.all((corners[:, 0] >= -0.03 * tw) & (corners[:, 0] <= 1.03 * tw)
+                         & (corners[:, 1] >= -0.03 * th) & (corners[:, 1] <= 1.03 * th)))
+    return inside, abs(np.linalg.det(m[:, :2])) * w * h / (tw * th)
+
+
+def derived_side(m: np.ndarray | None, fa: Features, fb: Features) -> int:
+    """Which image the map says was made from the other: when one frame lies inside the other and covers under 90%
+    of it, the smaller is a crop of the larger (derived) if the rest of the larger is photo, and the larger is the
+    smaller with a frame, border or caption added (derived) if the rest is flat. 1: B, -1: A, 0: neither."""
+    if m is None:
+        return 0
+    a_in_b, a_cover = _inside(m, fa.size, fb.size)
+    if a_in_b and a_cover < 0.9:
+        return 1 if _added_around(fa, fb, m) else -1
+    inv = _cv2().invertAffineTransform(m)
+    b_in_a, b_cover = _inside(inv, fb.size, fa.size)
+    if b_in_a and b_cover < 0.9:
+        return -1 if _added_around(fb, fa, inv) else 1
+    return 0
+
+
 def verify(fa: Features, fb: Features, config: VerifyConfig) -> Verdict:
     """The best affine map between A and B, direct or mirrored (when the direct one is not a copy's), with the
     pixel correlations of both checks."""
@@ -256,4 +304,4 @@ def verify(fa: Features, fb: Features, config: VerifyConfig) -> Verdict:
             f = replace(f, mirrored=True, warp=warped(fa_m, fb, f.matrix))
         if f.warp > v.warp:
             v = f
-    return replace(v, frame=frame)
+    return replace(v, frame=frame, derived=derived_side(v.matrix, fa.mirrored() if v.mirrored else fa, fb))

@@ -16,7 +16,7 @@ from simsearch.indexer.lock import writer_active
 from simsearch.indexer.scan import shown_path
 from simsearch.indexer.store import Store
 from simsearch.retrieval.backend import backend_of
-from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, DupeGroup, DupeItem
+from simsearch.retrieval.dupes import DEFAULT_THRESHOLD, TIERS, DupeGroup, DupeItem
 from simsearch.retrieval.query import Term
 from simsearch.retrieval.search import Hit
 
@@ -45,22 +45,27 @@ def term_view(term: Term) -> dict:
 
 
 def dupe_item_view(item: DupeItem) -> dict:
+    """id, path, width and height (0 when the file is gone), bytes, score (cosine to the keeper), tier (how it is a
+    duplicate of the keeper: exact | edited | similar; "keeper" for the keeper)."""
     return {"id": item.id, **path_fields(item.path), "width": item.width, "height": item.height, "bytes": item.bytes,
-            "score": float(item.score)}
+            "score": float(item.score), "tier": item.tier}
 
 
 def dupe_group_view(group: DupeGroup) -> dict:
-    return {"keeper": dupe_item_view(group.keeper), "others": [dupe_item_view(o) for o in group.others],
-            "min_score": float(group.min_score)}
+    """tier (its weakest link: exact | edited | similar), the suggested keeper first, the others, min_score."""
+    return {"tier": group.tier, "keeper": dupe_item_view(group.keeper),
+            "others": [dupe_item_view(o) for o in group.others], "min_score": float(group.min_score)}
 
 
-def dupes_view(groups: list[DupeGroup], encoder: str, threshold: float | None) -> dict:
-    """The answer of a duplicate search: its encoder and threshold (None: the calibrated default), totals (groups,
-    images that could be removed keeping each group's keeper, their bytes) and the groups."""
+def dupes_view(groups: list[DupeGroup], encoder: str, threshold: float | None, similar: bool | None = None) -> dict:
+    """The answer of a duplicate search: its encoder, whether the similar tier was asked for (None: when a threshold
+    was given, as `find_duplicates` decides) and its threshold (None: the calibrated default), totals (groups, per
+    tier, images that could be removed keeping each group's keeper, their bytes) and the groups."""
     removable = [o for g in groups for o in g.others]
     return {"encoder": encoder, "threshold": DEFAULT_THRESHOLD if threshold is None else threshold,
-            "totals": {"groups": len(groups), "removable_images": len(removable),
-                       "reclaimable_bytes": sum(o.bytes for o in removable)},
+            "similar": threshold is not None if similar is None else similar,
+            "totals": {"groups": len(groups), "by_tier": {t: sum(g.tier == t for g in groups) for t in TIERS},
+                       "removable_images": len(removable), "reclaimable_bytes": sum(o.bytes for o in removable)},
             "groups": [dupe_group_view(g) for g in groups]}
 
 

@@ -102,9 +102,12 @@ class DupeItemOut(ItemRef):
     height: int
     bytes: int
     score: float = Field(description="cosine to the group's keeper (1 for the keeper)")
+    tier: Literal["keeper", "exact", "edited", "similar"] = Field(
+        description="how it is a duplicate of the keeper: the same pixels, a verified edited copy, or only similar")
 
 
 class DupeGroupOut(Model):
+    tier: Literal["exact", "edited", "similar"] = Field(description="the group's weakest link")
     keeper: DupeItemOut
     others: list[DupeItemOut]
     min_score: float
@@ -112,13 +115,15 @@ class DupeGroupOut(Model):
 
 class DupeTotalsOut(Model):
     groups: int
+    by_tier: dict[str, int] = Field(description="groups per tier (exact, edited, similar)")
     removable_images: int
     reclaimable_bytes: int
 
 
 class DupesOut(Model):
     encoder: str
-    threshold: float
+    threshold: float = Field(description="the similar tier's cosine")
+    similar: bool = Field(description="whether the similar tier was asked for")
     totals: DupeTotalsOut
     groups: list[DupeGroupOut]
 
