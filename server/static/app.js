@@ -16,6 +16,7 @@ const state = {
   searchSeq: 0,             // a newer search makes the answer of an older one stale
   browse: { offset: 0, limit: 48, q: "", total: 0, seq: 0 },
   dupesLoaded: false,
+  dupes: null,              // the duplicates view: the groups found and the user's decision (see loadDupes)
   explainSeq: 0,            // as searchSeq, for the explanation overlay
   explainUrl: null,         // object URL of the overlay shown, revoked when replaced
 };
@@ -435,26 +436,50 @@ function onFilterInput() {
 
 // ---------- duplicates ----------
 
+// The tiers of /api/dupes: the same pixels, a verified edited copy (crop, frame, thumbnail, recompression, mirror,
+// grey...), or only near in the embedding (bursts, retakes). An answer without a tier reads as "similar": nothing
+// says it was verified.
+const TIER_LABEL = { exact: "exact copy", edited: "edited copy", similar: "similar" };
+const tierOf = (tier) => (Object.hasOwn(TIER_LABEL, tier) ? tier : "similar");
+const DECISION_COLUMNS = ["group", "tier", "role", "id", "path", "width", "height", "bytes"];
+
+// state.dupes: {body, groups: [{data (the API's group), n (1-based), tier, keep (id), chosen, node, moved: Map id ->
+// new path}]}. A chosen group's images other than its keeper are the ones to move ("remove" in the export); a
+// group not chosen keeps everything. Groups that are only similar start unchosen: nothing verified them as copies.
+const members = (g) => [g.data.keeper, ...g.data.others];
+const roleOf = (g, id) => (g.chosen && id !== g.keep ? "remove" : "keep");
+
 async function loadDupes() {
   const list = $("dupes-list");
   const threshold = $("dupes-threshold").value.trim();
   list.dataset.state = "loading";
-  $("dupes-status").textContent = "looking for near-duplicates…";
+  $("dupes-status").textContent = "looking for duplicates…";
   $("dupes-run").disabled = true;
   clearError();
   try {
     const params = new URLSearchParams(threshold ? { threshold } : {});
+    if ($("dupes-similar").checked) params.set("similar", "true");
+    if (state.encoder) params.set("encoder", state.encoder);
     const body = await getJSON(`/api/dupes?${params}`);
     state.dupesLoaded = true;
-    list.replaceChildren(...body.groups.map(dupeGroup));
-    const spare = body.groups.reduce((n, g) => n + g.others.length, 0);
-    const spareBytes = body.groups.reduce((n, g) => n + g.others.reduce((m, o) => m + (o.bytes || 0), 0), 0);
-    $("dupes-status").textContent = body.groups.length
-      ? `${plural(body.groups.length, "group")} at similarity ≥ ${body.threshold.toFixed(3)}: `
-        + `${plural(spare, "copy", "copies")}`
-        + (spareBytes ? `, ${formatBytes(spareBytes)}` : "") + " could go"
-      : `no near-duplicates at similarity ≥ ${body.threshold.toFixed(3)}`;
-    if (!threshold) $("dupes-threshold").placeholder = body.threshold.toFixed(3);  // the calibrated default
+    state.dupes = {
+      body,
+      groups: body.groups.map((data, i) => ({ data, n: i + 1, tier: tierOf(data.tier), keep: data.keeper.id,
+        chosen: tierOf(data.tier) !== "similar", node: null, moved: new Map() })),
+    };
+    list.replaceChildren(...state.dupes.groups.map(dupeGroup));
+    const tiers = Object.entries(TIER_LABEL).map(([t, label]) => [label, state.dupes.groups.filter((g) => g.tier === t)
+      .length]).filter(([, n]) => n).map(([label, n]) => `${n} ${label}`).join(", ");
+    const similar = body.similar || Boolean(threshold);
+    $("dupes-status").textContent = (body.groups.length ? `${plural(body.groups.length, "group")} (${tiers})`
+      : "no duplicates") + (similar ? ` · similar at ≥ ${Number(body.threshold).toFixed(3)}` : "");
+    if (!threshold && typeof body.threshold === "number") {
+      $("dupes-threshold").placeholder = body.threshold.toFixed(3);  // the calibrated default
+    }
+    $("dupes-actions").hidden = !body.groups.length;
+    $("dupes-move-status").textContent = "";
+    $("dupes-move-status").dataset.state = "empty";
+    updateDupesSummary();
     list.dataset.state = "done";
   } catch (e) {
     list.dataset.state = "error";
@@ -465,21 +490,159 @@ async function loadDupes() {
   }
 }
 
-function dupeCard(item, role) {
-  const { card, caption } = itemCard(item.id, item.path, role === "keep" ? "dupe-keeper" : "dupe-other");
-  const size = [item.width && item.height ? `${item.width}×${item.height}` : "", formatBytes(item.bytes)]
-    .filter(Boolean).join(" · ");
+// One group side by side: the suggested keeper first (marked), each image with its keep choice, dimensions, size
+// and path; the group's checkbox says whether the decision moves its others.
+function dupeGroup(g) {
+  const choose = el("input", { type: "checkbox", "data-testid": "dupe-choose" });
+  choose.checked = g.chosen;
+  choose.addEventListener("change", () => { g.chosen = choose.checked; updateGroup(g); updateDupesSummary(); });
+  const n = members(g).length;
+  const head = el("div", { class: "group-head" },
+    el("label", { class: "choose", title: "move this group's others (and export them as \"remove\")" }, choose,
+      el("span", { text: `Group ${g.n}` })),
+    el("span", { class: `badge tier ${g.tier}`, "data-testid": "dupe-tier", text: TIER_LABEL[g.tier] }),
+    el("span", { class: "muted small", text: `${n} images · similarity ≥ ${Number(g.data.min_score).toFixed(3)}` }));
+  g.node = el("section", { class: "group", "data-testid": "dupe-group", "data-group": String(g.n),
+    "data-tier": g.tier }, head, el("div", { class: "compare" }, ...members(g).map((item, j) => dupeCard(g, item, !j))));
+  updateGroup(g);
+  return g.node;
+}
+
+function dupeCard(g, item, suggested) {
+  const { card, caption } = itemCard(item.id, item.path, suggested ? "dupe-keeper" : "dupe-other");
+  card.classList.add("dupe");
+  const radio = el("input", { type: "radio", name: `keep-${g.n}`, value: String(item.id), "data-testid": "dupe-keep" });
+  radio.checked = item.id === g.keep;
+  radio.addEventListener("change", () => {
+    if (!radio.checked) return;
+    g.keep = item.id;
+    updateGroup(g);
+    updateDupesSummary();
+  });
+  const how = suggested
+    ? el("span", { class: "badge suggested", text: "suggested", title: "the suggested keeper: the original the "
+      + "others were made from, else the most pixels, then the largest file" })
+    : el("span", { class: "muted small", text: TIER_LABEL[tierOf(item.tier)] });
+  const hasSize = item.width && item.height;
+  const bytes = Number.isFinite(item.bytes) ? `${item.bytes.toLocaleString("en-US")} bytes` : "size unknown";
   caption.prepend(el("div", { class: "meta" },
-    el("span", { class: `badge ${role}`, text: role === "keep" ? "keep" : "copy" }),
-    el("span", { class: "muted small", text: size })));
+    el("label", { class: "keep-choice", title: "keep this one" }, radio, el("span", { text: "keep" })),
+    el("span", { class: "badge role", "data-testid": "dupe-role" }), how));
+  caption.append(
+    el("div", { class: "small", "data-testid": "dupe-dims", text: hasSize ? `${item.width}×${item.height}`
+      : "file gone or unreadable" }),
+    el("div", { class: "small", "data-testid": "dupe-bytes", title: formatBytes(item.bytes), text: bytes }),
+    el("div", { class: "small muted path", "data-testid": "dupe-path", text: item.path }),
+    el("div", { class: "small outcome", "data-testid": "dupe-outcome" }));
   return card;
 }
 
-function dupeGroup(group, i) {
-  const n = group.others.length + 1;
-  return el("section", { class: "group", "data-testid": "dupe-group" },
-    el("h3", { text: `Group ${i + 1} · ${n} images · similarity ≥ ${group.min_score.toFixed(3)}` }),
-    el("div", { class: "grid" }, dupeCard(group.keeper, "keep"), ...group.others.map((o) => dupeCard(o, "copy"))));
+// The group's cards after its keeper or its choice changed: which is kept, which would go.
+function updateGroup(g) {
+  g.node.classList.toggle("unchosen", !g.chosen);
+  for (const card of g.node.querySelectorAll(".card")) {
+    const id = Number(card.dataset.id);
+    const role = g.moved.has(id) ? "moved" : roleOf(g, id);
+    card.dataset.role = role;
+    const badge = card.querySelector("[data-testid=dupe-role]");
+    badge.textContent = role;
+    badge.className = `badge role ${role}`;
+  }
+}
+
+// What the chosen groups would move: [{keep, move: [ids]}], leaving out what was moved already.
+function movePlan() {
+  return state.dupes.groups.filter((g) => g.chosen)
+    .map((g) => ({ keep: g.keep, move: members(g).map((m) => m.id).filter((id) => id !== g.keep && !g.moved.has(id)) }))
+    .filter((p) => p.move.length);
+}
+
+function updateDupesSummary() {
+  const byId = new Map(state.dupes.groups.flatMap((g) => members(g).map((m) => [m.id, m])));
+  const plan = movePlan();
+  const ids = plan.flatMap((p) => p.move);
+  const bytes = ids.reduce((n, id) => n + (byId.get(id).bytes || 0), 0);
+  const chosen = state.dupes.groups.filter((g) => g.chosen).length;
+  $("dupes-summary").textContent = `${plural(chosen, "group")} chosen: ${plural(ids.length, "image")} to move`
+    + (bytes ? ` (${formatBytes(bytes)})` : "");
+  $("dupes-move").disabled = !ids.length;
+}
+
+// The decision, one row per image: group, tier, role (keep | remove), id, path, width, height, bytes.
+function decisionRows() {
+  return state.dupes.groups.flatMap((g) => members(g).map((m) => ({ group: g.n, tier: g.tier, role: roleOf(g, m.id),
+    id: m.id, path: m.path, width: m.width || 0, height: m.height || 0, bytes: m.bytes || 0 })));
+}
+
+const csvField = (v) => (/[",\r\n]/.test(String(v)) ? `"${String(v).replace(/"/g, '""')}"` : String(v));
+
+// A file made here, from what the page holds, saved by the browser (no request).
+function download(name, type, text) {
+  const url = URL.createObjectURL(new Blob([text], { type }));
+  const link = el("a", { href: url, download: name, hidden: "" });
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 60_000);
+}
+
+function exportDecision(format) {
+  const rows = decisionRows();
+  if (format === "csv") {
+    const lines = [DECISION_COLUMNS.join(","), ...rows.map((r) => DECISION_COLUMNS.map((c) => csvField(r[c])).join(","))];
+    download("simsearch-duplicates.csv", "text/csv", `${lines.join("\r\n")}\r\n`);
+  } else {
+    download("simsearch-duplicates.json", "application/json", `${JSON.stringify(rows, null, 2)}\n`);
+  }
+}
+
+// Move the chosen groups' others into the folder named (POST /api/dupes/move: by id; nothing is deleted); each
+// image's outcome is shown on its card.
+async function moveOthers() {
+  const status = $("dupes-move-status");
+  const destination = $("dupes-dest").value.trim();
+  const groups = movePlan();
+  if (!destination) {
+    showError("name the folder to move the others into (an absolute path)");
+    return;
+  }
+  if (!groups.length) return;
+  clearError();
+  status.dataset.state = "loading";
+  status.textContent = "moving…";
+  $("dupes-move").disabled = true;
+  try {
+    const body = await getJSON("/api/dupes/move", { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ destination, groups }) });
+    const cards = new Map([...$("dupes-list").querySelectorAll(".card")].map((c) => [Number(c.dataset.id), c]));
+    const groupOf = new Map(state.dupes.groups.flatMap((g) => members(g).map((m) => [m.id, g])));
+    for (const m of body.moved) {
+      const g = groupOf.get(m.id);
+      if (g) g.moved.set(m.id, m.to);
+      const card = cards.get(m.id);
+      if (!card) continue;
+      card.dataset.outcome = "moved";
+      card.querySelector("[data-testid=dupe-outcome]").textContent = `moved to ${m.to}`;
+      card.querySelector("[data-testid=dupe-keep]").disabled = true;  // it is not where it was: not a keeper
+    }
+    for (const f of body.failed) {
+      const card = cards.get(f.id);
+      if (!card) continue;
+      card.dataset.outcome = "failed";
+      card.querySelector("[data-testid=dupe-outcome]").textContent = `not moved: ${f.reason}`;
+    }
+    state.dupes.groups.forEach(updateGroup);
+    status.textContent = `${plural(body.moved.length, "image")} moved into ${body.destination}`
+      + (body.failed.length ? `; ${plural(body.failed.length, "image")} not moved (see the cards)` : "")
+      + ". Nothing was deleted; the next `simsearch index` sees them gone.";
+    status.dataset.state = "done";
+  } catch (e) {
+    status.dataset.state = "error";
+    status.textContent = "";
+    showError(`move: ${e.message}`);
+  } finally {
+    updateDupesSummary();
+  }
 }
 
 // ---------- views ----------
@@ -581,6 +744,9 @@ function init() {
   $("browse-next").addEventListener("click", () => { state.browse.offset += state.browse.limit; loadBrowse(); });
 
   $("dupes-form").addEventListener("submit", (e) => { e.preventDefault(); loadDupes(); });
+  $("dupes-export-csv").addEventListener("click", () => exportDecision("csv"));
+  $("dupes-export-json").addEventListener("click", () => exportDecision("json"));
+  $("dupes-move-form").addEventListener("submit", (e) => { e.preventDefault(); moveOthers(); });
 
   window.addEventListener("hashchange", () => showView(location.hash.slice(1)));
   showView(location.hash.slice(1) || "search");

@@ -9,6 +9,8 @@ download cannot work here. Without it the test skips locally, but fails where $C
 from __future__ import annotations
 
 import base64
+import csv
+import json
 import os
 import random
 import re
@@ -390,3 +392,115 @@ def test_words_refined_by_results_and_a_folder(clip_page, clip_photos, tmp_path)
         page.locator("#terms [data-testid=term-remove]").first.click()
     page.wait_for_selector("#results[data-state=empty]", state="attached")
     assert page.locator("#results .card").count() == 0 and page.locator("#query").is_hidden()
+
+
+@pytest.fixture(scope="module")
+def dupe_photos(tmp_path_factory) -> Path:
+    """16 photos with planted copies: an exact copy of the first in backup/ (its own name), and a smaller,
+    re-encoded copy of the second in phone/."""
+    samples = sorted((shared_data() / "imagenet-samples").glob("*.JPEG"))[:16]
+    if len(samples) < 16:
+        pytest.skip(f"shared data missing: {shared_data() / 'imagenet-samples'}")
+    folder = tmp_path_factory.mktemp("web-dupes") / "photos"
+    for sub in ("all", "backup", "phone"):
+        (folder / sub).mkdir(parents=True)
+    for path in samples:
+        shutil.copy2(path, folder / "all" / path.name)
+    shutil.copy2(samples[0], folder / "backup" / samples[0].name)
+    with Image.open(samples[1]) as im:
+        im.convert("RGB").resize((im.width * 3 // 5, im.height * 3 // 5), Image.LANCZOS).save(
+            folder / "phone" / "small copy.jpg", quality=70)
+    return folder
+
+
+def _digests(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_duplicates_keep_export_and_move(chromium, dupe_photos, models_dir, tmp_path):
+    """The duplicates view shows the API's groups (tier, the suggested keeper first, sizes, dimensions, paths); a
+    keeper changed by the user is what the exported JSON and CSV say, and what the move leaves in place: the others
+    of the chosen groups end up in the folder named, byte for byte, and nothing is lost."""
+    with _served(dupe_photos) as base:
+        context, page, errors = _open(chromium, base)
+        try:
+            api = page.request.get("/api/dupes").json()
+            page.goto("/#dupes")
+            _wait_done(page, "#dupes-list")
+            groups = page.locator("[data-testid=dupe-group]")
+            assert groups.count() == len(api["groups"]) >= 2
+            label = {"exact": "exact copy", "edited": "edited copy", "similar": "similar"}
+            for i, g in enumerate(api["groups"]):
+                shown = groups.nth(i)
+                assert shown.locator("[data-testid=dupe-tier]").text_content() == label[g.get("tier", "similar")]
+                cards = shown.locator(".card")
+                members = [g["keeper"], *g["others"]]
+                assert [int(c) for c in cards.evaluate_all("cs => cs.map(c => c.dataset.id)")] == \
+                    [m["id"] for m in members]
+                assert cards.first.get_attribute("data-testid") == "dupe-keeper"
+                assert cards.first.locator(".badge.suggested").count() == 1
+                assert cards.first.locator("[data-testid=dupe-keep]").is_checked()
+                for j, m in enumerate(members):
+                    card = cards.nth(j)
+                    assert card.locator("[data-testid=dupe-dims]").inner_text() == f"{m['width']}×{m['height']}"
+                    assert card.locator("[data-testid=dupe-bytes]").inner_text() == f"{m['bytes']:,} bytes"
+                    assert card.locator("[data-testid=dupe-path]").inner_text() == m["path"]
+            assert min(_images_loaded(page, "#dupes-list")) > 0
+            by_path = {Path(m["path"]).relative_to(dupe_photos).as_posix(): (i, m)
+                       for i, g in enumerate(api["groups"]) for m in [g["keeper"], *g["others"]]}
+            exact_i, _ = by_path["backup/" + sorted(p.name for p in (dupe_photos / "backup").iterdir())[0]]
+            small_i, small = by_path["phone/small copy.jpg"]
+            assert api["groups"][exact_i]["tier"] == "exact" and api["groups"][small_i]["tier"] == "edited"
+            assert api["groups"][small_i]["keeper"]["id"] != small["id"]  # the original, with more pixels
+
+            # Keep the small copy instead: the original is the one to go.
+            group = groups.nth(small_i)
+            group.locator(f".card[data-id='{small['id']}'] [data-testid=dupe-keep]").check()
+            assert group.locator(f".card[data-id='{small['id']}']").get_attribute("data-role") == "keep"
+            original = api["groups"][small_i]["keeper"]
+            assert group.locator(f".card[data-id='{original['id']}']").get_attribute("data-role") == "remove"
+
+            # Export: the decision as the page holds it, one row per image.
+            expected = []
+            for i, g in enumerate(api["groups"]):
+                keep = small["id"] if i == small_i else g["keeper"]["id"]
+                chosen = g.get("tier", "similar") != "similar"
+                for m in [g["keeper"], *g["others"]]:
+                    expected.append({"group": i + 1, "tier": g.get("tier", "similar"),
+                                     "role": "remove" if chosen and m["id"] != keep else "keep", "id": m["id"],
+                                     "path": m["path"], "width": m["width"], "height": m["height"],
+                                     "bytes": m["bytes"]})
+            with page.expect_download() as download:
+                page.click("#dupes-export-json")
+            assert download.value.suggested_filename == "simsearch-duplicates.json"
+            assert json.loads(Path(download.value.path()).read_text()) == expected
+            with page.expect_download() as download:
+                page.click("#dupes-export-csv")
+            with open(download.value.path(), newline="") as f:
+                rows = list(csv.DictReader(f))
+            assert rows == [{k: str(v) for k, v in r.items()} for r in expected]
+
+            # Move the others into a folder that is not there yet.
+            before = _digests(dupe_photos)
+            dest = tmp_path / "moved away"
+            page.fill("#dupes-dest", str(dest))
+            page.click("#dupes-move")
+            _wait_done(page, "#dupes-move-status")
+            removed = [r for r in expected if r["role"] == "remove"]
+            assert removed and all(not Path(r["path"]).exists() for r in removed)
+            assert all(Path(r["path"]).is_file() for r in expected if r["role"] == "keep")
+            moved = _digests(dest)
+            assert sorted(moved.values()) == sorted(before[Path(r["path"]).relative_to(dupe_photos).as_posix()]
+                                                    for r in removed)
+            assert Path(original["path"]).name in moved and not Path(original["path"]).exists()
+            after = _digests(dupe_photos)
+            assert sorted([*after.values(), *moved.values()]) == sorted(before.values())  # nothing lost
+            assert page.inner_text("#dupes-move-status").startswith(f"{len(removed)} image")
+            for r in removed:
+                card = page.locator(f"#dupes-list .card[data-id='{r['id']}']")
+                assert card.get_attribute("data-outcome") == "moved" and card.get_attribute("data-role") == "moved"
+            assert page.locator("#dupes-move").is_disabled()  # nothing left to move
+            page.screenshot(path=str(tmp_path / "dupes-moved.png"), full_page=True)
+        finally:
+            context.close()
+        assert not errors, f"JavaScript errors: {errors}"
