@@ -7,8 +7,9 @@ One process serves one app; `serve --workers N` runs N of them on one socket (wo
 The pieces, one job each: library.py (the db, following a running `simsearch index`), routes.py (the routes),
 hot.py (the plain "similar" and "query" requests answered without FastAPI's per-request cost), schemas.py (the
 answers' shapes, which make the OpenAPI document), errors.py (errors as statuses and one body), uploads.py (the caps
-on uploads). No torch is imported on this path. The only thing the server writes is
-`<db>/thumbnails/<sha256>-<side>.jpg`, once per image content (atomically).
+on uploads), moves.py (the duplicates view's "move the others"). No torch is imported on this path. The only
+thing the server writes is `<db>/thumbnails/<sha256>-<side>.jpg`, once per image content (atomically); the one
+request that touches the user's files, POST /api/dupes/move (loopback clients only), moves them and deletes nothing.
 """
 
 from __future__ import annotations
