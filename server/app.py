@@ -14,7 +14,6 @@ request that touches the user's files, POST /api/dupes/move (loopback clients on
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 from contextlib import asynccontextmanager
 
@@ -26,6 +25,7 @@ from simsearch.errors import SimsearchError
 from simsearch.server import errors
 from simsearch.server.hot import HotRoutes
 from simsearch.server.library import Library, ServerConfig
+from simsearch.server.moves import is_loopback
 from simsearch.server.routes import STATIC, add_routes
 from simsearch.server.uploads import MULTIPART_SLACK, UploadLimit
 
@@ -68,15 +68,6 @@ def create_app(config: ServerConfig) -> FastAPI:
 
 
 # -- listening -----------------------------------------------------------------------------------------------------
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to anything
-
-
 def listen(host: str, port: int) -> socket.socket:
     """A socket listening on host:port (port 0: a free one, read it back with getsockname()); SimsearchError if
     it cannot be bound (the port taken, an address not of this machine)."""

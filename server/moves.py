@@ -11,6 +11,7 @@ group's keeper must be there, and is never moved; a file changed since it was in
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import shutil
 import stat
@@ -42,6 +43,16 @@ class Failed:
     id: int
     path: str | None  # None: no such item in the db
     reason: str
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address to listen on, or a client's) is this machine's own."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def destination_folder(dest: str, db_root: Path) -> Path:

@@ -30,7 +30,7 @@ from simsearch.retrieval.search import QueryResult, Searcher
 from simsearch.retrieval.views import hit_view, path_fields, term_view
 from simsearch.server.errors import responses
 from simsearch.server.library import Library
-from simsearch.server.moves import MoveGroup, check_groups, destination_folder, move_groups
+from simsearch.server.moves import MoveGroup, check_groups, destination_folder, is_loopback, move_groups
 from simsearch.server.schemas import (DupesOut, ExplainOut, HealthOut, InfoOut, ItemOut, ItemsOut, MoveIn, MoveOut,
                                       QueryOut, SimilarOut)
 from simsearch.server.uploads import saved_upload, upload_name
@@ -260,8 +260,6 @@ def add_routes(app: FastAPI, lib: Library) -> None:
         a suffix ("a-1.jpg"); nothing is deleted or overwritten; the db is not changed (the next `simsearch
         index` sees the files gone). Each item is reported, moved or failed with the reason. Only from this
         machine (a loopback client), else 403."""
-        from simsearch.server.app import is_loopback  # app.py imports this module
-
         if request.client is None or not is_loopback(request.client.host):
             raise HTTPException(403, "moving files is only allowed from this machine (a loopback client)")
         groups = [MoveGroup(g.keep, tuple(g.move)) for g in plan.groups]
