@@ -19,7 +19,8 @@ from simsearch.server.schemas import ErrorOut
 MEANINGS = {
     400: "a request the library refuses (a reranker that reads another encoder's vectors, a depth below k, an "
          "explanation method the encoder does not allow)",
-    403: "a request that changes files, from another machine: only this machine's own clients (loopback) may",
+    403: "a request that moves files from another machine, at a name that is not a loopback one, or from another "
+         "site's page",
     404: "no such item (or its file is gone), no vectors of that encoder in the db, the db holds no images yet, "
          "or no such reranker",
     413: "an upload over the server's cap (--max-upload)",

@@ -17,6 +17,7 @@ import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from simsearch.errors import NotFoundError, SimsearchError
 from simsearch.indexer.scan import shown_path
@@ -53,6 +54,20 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
+
+
+def refusal(client: str | None, host: str | None, authority: str | None, origin: str | None) -> str | None:
+    """Why a request that moves files is refused (403), or None. It must come from this machine (a loopback
+    client), be addressed to it by a loopback name or address (`host`, from the Host header: a name of another site
+    rebound to 127.0.0.1 is not), and not come from a page of another origin (`origin` against `authority`, the Host
+    header as sent); a cross-site form cannot send JSON (it gets 422)."""
+    if client is None or not is_loopback(client):
+        return "moving files is only allowed from this machine (a loopback client)"
+    if host is None or not is_loopback(host):
+        return "moving files is only allowed at a loopback address (http://127.0.0.1:PORT or http://localhost:PORT)"
+    if origin is not None and urlsplit(origin).netloc != authority:
+        return "moving files is only allowed from the page this server serves (another origin sent it)"
+    return None
 
 
 def destination_folder(dest: str, db_root: Path) -> Path:

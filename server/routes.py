@@ -30,7 +30,7 @@ from simsearch.retrieval.search import QueryResult, Searcher
 from simsearch.retrieval.views import hit_view, path_fields, term_view
 from simsearch.server.errors import responses
 from simsearch.server.library import Library
-from simsearch.server.moves import MoveGroup, check_groups, destination_folder, is_loopback, move_groups
+from simsearch.server.moves import MoveGroup, check_groups, destination_folder, move_groups, refusal
 from simsearch.server.schemas import (DupesOut, ExplainOut, HealthOut, InfoOut, ItemOut, ItemsOut, MoveIn, MoveOut,
                                       QueryOut, SimilarOut)
 from simsearch.server.uploads import saved_upload, upload_name
@@ -259,9 +259,11 @@ def add_routes(app: FastAPI, lib: Library) -> None:
         from the request is the destination, which must be absolute and outside the db. A name already there gets
         a suffix ("a-1.jpg"); nothing is deleted or overwritten; the db is not changed (the next `simsearch
         index` sees the files gone). Each item is reported, moved or failed with the reason. Only from this
-        machine (a loopback client), else 403."""
-        if request.client is None or not is_loopback(request.client.host):
-            raise HTTPException(403, "moving files is only allowed from this machine (a loopback client)")
+        machine, at a loopback address, and from no other site's page, else 403."""
+        refused = refusal(request.client.host if request.client else None, request.url.hostname,
+                          request.headers.get("host"), request.headers.get("origin"))
+        if refused:
+            raise HTTPException(403, refused)
         groups = [MoveGroup(g.keep, tuple(g.move)) for g in plan.groups]
         check_groups(groups)
         folder = destination_folder(plan.destination, lib.store.root)

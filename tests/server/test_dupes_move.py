@@ -5,6 +5,7 @@ overwritten), and the db is unchanged."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -47,7 +48,7 @@ def served(tmp_path, encoder, models_dir):
         Indexer(encoder, store).run(photos)
         refresh(store, encoder.spec.name)
     app = create_app(ServerConfig(db=tmp_path / "db", models_dir=models_dir))
-    with TestClient(app, client=LOOPBACK) as client:
+    with TestClient(app, base_url="http://127.0.0.1:8000", client=LOOPBACK) as client:
         yield client, photos, originals[0].name
 
 
@@ -117,9 +118,26 @@ def test_refused_requests_move_nothing(served, tmp_path):
                  {"destination": dest, "groups": plan, "path": str(photos / "a" / name)},
                  {"destination": dest, "groups": [{"keep": keep, "move": [str(photos / "a" / name)]}]}):
         assert client.post("/api/dupes/move", json=body).status_code == 422, body
-    # From another machine (TestClient's default client is not loopback; no `with`: the app's lifespan is ours)
-    r = TestClient(client.app).post("/api/dupes/move", json={"destination": dest, "groups": plan})
-    assert r.status_code == 403 and "this machine" in r.json()["detail"]
+    # From another machine (TestClient's default client is not loopback; no `with`: the app's lifespan is ours), at
+    # a name that is not loopback (another site's name rebound to 127.0.0.1), from another site's page: 403. A
+    # cross-site form can post only text/plain: not JSON, 422.
+    r = TestClient(client.app, base_url="http://127.0.0.1:8000").post(
+        "/api/dupes/move", json={"destination": dest, "groups": plan})
+    assert r.status_code == 403 and "from this machine" in r.json()["detail"]
+    for headers, text in (({"Host": "evil.example:8000"}, "at a loopback address"),
+                          ({"Origin": "http://evil.example"}, "another origin"),
+                          ({"Origin": "http://127.0.0.1:9999"}, "another origin")):
+        r = client.post("/api/dupes/move", json={"destination": dest, "groups": plan}, headers=headers)
+        assert r.status_code == 403 and text in r.json()["detail"], (headers, r.text)
+    r = client.post("/api/dupes/move", json={"destination": dest, "groups": plan},
+                    headers={"Origin": "http://127.0.0.1:8000"})  # the page's own origin: moved
+    assert r.status_code == 200 and len(r.json()["moved"]) == 2
+    for m in r.json()["moved"]:  # put back for the rest of the test
+        os.rename(m["to"], m["path"])
+    shutil.rmtree(dest)
+    r = client.post("/api/dupes/move", content=json.dumps({"destination": dest, "groups": plan}),
+                    headers={"Content-Type": "text/plain"})
+    assert r.status_code == 422
     assert _files(photos) == before and not Path(dest).exists()
 
     # Per item: an id the db does not hold, a file changed since it was indexed, and a group whose keeper is gone
