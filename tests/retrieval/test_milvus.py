@@ -74,12 +74,14 @@ def test_mirror_follows_the_store_incrementally(tmp_path):
     with Store(tmp_path / "db", create=True) as store:
         store.register_encoder(NAME, KEY, DIM, "crop")
         put(store, range(40), seed=0)
+        before = time.time()
         built = sync_milvus(store, NAME)
         assert (built.action, built.backend, built.count) == ("built", "milvus", 40)
         assert_mirror_matches(store)
         assert store.manifest.encoders[NAME].backend == "milvus"
         assert state(store) == MilvusState("milvus.db", collection_name(store.root, NAME),
-                                           {"M": 16, "efConstruction": 200, "ef": 128}, 40)
+                                           {"M": 16, "efConstruction": 200, "ef": 128}, 40, state(store).synced_at)
+        assert before <= state(store).synced_at <= time.time()  # after the sync's last write
         assert state(store).collection.startswith("simsearch_enc_a_v1_")
 
         put(store, range(40, 45), seed=1)  # 5 new

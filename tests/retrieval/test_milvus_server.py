@@ -8,6 +8,7 @@ One server serves the whole session: it takes about 10 s to start. It skips only
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -284,6 +285,33 @@ def test_a_built_collection_is_sealed_and_indexed_at_once(milvus_server, tmp_pat
         index.close()
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got.tolist(), truth.tolist())])
     assert recall >= 0.95, recall
+
+
+def test_searches_do_not_wait_for_a_time_tick(milvus_server, tmp_path):
+    """Searches and counts ask for the state of the last sync, which the server has applied, rather than Strong's
+    newest, which waits for the server's next time tick (200 ms on 2.3.5) on every call. A db whose state has no
+    sync time (written by an older simsearch) still searches, with Strong, and gets the same answers."""
+    with Store(tmp_path / "db", create=True) as store:
+        store.register_encoder(NAME, KEY, DIM, "crop")
+        put(store, range(50), seed=0)
+        MilvusBackend().refresh(store, NAME, RefreshConfig(uri=milvus_server.uri))
+        entry = store.manifest.encoders[NAME]
+        older = dataclasses.replace(entry, index={k: v for k, v in entry.index.items() if k != "synced_at"})
+        assert MilvusState.of(older, NAME).synced_at == 0.0
+        fresh, strong = (MilvusBackend().open(store, NAME, e) for e in (entry, older))
+    queries = unit(1, seed=9)
+    try:
+        assert fresh.ntotal == strong.ntotal == 50
+        np.testing.assert_array_equal(fresh.search(queries, 10)[1], strong.search(queries, 10)[1])
+        seconds = []
+        for _ in range(20):
+            t = time.perf_counter()
+            fresh.search(queries, 10)
+            seconds.append(time.perf_counter() - t)
+    finally:
+        fresh.close()
+        strong.close()
+    assert np.median(seconds) < 0.1, seconds
 
 
 def test_cli_on_a_server(milvus_server, tmp_path, models_dir):
