@@ -50,21 +50,26 @@ def test_a_hit_is_json_types_only():
 
 
 def test_the_dupes_view_counts_what_could_go():
-    a, b, c = (DupeItem(i, f"/p/{i}.jpg", 10, 10, 100 * i, s) for i, s in [(1, 1.0), (2, 0.97), (3, 0.95)])
-    odd = DupeItem(4, ODD, 0, 0, 7, 0.99)
-    groups = [DupeGroup(a, [b, c], 0.95), DupeGroup(DupeItem(5, "/p/5.jpg", 1, 1, 1), [odd], 0.99)]
+    a, b, c = (DupeItem(i, f"/p/{i}.jpg", 10, 10, 100 * i, s, t)
+               for i, s, t in [(1, 1.0, "keeper"), (2, 0.97, "exact"), (3, 0.95, "edited")])
+    odd = DupeItem(4, ODD, 0, 0, 7, 0.99, "similar")
+    groups = [DupeGroup(a, [b, c], 0.95, "edited"), DupeGroup(DupeItem(5, "/p/5.jpg", 1, 1, 1), [odd], 0.99)]
     view = dupes_view(groups, "enc", None)
     assert strict_json(view) == view
-    assert view["threshold"] == DEFAULT_THRESHOLD and view["encoder"] == "enc"
-    assert view["totals"] == {"groups": 2, "removable_images": 3, "reclaimable_bytes": 200 + 300 + 7}
-    assert view["groups"][0] == {"keeper": {"id": 1, "path": "/p/1.jpg", "width": 10, "height": 10, "bytes": 100,
-                                            "score": 1.0},
+    assert view["threshold"] == DEFAULT_THRESHOLD and view["encoder"] == "enc" and view["similar"] is False
+    assert view["totals"] == {"groups": 2, "by_tier": {"exact": 0, "edited": 1, "similar": 1}, "removable_images": 3,
+                              "reclaimable_bytes": 200 + 300 + 7}
+    assert view["groups"][0] == {"tier": "edited",
+                                 "keeper": {"id": 1, "path": "/p/1.jpg", "width": 10, "height": 10, "bytes": 100,
+                                            "score": 1.0, "tier": "keeper"},
                                  "others": [{"id": 2, "path": "/p/2.jpg", "width": 10, "height": 10, "bytes": 200,
-                                             "score": 0.97},
+                                             "score": 0.97, "tier": "exact"},
                                             {"id": 3, "path": "/p/3.jpg", "width": 10, "height": 10, "bytes": 300,
-                                             "score": 0.95}],
+                                             "score": 0.95, "tier": "edited"}],
                                  "min_score": 0.95}
+    assert view["groups"][1]["tier"] == "similar" and view["groups"][1]["others"][0]["tier"] == "similar"
     assert view["groups"][1]["others"][0]["path_bytes"] == base64.b64encode(os.fsencode(ODD)).decode()
+    assert dupes_view([], "enc", 0.9)["similar"] is True and dupes_view([], "enc", None, similar=True)["similar"]
     assert dupes_view([], "enc", 0.9)["threshold"] == 0.9
 
 
