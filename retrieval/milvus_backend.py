@@ -513,7 +513,7 @@ class MilvusIndex:
 
     def _consistency(self) -> dict:
         """How a search or count asks for fresh data. Strong makes a server wait for its next time tick on every
-        call (p50 200 ms on 2.3.5, against 1.6 ms for the search itself). A guarantee timestamp at the last sync is
+        call (p50 200 ms on 2.3.5, against 2-3 ms for the search itself). A guarantee timestamp at the last sync is
         served at once by a server that has applied that sync (it had: a sync ends with a Strong count), and the
         answer still includes every write the server has applied since. The writer's clock stands for the
         server's: one behind by d may hide the sync's last d of writes; one ahead is capped at the reader's clock,
