@@ -7,17 +7,24 @@ must. Vectors are L2-normalised, so every index uses inner product (= cosine).
 | collection                                    | kind    | bytes per vector        |
 |-----------------------------------------------|---------|-------------------------|
 | up to FLAT_MAX vectors                        | flat    | 4*dim + 8               |
+| dim >= HNSW_AUTO_DIM, up to HNSW_AUTO_MAX     | hnsw    | 4*dim + 8 + 8*hnsw_m    |
 | IVF-Flat fits the budget                      | ivf     | 4*dim + 8               |
 | else IVF + 8-bit scalar quantiser fits        | sq8     | dim + 8                 |
 | else OPQ + IVF + PQ, the largest M that fits  | ivfpq   | M + 8, re-scored exactly|
-| HNSW: only when asked (`--index hnsw`)        | hnsw    | 4*dim + 8 + 8*hnsw_m    |
 
 IVF lists: 4*sqrt(n) (the low end of FAISS's 4..16*sqrt(n) guideline: k-means training costs
-nlist^2, and on 2 cores that is the build's largest term), rounded to a power of two. Above
+nlist^2, and on 2 cores that is the build's largest term), rounded to a power of two, and halved while
+nlist^2 * dim passes KMEANS_BUDGET (k-means and the assignment of every vector both cost ~nlist * dim per
+vector: 1M x 1280 gets 2048 lists, not 4096, and builds in well under half the time). Above
 HNSW_QUANTIZER_FROM vectors the coarse quantiser is an HNSW graph over the centroids (FAISS's
 `IVFx_HNSW32` for 1M-10M), because assigning 10M vectors to 16k centroids by brute force costs more
-than the rest of the build. HNSW is not chosen automatically: its build is the slowest of the kinds
-(`python -m simsearch.benchmarks ann` measures it) and it cannot remove vectors, only mark them.
+than the rest of the build.
+
+HNSW is chosen for wide vectors (dim >= HNSW_AUTO_DIM) up to HNSW_AUTO_MAX of them: an IVF-Flat search reads
+nprobe whole lists of 4*dim-byte vectors, a graph search a few hundred of them, and on the real 1280-d
+embeddings of `python -m simsearch.benchmarks ann` the graph is ~2x the QPS of IVF at recall 0.95 (and ahead of
+hnswlib). Above HNSW_AUTO_MAX its build passes the IVF's by minutes; at 256-d IVF is as fast to search. It cannot
+remove vectors, only mark them (tombstones: the segments' search skips them, and past 10% the graph is rebuilt).
 """
 
 from __future__ import annotations
@@ -34,6 +41,11 @@ log = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "ivf", "sq8", "ivfpq", "hnsw")
 FLAT_MAX = 10_000  # exact search up to here: a 10k x 1280 scan is ~1 ms on 2 cores
 HNSW_QUANTIZER_FROM = 2_000_000
+# nlist^2 * dim at most (below HNSW_QUANTIZER_FROM): 1M x 256's 4096 lists (its build: 42 s on 2 cores). 1M x 1280
+# with 4096 lists built in 190 s, with 2048 in ~half that (docs/scale.md, the ANN benchmark).
+KMEANS_BUDGET = 2048**2 * 1280
+HNSW_AUTO_DIM = 512  # auto picks HNSW for vectors this wide...
+HNSW_AUTO_MAX = 200_000  # ... up to this many (100k x 1280: built in 34 s, vs IVF's 11 s)
 HNSW_M = 32  # graph links per node (FAISS's and hnswlib's common default for 0.9+ recall)
 # Beam width while an HNSW graph is built (hnswlib's and usearch's 128 in benchmarks/ann.py). FAISS's default of 40
 # built a graph of 100k synthetic 1280-d vectors that needed efSearch 515 for recall@10 0.95, where hnswlib's
@@ -85,9 +97,12 @@ class IndexPlan:
         return min(count, need)
 
 
-def ivf_lists(count: int) -> int:
-    """4*sqrt(n) rounded to a power of two, with at least 39 training vectors per list."""
+def ivf_lists(count: int, dim: int = 0) -> int:
+    """4*sqrt(n) rounded to a power of two, with at least 39 training vectors per list; below HNSW_QUANTIZER_FROM
+    halved while nlist^2 * dim passes KMEANS_BUDGET (dim 0: no cap)."""
     n = max(1, 2 ** round(math.log2(max(1.0, 4 * math.sqrt(count)))))
+    while count < HNSW_QUANTIZER_FROM and n > 1 and n * n * dim > KMEANS_BUDGET:
+        n //= 2
     return max(1, min(n, count // TRAIN_PER_LIST))
 
 
@@ -99,7 +114,7 @@ def choose_index(count: int, dim: int, budget: int, kind: str = "auto") -> Index
     """
     if kind not in KINDS:
         raise SimsearchError(f"unknown index kind {kind!r} (available: {', '.join(KINDS)})")
-    nlist = ivf_lists(count)
+    nlist = ivf_lists(count, dim)
     coarse_m = HNSW_M if count >= HNSW_QUANTIZER_FROM else 0
     candidates = {
         "flat": [IndexPlan("flat")],
@@ -116,7 +131,8 @@ def choose_index(count: int, dim: int, budget: int, kind: str = "auto") -> Index
         return (fitting or plans[-1:])[0]  # asked for explicitly: built even over the budget (the caller warns)
     if count <= FLAT_MAX:
         return IndexPlan("flat")
-    for plan in candidates["ivf"] + candidates["sq8"] + candidates["ivfpq"]:
+    graph = candidates["hnsw"] if dim >= HNSW_AUTO_DIM and count <= HNSW_AUTO_MAX else []
+    for plan in graph + candidates["ivf"] + candidates["sq8"] + candidates["ivfpq"]:
         if plan.memory_bytes(count, dim) <= budget:
             return plan
     smallest = (candidates["ivfpq"] or candidates["sq8"])[-1]

@@ -120,7 +120,7 @@ def test_speed_end_to_end_through_the_entry_point(tmp_path, models_dir):
     assert e["baseline"] == a["value"] and b["baseline"] == a["value"] and f["baseline"] == e["value"]
     assert g32["value"] == b["value"] and g8["value"] == f["value"]
     assert doc["limit"]["decode"]["images"] == 6 and doc["config"]["max_images"] == 8
-    assert doc["search"]["auto"]["index"].startswith("ivf")  # 12,000 > the exact-search limit: the IVF path
+    assert doc["search"]["auto"]["index"].startswith("hnsw")  # 12,000 x 1280 > the exact-search limit: a graph
     assert 0.8 <= doc["search"]["auto"]["recall_at_k"] <= 1.0
     flags = parse_cpuinfo_flags(open("/proc/cpuinfo").read())
     assert doc["machine"]["int8_fast"] == bool(flags & {"avx512_vnni", "avx_vnni", "asimddp"})

@@ -5,7 +5,7 @@ from simsearch.errors import DbCorruptError
 from simsearch.indexer.store import Store
 from simsearch.retrieval.backend import RefreshConfig, RefreshOutcome, get_backend
 from simsearch.retrieval.faiss_index import FaissState, LoadedIndex, build_index, load_index
-from simsearch.retrieval.index_plan import FLAT_MAX, IndexConfig
+from simsearch.retrieval.index_plan import FLAT_MAX, HNSW_AUTO_DIM, IndexConfig
 
 
 def refresh_index(store, name, config=IndexConfig(), verify=False) -> RefreshOutcome:
@@ -113,6 +113,26 @@ def test_added_changed_and_removed_items_update_the_index_in_place(tmp_path, kin
         _, got = index.search(vecs[20:70], 10)
         assert not np.isin(got, np.arange(20, 70)).any()  # removed items are never returned
         assert store.paths_of([20]) == [None]  # their tombstones are gone: no published index holds them
+
+
+def test_auto_gives_wide_vectors_a_graph_whose_removed_items_are_tombstones(tmp_path):
+    """HNSW_AUTO_DIM-wide vectors past the exact-search limit: auto builds HNSW (index_plan), tuned to recall 0.95;
+    a removal is a tombstone (updated, not rebuilt), and answers match brute force over the live vectors."""
+    n, dim = FLAT_MAX + 1000, HNSW_AUTO_DIM
+    everything = clustered(n + 200, dim, 200, spread=1.2)
+    vecs, queries = everything[:n], everything[n:]
+    with _store_of(tmp_path, vecs) as store:
+        refresh_index(store, "x")
+        assert state(store).kind == "hnsw" and state(store).recall >= 0.95
+        gone = np.arange(0, n, 20)  # every 20th item removed: 5%, under the rebuild threshold of 10%
+        store.remove_items([f"/img/{i}.jpg" for i in gone])
+        assert refresh_index(store, "x").action == "updated"
+        index, _ = load_index(store, "x")
+        live = np.setdiff1d(np.arange(n), gone)
+        assert np.array_equal(index.live_ids(), live) and index.ntotal == len(live)
+        _, got = index.search(queries, 10)
+        assert not np.isin(got, gone).any()
+        assert recall_at_10(got, queries, vecs[live], live) >= 0.9
 
 
 def test_hnsw_is_rebuilt_once_a_tenth_of_its_nodes_are_removed(tmp_path):
