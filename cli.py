@@ -527,7 +527,7 @@ def dupes(
     similar = similar or threshold is not None
     try:  # open for writing when no one else is, so the verification's features are cached in the db
         store = Store(db, wait=False)
-    except SimsearchError:
+    except (SimsearchError, OSError):  # busy, or a db the user may read but not write: nothing is cached
         store = Store(db, readonly=True)
     with store:
         name = store.manifest.encoder_name(encoder, store.root)
