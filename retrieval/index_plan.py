@@ -15,7 +15,7 @@ must. Vectors are L2-normalised, so every index uses inner product (= cosine).
 IVF lists: 4*sqrt(n) (the low end of FAISS's 4..16*sqrt(n) guideline: k-means training costs
 nlist^2, and on 2 cores that is the build's largest term), rounded to a power of two, and halved while
 nlist^2 * dim passes KMEANS_BUDGET (k-means and the assignment of every vector both cost ~nlist * dim per
-vector: 1M x 1280 gets 2048 lists, not 4096, and builds in well under half the time). Above
+vector: 1M x 1280 gets 1024 lists, not 4096, and builds in well under half the time). Above
 HNSW_QUANTIZER_FROM vectors the coarse quantiser is an HNSW graph over the centroids (FAISS's
 `IVFx_HNSW32` for 1M-10M), because assigning 10M vectors to 16k centroids by brute force costs more
 than the rest of the build.
@@ -42,8 +42,10 @@ KINDS = ("auto", "flat", "ivf", "sq8", "ivfpq", "hnsw")
 FLAT_MAX = 10_000  # exact search up to here: a 10k x 1280 scan is ~1 ms on 2 cores
 HNSW_QUANTIZER_FROM = 2_000_000
 # nlist^2 * dim at most (below HNSW_QUANTIZER_FROM): 1M x 256's 4096 lists (its build: 42 s on 2 cores). 1M x 1280
-# with 4096 lists built in 190 s, with 2048 in ~half that (docs/scale.md, the ANN benchmark).
-KMEANS_BUDGET = 2048**2 * 1280
+# with 4096 lists built in 190 s; under load 2048 lists still took 163 s (100 s of it assigning the vectors), 1024
+# take well under 120 s (docs/scale.md, the ANN benchmark). A search costs about the same: nlist centroids plus
+# nprobe lists of n / nlist vectors each, and fewer, longer lists trade the first for the second.
+KMEANS_BUDGET = 4096**2 * 256
 HNSW_AUTO_DIM = 512  # auto picks HNSW for vectors this wide...
 HNSW_AUTO_MAX = 200_000  # ... up to this many (100k x 1280: built in 34 s, vs IVF's 11 s)
 HNSW_M = 32  # graph links per node (FAISS's and hnswlib's common default for 0.9+ recall)

@@ -13,10 +13,10 @@ GiB = 1 << 30
     (FLAT_MAX + 1, 1280, 8 * GiB, IndexPlan("hnsw", hnsw_m=32)),  # wide vectors: a graph, up to HNSW_AUTO_MAX
     (100_000, 1280, 8 * GiB, IndexPlan("hnsw", hnsw_m=32)),
     (100_000, 256, 8 * GiB, IndexPlan("ivf", 1024)),
-    (HNSW_AUTO_MAX + 1, 1280, 8 * GiB, IndexPlan("ivf", 2048)),
+    (HNSW_AUTO_MAX + 1, 1280, 8 * GiB, IndexPlan("ivf", 1024)),
     (1_000_000, 256, 8 * GiB, IndexPlan("ivf", 4096)),  # 1.0 GB of float32: fits
-    (1_000_000, 1280, 8 * GiB, IndexPlan("ivf", 2048)),  # 4096 lists: k-means over KMEANS_BUDGET
-    (1_000_000, 1280, 4 * GiB, IndexPlan("sq8", 2048)),  # 5.1 GB float32 does not fit, 1.3 GB of sq8 does
+    (1_000_000, 1280, 8 * GiB, IndexPlan("ivf", 1024)),  # 4096 or 2048 lists: k-means over KMEANS_BUDGET
+    (1_000_000, 1280, 4 * GiB, IndexPlan("sq8", 1024)),  # 5.1 GB float32 does not fit, 1.3 GB of sq8 does
     (10_000_000, 256, 8 * GiB, IndexPlan("sq8", 16384, hnsw_m=32)),  # the 10M x 256 in 8 GB
     (10_000_000, 1280, 8 * GiB, IndexPlan("ivfpq", 16384, 64, 32)),
     (10_000_000, 1280, 512 << 20, IndexPlan("ivfpq", 16384, 32, 32)),  # the largest PQ code that fits
@@ -28,7 +28,7 @@ def test_auto_is_a_pure_function_of_count_dim_and_budget(count, dim, budget, pla
 
 def test_sizes_and_factory_strings():
     assert ivf_lists(40) == 1 and ivf_lists(1_000_000) == 4096  # at least 39 training vectors per list
-    assert ivf_lists(1_000_000, 256) == 4096 and ivf_lists(1_000_000, 1280) == 2048
+    assert ivf_lists(1_000_000, 256) == 4096 and ivf_lists(1_000_000, 1280) == 1024
     assert ivf_lists(2_000_000, 1280) == 4096  # with an HNSW quantiser assignment is not brute force: no cap
     assert IndexPlan("ivfpq", 4096, 32).factory(1280) == "OPQ32_128,IVF4096,PQ32"
     assert IndexPlan("sq8", 16384, hnsw_m=32).factory(256) == "IVF16384_HNSW32,SQ8"
