@@ -544,6 +544,8 @@ class _PeakAnon:
 def _measure_child(db: str, threshold: float) -> dict:
     """In a fresh process: find_duplicates (with the similar tier) timed, its peak memory, and the groups as
     {id: (group number, tier)}."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("simsearch").setLevel(logging.INFO)  # a spawned process: its stages' times in the log
     before = _anon_bytes()
     start = time.perf_counter()
     config = DupesConfig_(candidate_threshold=threshold)

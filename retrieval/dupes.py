@@ -37,6 +37,7 @@ with the candidate pairs, not with N x N.
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -134,10 +135,17 @@ def find_duplicates(store: Store, encoder: str, threshold: float | None = None, 
     if similar is None:
         similar = config.similar or threshold is not None
     config = replace(config, similar=similar, block=block or config.block)
+    t0 = time.perf_counter()
     cands = find_candidates(store, encoder, config, on_progress)
+    t1 = time.perf_counter()
     verdicts = verify_pairs(store, cands.pairs, config, on_progress)
+    t2 = time.perf_counter()
     accepted = np.array([config.verify.accepts(v) for v in verdicts], dtype=bool)
-    return group(store, encoder, cands, accepted, on_progress, [v.derived for v in verdicts])
+    groups = group(store, encoder, cands, accepted, on_progress, [v.derived for v in verdicts])
+    log.info("duplicates: candidates %.1f s (%s), verification %.1f s, groups %.1f s", t1 - t0,
+             ", ".join(f"{k} {v:.1f} s" for k, v in cands.stats.get("seconds", {}).items()), t2 - t1,
+             time.perf_counter() - t2)
+    return groups
 
 
 def _similar_threshold(config: DupesConfig, encoder: str) -> float:
@@ -159,6 +167,13 @@ def find_candidates(store: Store, encoder: str, config: DupesConfig = DupesConfi
     if not 0.0 < config.candidate_threshold <= 1.0:
         raise SimsearchError(f"the candidate threshold is a cosine in (0, 1] (got {config.candidate_threshold:g})")
     # One pass of queries on the CPU: a GPU copy of the index would cost more to make than the one pass saves.
+    clock = [time.perf_counter()]
+    seconds = {}
+
+    def lap(stage: str) -> None:
+        clock.append(time.perf_counter())
+        seconds[stage] = clock[-1] - clock[-2]
+
     index, entry = open_index(store, encoder, Device.cpu)
     try:
         require_vectors(index, encoder, store)
@@ -169,10 +184,13 @@ def find_candidates(store: Store, encoder: str, config: DupesConfig = DupesConfi
         near, sim, live = _neighbour_pairs(store, index, entry.key, entry.dim, config, sim_cut, rows, on_progress)
     finally:
         index.close()  # e.g. Milvus Lite serves one process per file
+    lap("index")
     ids, content = _contents(store, live)
     hashes = _hashes(store, ids, content, on_progress)
+    lap("hashes read")
     exact = _exact_pairs(ids, content, hashes[2])
     by_hash = _hash_pairs(ids, hashes, config.hash_bits)
+    lap("hash pairs")
     near = _only_between(near, live)
     a = np.concatenate([near[0], by_hash[0]])
     b = np.concatenate([near[1], by_hash[1]])
@@ -181,7 +199,7 @@ def find_candidates(store: Store, encoder: str, config: DupesConfig = DupesConfi
     known = _pair_keys(*exact)
     keep = ~np.isin(_pair_keys(a, b), known)  # exact pairs need no verification
     stats = {"index_pairs": int(len(near[0])), "hash_pairs": int(len(by_hash[0])), "exact_pairs": int(len(exact[0])),
-             "pairs_to_verify": int(keep.sum())}
+             "pairs_to_verify": int(keep.sum()), "seconds": seconds}
     log.info("%d images: %d exact pairs, %d candidate pairs to verify (%d from the index, %d from the hashes)",
              len(ids), stats["exact_pairs"], stats["pairs_to_verify"], stats["index_pairs"], stats["hash_pairs"])
     return Candidates(exact, (a[keep], b[keep]), source[keep], _only_between(sim, live) if sim else
@@ -319,10 +337,15 @@ def _hashes(store: Store, ids: np.ndarray, content: np.ndarray, on_progress: Pro
     step = 65536
     for start in range(0, n, step):
         raws = store.get_hashes(c.tobytes().hex() for c in content[start:start + step])
-        for j, raw in enumerate(raws, start):
-            if raw is not None:
-                h = Hashes.from_bytes(raw)
-                full[j], box[j], pixels[j], share[j], has[j] = h.full, h.content, h.pixels, h.content_share, True
+        found = [j for j, raw in enumerate(raws) if raw is not None]
+        if not found:
+            continue
+        # Hashes.to_bytes, parsed for the whole block at once: (full, content, pixels) <u8, box (4,) <f4
+        rec = np.frombuffer(b"".join(raws[j][:40] for j in found), dtype=[("h", "<u8", 3), ("box", "<f4", 4)])
+        at = start + np.asarray(found)
+        full[at], box[at], pixels[at] = rec["h"][:, 0], rec["h"][:, 1], rec["h"][:, 2]
+        share[at] = (rec["box"][:, 2] - rec["box"][:, 0]) * (rec["box"][:, 3] - rec["box"][:, 1])
+        has[at] = True
     missing = np.flatnonzero(~has)
     if len(missing):
         log.warning("%d images have no perceptual hash (indexed by an older simsearch): hashing them now%s", len(missing),
