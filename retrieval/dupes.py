@@ -415,25 +415,27 @@ def _hash_pairs(ids: np.ndarray, hashes: tuple, bits: int) -> tuple[np.ndarray, 
     found_a, found_b, skipped = [], [], 0
     for q in range(4):
         shift = np.uint64(16 * q)
-        tkey = (table >> shift) & np.uint64(0xFFFF)
+        tkey = ((table >> shift) & np.uint64(0xFFFF)).astype(np.int64)
         order = np.argsort(tkey, kind="stable")
-        tkey_sorted = tkey[order]
-        pkey = (probe >> shift) & np.uint64(0xFFFF)
-        lo = np.searchsorted(tkey_sorted, pkey, side="left")
-        hi = np.searchsorted(tkey_sorted, pkey, side="right")
-        size = hi - lo
+        count = np.bincount(tkey, minlength=1 << 16)  # the table's bucket of key k: order[first[k]:first[k] + count[k]]
+        first = np.cumsum(count) - count
+        pkey = ((probe >> shift) & np.uint64(0xFFFF)).astype(np.int64)
+        lo, size = first[pkey], count[pkey]
         big = size > MAX_BUCKET
         skipped += int(big.sum())
-        size[big] = 0
-        for start in range(0, len(probe), 1 << 16):  # bounded memory: pairs of 65,536 probes at a time
-            sl = slice(start, start + (1 << 16))
+        size = np.where(big, 0, size)
+        for start in range(0, len(probe), 1 << 17):  # bounded memory: the pairs of 131,072 probes at a time
+            sl = slice(start, start + (1 << 17))
             sz = size[sl]
-            if not sz.sum():
+            total = int(sz.sum())
+            if not total:
                 continue
             p = np.repeat(np.arange(start, start + len(sz)), sz)
-            offsets = np.arange(int(sz.sum())) - np.repeat(np.cumsum(sz) - sz, sz)
-            t = order[np.repeat(lo[sl], sz) + offsets]
-            ok = (owner[t] != probe_owner[p]) & (hamming(table[t], probe[p]) <= bits)
+            t = order[np.repeat(lo[sl] - (np.cumsum(sz) - sz), sz) + np.arange(total)]
+            # each unordered pair once: from its lower owner (a mirrored probe too: d(m(a), b) == d(a, m(b)))
+            keep = owner[t] > probe_owner[p]
+            p, t = p[keep], t[keep]
+            ok = hamming(table[t], probe[p]) <= bits
             found_a.append(probe_owner[p[ok]])
             found_b.append(owner[t[ok]])
     if skipped:
