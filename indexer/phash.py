@@ -24,7 +24,9 @@ from PIL import Image
 SIDE = 32  # the grey thumbnail's side
 BITS = 8  # the BITS x BITS lowest frequencies make the hash
 DIGEST_SIDE = 64  # the pixel digest's side
-DECODE_SIDE = 256  # images are decoded for hashing with at least this many pixels on their shorter side
+# Images are decoded for hashing with at least this many pixels on their shorter side: the default encoder's own
+# decode side (224 px, letterboxed), so indexing with it decodes each image once for both.
+DECODE_SIDE = 224
 WORK_SIDE = 256  # the content box is found on a copy this large (longer side)
 FLAT = 12  # a pixel within this many grey levels of the border's colour belongs to a flat border or bar
 FLAT_SHARE = 0.7  # a row or column with at least this share of its pixels near its median is flat

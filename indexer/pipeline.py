@@ -6,7 +6,8 @@ A run commits every batch in its own LMDB transaction, so a run that is killed k
 embedded, and the next run only does the rest. Files whose (size, mtime) are unchanged and whose
 vector is stored are not even read; files whose content hash already has a vector (renamed,
 touched, duplicated) are read and hashed but not decoded or embedded (decoded only when their perceptual hashes,
-indexer/phash.py, are missing). The perceptual hashes come from the same decode as the vector.
+indexer/phash.py, are missing). The perceptual hashes come from the vector's decode when the encoder decodes at
+their side (the default encoder does), else from a decode of their own.
 """
 
 from __future__ import annotations
@@ -187,15 +188,18 @@ class Indexer:
             out.sha256 = hashlib.sha256(data).hexdigest()
             embed = not self.store.has_vector(self.spec.key, out.sha256)
             hashed = self.store.get_hashes([out.sha256])[0] is not None
-            if embed or not hashed:
-                # One decode for both: at least the encoder's side, and the hashes' (a fixed scale, so the pixel
-                # digest of one file never depends on the encoder).
-                side = max(decode_side(self.spec), DECODE_SIDE) if embed else DECODE_SIDE
-                im = load_rgb(entry.path, side, self.config.max_pixels, data=data)
-                if not hashed:
-                    out.hashes = hashes_of(im).to_bytes()
-                if embed:
-                    out.array = to_input(im, self.spec)
+            # The vector from a decode at the encoder's own side, exactly as a query decodes (a larger decode gives
+            # other pixels, and an image would not find itself at 1.0); the hashes from one at their fixed side, so
+            # the pixel digest of a file never depends on the encoder. The default encoder's side is the hashes':
+            # one decode serves both.
+            side = decode_side(self.spec)
+            im = load_rgb(entry.path, side, self.config.max_pixels, data=data) if embed else None
+            if embed:
+                out.array = to_input(im, self.spec)
+            if not hashed:
+                if im is None or side != DECODE_SIDE:
+                    im = load_rgb(entry.path, DECODE_SIDE, self.config.max_pixels, data=data)
+                out.hashes = hashes_of(im).to_bytes()
         except ImageLoadError as e:
             out.error = str(e)
         out.seconds = time.perf_counter() - t
