@@ -72,7 +72,7 @@ MAX_NEIGHBOURS = 4096  # a vector's neighbour list is not widened past this
 MAX_BUCKET = 4096  # hash buckets larger than this are not searched (a flat colour's hash, shared by thousands)
 BLOCK_BYTES = 16 << 20  # vectors searched per block: 16 MiB of float32
 PAIR_CHUNK = 2048  # candidate pairs verified per chunk (their features loaded together)
-CACHE_IMAGES = 1024  # features kept in memory at most
+CACHE_IMAGES = 2 * PAIR_CHUNK  # features kept in memory at most (a chunk's pairs name up to 2 x PAIR_CHUNK images)
 FLOAT_SLACK = 1e-6
 TIERS = ("exact", "edited", "similar")  # strongest first
 
@@ -482,7 +482,7 @@ def verify_pairs(store: Store, pairs: tuple[np.ndarray, np.ndarray], config: Dup
                     store.put_features(vc.key, [(s, f.to_bytes()) for (_, _, s), f in zip(todo, fresh) if s and f])
             out += pool.map(lambda ab: _verdict(cache.get(ab[0]), cache.get(ab[1]), vc),
                             zip(ca.tolist(), cb.tolist()))
-            while len(cache) > max(CACHE_IMAGES, 2 * PAIR_CHUNK):
+            while len(cache) > CACHE_IMAGES:
                 cache.popitem(last=False)
             if on_progress:
                 on_progress("verifying candidate pairs", min(start + PAIR_CHUNK, len(a)), len(a))
