@@ -64,8 +64,8 @@ log = logging.getLogger(__name__)
 DEFAULT_THRESHOLD = 0.86
 # Candidates: chosen on the tune half of `python -m simsearch.benchmarks dupes` (docs/explain-dupes.md) as the
 # cheapest setting whose verified groups meet every edit's recall target there.
-CANDIDATE_THRESHOLD = 0.5
-CANDIDATE_K = 16
+CANDIDATE_THRESHOLD = 0.7
+CANDIDATE_K = 4
 HASH_BITS = 10
 FIRST_K = 16  # neighbours asked per vector at first for the similar tier (the vector itself is one of them)
 MAX_NEIGHBOURS = 4096  # a vector's neighbour list is not widened past this

@@ -63,8 +63,8 @@ class VerifyConfig:
     # A pair is a copy when one affine map explains at least min_inliers matches and the pixels agree under it
     # (min_warp), or when the two whole frames correlate at least min_frame. Chosen on the tune half of
     # `python -m simsearch.benchmarks dupes` (docs/explain-dupes.md).
-    min_inliers: int = 10
-    min_warp: float = 0.6
+    min_inliers: int = 15
+    min_warp: float = 0.7
     min_frame: float = 0.9
 
     @property
