@@ -17,7 +17,6 @@ encoders/openclip_export.py for why a separate process).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import numpy as np
 
 from simsearch import paths
 from simsearch.atomic import staged_dir
+from simsearch.encoders.export import sha256_file
 from simsearch.encoders.spec import BUILTIN, CLIP_ARCH, EncoderSpec, Preprocess
 from simsearch.encoders.tokenizer import Tokenizer, TokenizerConfig, tokenizer_config, write_tokenizer_json
 from simsearch.encoders.trained import check_model_name, specs_in, trained_specs
@@ -107,14 +107,6 @@ def clip_specs(models_dir: Path | None) -> list[EncoderSpec]:
 def load_tokenizer(spec: EncoderSpec) -> Tokenizer:
     card = ClipCard.load(Path(spec.card))
     return Tokenizer(Path(spec.text_onnx).parent / TOKENIZER, card.tokenizer_config())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_json(path: Path) -> dict:
@@ -228,7 +220,7 @@ def add_clip_folder(name: str, src: Path, models_dir: Path | None = None, source
         with tempfile.TemporaryDirectory(prefix="simsearch-tokenizer-") as scratch:
             shutil.copyfile(write_tokenizer_json(_writable_textual(src, Path(scratch))), work / TOKENIZER)
         tokenizer = Tokenizer(work / TOKENIZER, tokenizer_config(src / "textual", context, clean))
-        sha = {f: _sha256(work / f) for f in (VISUAL, TEXTUAL, TOKENIZER)}
+        sha = {f: sha256_file(work / f) for f in (VISUAL, TEXTUAL, TOKENIZER)}
         from simsearch import __version__
 
         card = ClipCard(name=name, source=source or {"onnx_folder": str(src.resolve())}, dim=dim, image_size=size,
