@@ -21,7 +21,7 @@ Peers get their search parameter picked on the benchmark queries themselves (the
 reaches --recall), which favours them: simsearch tunes blind, on a sample of the collection.
 
 Figures per row: build seconds (wall, all threads), bytes per vector (the serialized index / saved file / db
-folder over n; ivfpq's re-scoring also reads the stored float32 vectors, not counted), single-query p50/p95
+folder over n; sq8's and ivfpq's re-scoring also reads the stored float32 vectors, not counted), single-query p50/p95
 (one query per call on --single-threads threads, 1 by default, for everyone: hnswlib and usearch run one query
 on one thread anyway, while FAISS's default OpenMP team of every core only adds barrier waits to a single query
 and, on a machine other work shares, multi-millisecond stalls), batch QPS (all queries in one call, --threads
@@ -198,8 +198,7 @@ def run_simsearch(task: dict, base: VectorFile, queries: np.ndarray) -> list[dic
     faiss.write_index(built.index, str(tmp))  # streamed to disk: no second copy in RAM (serialize_index makes one)
     index_bytes = tmp.stat().st_size
     tmp.unlink()
-    # As load_index does: only ivfpq re-scores its candidates from the stored vectors.
-    fetch = base.fetch if plan.kind == "ivfpq" else None
+    fetch = base.fetch  # as load_index does: the compressed kinds re-score their candidates from the stored vectors
     common = {"kind": plan.kind if kind != "auto" else f"auto: {plan.kind}", "factory": plan.factory(dim),
               "build_s": build_s, "build_stages": built.seconds, "index_bytes": index_bytes,
               "planned_bytes": plan.memory_bytes(n, dim), "tuned_recall": built.recall, "tuned_params": built.params}

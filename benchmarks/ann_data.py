@@ -2,7 +2,7 @@
 
 Every data set is a raw little-endian float32 file of (n, dim) rows in the work dir, read block by block
 (`VectorFile.blocks`, plain reads into fresh arrays: they do not stay mapped, so a process's RSS holds
-one block) and by row (`VectorFile.fetch`, a read-only memmap: what the ivfpq re-scoring reads, as the
+one block) and by row (`VectorFile.fetch`, a read-only memmap: what sq8's and ivfpq's re-scoring reads, as the
 db's LMDB is read through a map), plus a (q, dim) query file and the exact top-k of every query.
 
 Synthetic vectors (`Mixture`): uniform random vectors have no neighbourhoods, so an IVF or a graph index

@@ -48,16 +48,14 @@ class VectorIndex(Protocol):
     """An open index of one encoder's vectors. Ids are the store's item ids."""
 
     device: str  # where searches run: "cpu" or "cuda"
-    # How far a returned score may be from the exact cosine (0.0: exact); a caller cutting at a threshold searches
-    # this much below it and re-scores the candidates from the stored vectors.
-    score_error: float
 
     @property
     def ntotal(self) -> int:
         """Vectors a search can return."""
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(Q, dim) float32 -> scores (Q, k') and ids (Q, k'), k' <= k, best first (-1: no answer)."""
+        """(Q, dim) float32 -> scores (Q, k') and ids (Q, k'), k' <= k, best first (-1: no answer). The scores are
+        exact inner products (a compressed index re-scores its candidates), so callers may cut at a threshold."""
 
     def reload(self) -> VectorIndex:
         """The newest published state of this index (itself when it is updated in place)."""

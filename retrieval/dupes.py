@@ -211,8 +211,6 @@ def _neighbour_pairs(store: Store, index: VectorIndex, key: str, dim: int, confi
     """((a, b) candidate pairs from the index, each once), (a, b, cosine) similar-tier pairs or None, and every id
     queried (N,)."""
     total, done = index.ntotal, 0  # read once: a Milvus collection counts on the server
-    err = index.score_error  # an approximate score (sq8) may be below the exact one
-    cand_cut = config.candidate_threshold - err
     found, similar, queried = [], [], []
     widened = 0
     for ids, vecs in store.iter_vector_blocks(key, dim, rows):  # (n,), (n, dim)
@@ -220,12 +218,10 @@ def _neighbour_pairs(store: Store, index: VectorIndex, key: str, dim: int, confi
         scores, nbrs = index.search(vecs, k)  # (n, k), (n, k), best first
         ok = (nbrs >= 0) & (nbrs != ids[:, None])
         rank = np.cumsum(ok, axis=1)  # a neighbour's place among the others (the vector itself left out)
-        r, c = np.nonzero(ok & (scores >= cand_cut) & (rank <= config.candidate_k))
+        r, c = np.nonzero(ok & (scores >= config.candidate_threshold) & (rank <= config.candidate_k))
         found.append((ids[r], nbrs[r, c].astype(np.int64)))
         if sim_cut is not None:
-            a, b, s, capped = _similar(index, total, ids, vecs, scores, nbrs, k, sim_cut - err)
-            if err and len(a):
-                a, b, s = _rescore(store, key, dim, ids, vecs, a, b, sim_cut)
+            a, b, s, capped = _similar(index, total, ids, vecs, scores, nbrs, k, sim_cut)
             widened += capped
             similar.append((a, b, s))
         queried.append(ids)
@@ -273,17 +269,6 @@ def _similar(index: VectorIndex, ntotal: int, ids: np.ndarray, vecs: np.ndarray,
             scores, nbrs = index.search(vecs, k)
     cat = lambda parts, dtype: np.concatenate(parts).astype(dtype) if parts else np.empty(0, dtype)  # noqa: E731
     return cat(a, np.int64), cat(b, np.int64), cat(s, np.float32), capped
-
-
-def _rescore(store: Store, key: str, dim: int, ids: np.ndarray, vecs: np.ndarray, a: np.ndarray, b: np.ndarray,
-             threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact cosines of candidate pairs from the stored vectors (an sq8 index scores by 8-bit codes)."""
-    other = store.vectors_of_ids(key, b.tolist(), dim)  # (E, dim)
-    order = np.argsort(ids)  # a block is in path order, not id order
-    mine = vecs[order[np.searchsorted(ids, a, sorter=order)]]  # (E, dim)
-    s = np.einsum("ed,ed->e", mine, other).astype(np.float32)
-    keep = s >= threshold
-    return a[keep], b[keep], s[keep]
 
 
 def _only_between(pairs: tuple, live: np.ndarray) -> tuple:

@@ -43,7 +43,7 @@ from simsearch.retrieval import tuning
 from simsearch.retrieval.backend import (REPAIR_HINT, Applied, Backend, Finding, IndexStatus, Job, Progress,
                                          RefreshConfig, encoder_entry)
 from simsearch.retrieval.faiss_gpu import gpu_can_search, to_gpu
-from simsearch.retrieval.index_plan import HNSW_EF_CONSTRUCTION, RESCORE, IndexConfig, IndexPlan
+from simsearch.retrieval.index_plan import HNSW_EF_CONSTRUCTION, RESCORE, RESCORED, IndexConfig, IndexPlan
 from simsearch.retrieval.segments import (Delta, Segment, SegmentError, delete_unreferenced, merge, sorted_contains,
                                           write_segment)
 
@@ -81,7 +81,7 @@ class SegmentConfig:
 
 
 BlockSource = Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]]
-Fetch = Callable[[np.ndarray], np.ndarray]  # ids (m,) -> their exact vectors (m, dim), for re-scoring
+Fetch = Callable[[np.ndarray], np.ndarray]  # ids (m,) -> their exact vectors (m, dim), for re-scoring (RESCORED)
 
 
 @dataclass
@@ -99,7 +99,8 @@ def build_index(blocks: BlockSource, dim: int, count: int, config: IndexConfig =
 
     Streaming: one pass draws the training sample and the tuning queries, a second adds the vectors
     block by block while computing the queries' exact answers, so memory is the index plus one block
-    and the sample, whatever the collection size. `fetch` gives exact vectors for ivfpq's re-scoring.
+    and the sample, whatever the collection size. `fetch` gives exact vectors for a compressed index's re-scoring
+    (index_plan.RESCORED), so its parameters are tuned as it will be searched.
     """
     plan = config.plan(count, dim)
     target = config.recall or DEFAULT_RECALL
@@ -259,7 +260,6 @@ def _kind_of(index: faiss.Index) -> str:
     return {faiss.IndexIVFFlat: "ivf", faiss.IndexIVFScalarQuantizer: "sq8"}.get(type(ivf), "ivfpq")
 
 
-SQ8_MARGIN = 0.02  # how far an sq8 score may be from the exact cosine (its 8-bit error is < 0.01)
 _STATE_TYPES = {"kind": str, "file": str, "sha256": (str, type(None)), "bytes": int, "count": int, "params": dict,
                 "recall": (float, int, type(None)), "recall_target": (float, int, type(None)), "trained_count": int,
                 "ids": (dict, type(None)), "deltas": list}
@@ -591,7 +591,8 @@ class FaissBackend(Backend):
 
 def load_index(store: Store, name: str, device: Device = Device.auto, attempts: int = 3) -> tuple[PublishedIndex, EncoderEntry]:
     """The published index of `name` and its manifest entry: the base memory-mapped (its size checked), the deltas
-    read and verified, its tuned search parameters set (and, for ivfpq, exact re-scoring from the stored vectors).
+    read and verified, its tuned search parameters set (and, for a compressed kind, exact re-scoring from the stored
+    vectors).
 
     The manifest is re-read first, so a long-lived reader follows a writer's newer build.
     """
@@ -611,9 +612,7 @@ def load_index(store: Store, name: str, device: Device = Device.auto, attempts: 
         except SegmentError as e:
             problem = str(e)
         else:
-            fetch = None
-            if state.kind == "ivfpq":
-                fetch = lambda ids: store.vectors_of_ids(entry.key, ids, entry.dim)  # noqa: E731
+            fetch = lambda ids: store.vectors_of_ids(entry.key, ids, entry.dim)  # noqa: E731
             return PublishedIndex(index, store, name, state, device, fetch, delta), entry
         if attempt + 1 < attempts and store.read_manifest().encoders.get(name) != entry:
             continue
@@ -624,8 +623,8 @@ def load_index(store: Store, name: str, device: Device = Device.auto, attempts: 
 class LoadedIndex:
     """A FAISS index ready to search: its tuned parameters set, on the CPU or on the GPU when asked and possible.
 
-    fetch: exact vectors by id; when given, RESCORE * k candidates are fetched and re-scored exactly
-    (ivfpq's compressed codes rank roughly; the stored float32 vectors rank exactly).
+    fetch: exact vectors by id; when given and the kind's codes are compressed (RESCORED: sq8, ivfpq), RESCORE * k
+    candidates are fetched and re-scored exactly: every score it returns is an exact inner product.
     delta: changes over `index` (segments.Delta): its replaced ids are dropped from the index's answers, its live
     vectors searched exactly and merged in; count: the vectors a search can then return (computed when not given).
     """
@@ -633,8 +632,9 @@ class LoadedIndex:
     def __init__(self, index: faiss.Index, device: Device = Device.auto, params: dict | None = None,
                  fetch: Fetch | None = None, kind: str | None = None, delta: Delta | None = None,
                  count: int | None = None):
+        kind = kind or _kind_of(index)
         self.cpu_index = index
-        self.fetch = fetch
+        self.fetch = fetch if kind in RESCORED else None
         self.params = dict(params or {})
         apply_params(index, self.params)
         self.marked = marked_count(index)
@@ -655,11 +655,8 @@ class LoadedIndex:
             self.delta_index = faiss.IndexFlatIP(index.d)
             self.delta_index.add(self.delta.vectors)
         self.count = count if count is not None else len(self.live_ids())
-        kind = kind or _kind_of(index)
         self.gpu_index = to_gpu(index, kind, device)  # None: on the CPU (logged when asked)
         self.device = "cuda" if self.gpu_index is not None else "cpu"
-        # ivfpq re-scored from the stored vectors is exact; sq8's 8-bit codes are not
-        self.score_error = SQ8_MARGIN if kind == "sq8" else 0.0
 
     def live_ids(self) -> np.ndarray:
         """The ids a search can return, sorted (n,): the base's (all its lists are read) less the replaced, plus the

@@ -9,8 +9,12 @@ must. Vectors are L2-normalised, so every index uses inner product (= cosine).
 | up to FLAT_MAX vectors                        | flat    | 4*dim + 8               |
 | dim >= HNSW_AUTO_DIM, up to HNSW_AUTO_MAX     | hnsw    | 4*dim + 8 + 8*hnsw_m    |
 | IVF-Flat fits the budget                      | ivf     | 4*dim + 8               |
-| else IVF + 8-bit scalar quantiser fits        | sq8     | dim + 8                 |
-| else OPQ + IVF + PQ, the largest M that fits  | ivfpq   | M + 8, re-scored exactly|
+| else IVF + 8-bit scalar quantiser fits        | sq8     | dim + 8, re-scored      |
+| else OPQ + IVF + PQ, the largest M that fits  | ivfpq   | M + 8, re-scored        |
+
+The compressed kinds (RESCORED) rank approximately: a search takes RESCORE * k candidates from their codes and
+re-scores them exactly from the float32 vectors the store keeps (which stay on disk, read through LMDB's map), so
+every score a caller sees is an exact cosine and the index's RAM is the codes alone (10M x 256 as sq8: 2.6 GB).
 
 IVF lists: 4*sqrt(n) (the low end of FAISS's 4..16*sqrt(n) guideline: k-means training costs
 nlist^2, and on 2 cores that is the build's largest term), rounded to a power of two, and halved while
@@ -55,7 +59,8 @@ HNSW_M = 32  # graph links per node (FAISS's and hnswlib's common default for 0.
 HNSW_EF_CONSTRUCTION = 128
 TRAIN_PER_LIST = 39  # k-means sample per IVF list (FAISS warns below 39)
 PQ_BYTES = (64, 48, 32, 24, 16, 12, 8, 4)  # candidate M (bytes per vector) for ivfpq, best first
-RESCORE = 4  # ivfpq fetches RESCORE * k candidates and re-scores them exactly from the stored vectors
+RESCORE = 4  # a compressed index fetches RESCORE * k candidates and re-scores them exactly from the stored vectors
+RESCORED = frozenset({"sq8", "ivfpq"})  # the kinds whose codes approximate the vectors
 BUDGET_FRACTION = 0.5  # default --max-index-memory: this share of the machine's RAM
 
 

@@ -475,7 +475,6 @@ class MilvusIndex:
     `close()`."""
 
     device = "cpu"  # the vectors are searched on the Milvus side; nothing runs on this machine's GPU
-    score_error = 0.0  # HNSW over float vectors: its scores are exact inner products
 
     def __init__(self, uri: str, collection: str, dim: int, params: dict, connect_timeout_s: float = 10.0,
                  synced_at: float = 0.0):

@@ -283,18 +283,14 @@ class Searcher:
     def _hits(self, vectors: np.ndarray, n: int, min_score: float | None, where: PathFilter | None) -> list[list[Hit]]:
         """The top n hits of each query vector (Q, dim) that score at least min_score and whose path `where` keeps."""
         if where is None:
-            return [self._cut(hits, v, min_score) for hits, v in zip(self.search_vectors(vectors, n), vectors)]
+            return [self._cut(hits, min_score) for hits in self.search_vectors(vectors, n)]
         return [self._under(vector, n, min_score, where) for vector in vectors]
 
-    def _cut(self, hits: list[Hit], vector: np.ndarray, min_score: float | None, rescore: bool = True) -> list[Hit]:
-        """The hits scoring at least min_score. An approximate index's scores (score_error > 0: sq8) are replaced by
-        the exact cosines from the stored vectors first (rescore), so no hit is kept or dropped on an approximation."""
+    @staticmethod
+    def _cut(hits: list[Hit], min_score: float | None) -> list[Hit]:
+        """The hits scoring at least min_score (every index's scores are exact cosines: VectorIndex.search)."""
         if min_score is None:
             return hits
-        if rescore and self.index.score_error and hits:
-            spec = self.encoder.spec
-            exact = self.store.vectors_of_ids(spec.key, [h.id for h in hits], spec.dim) @ vector  # (len(hits),)
-            hits = sorted((replace(h, score=float(s)) for h, s in zip(hits, exact)), key=lambda h: -h.score)
         # float32 rounding: an identical image scores 0.99999994, and `--min-score 1` must keep it
         return _ranked([h for h in hits if h.score >= min_score - FLOAT_SLACK])
 
@@ -310,13 +306,13 @@ class Searcher:
             scores = vectors @ vector  # (m,)
             best = np.argsort(-scores, kind="stable")[:n]
             hits = [Hit(r, path_of[int(ids[i])], float(scores[i]), id=int(ids[i])) for r, i in enumerate(best, 1)]
-            return self._cut(hits, vector, min_score, rescore=False)
+            return self._cut(hits, min_score)
         total = self.index.ntotal  # read once: a Milvus collection counts on the server
         asked = min(total, max(DEEPEN * n, FIRST_DEPTH))
         while True:
             found = self.search_vectors(vector[None], asked)[0]
-            hits = self._cut([h for h in found if where(h.path)], vector, min_score)
-            floor = None if min_score is None else min_score - self.index.score_error - FLOAT_SLACK
+            hits = self._cut([h for h in found if where(h.path)], min_score)
+            floor = None if min_score is None else min_score - FLOAT_SLACK
             below = floor is not None and found and found[-1].score < floor
             if len(hits) >= n or asked >= total or below:  # below: every deeper hit scores less still
                 return _ranked(hits[:n])

@@ -53,16 +53,16 @@ def test_each_kind_is_tuned_to_the_recall_target_and_holds_it_on_held_out_querie
     everything = clustered(12_300, 32, 120, spread=0.9)
     vecs, queries = everything[:12_000], everything[12_000:]
     ids = np.arange(len(vecs), dtype=np.int64) * 3 + 1
-    fetch = lambda i: vecs[(i - 1) // 3]  # noqa: E731  exact vectors by id, for ivfpq's re-scoring
+    fetch = lambda i: vecs[(i - 1) // 3]  # noqa: E731  exact vectors by id, for sq8's and ivfpq's re-scoring
     built = build_index(blocks_of(vecs, ids, 4096), 32, len(vecs), IndexConfig(kind=kind, recall=0.95), fetch)
     assert built.plan.kind == kind and built.recall >= 0.95
     name = "efSearch" if kind == "hnsw" else "nprobe"
     assert set(built.params) == {name} and built.params[name] >= 1
-    index = LoadedIndex(built.index, params=built.params, fetch=fetch if kind == "ivfpq" else None)
+    index = LoadedIndex(built.index, params=built.params, fetch=fetch)  # used by the compressed kinds only
     scores, got = index.search(queries, 10)
     assert recall_at_10(got, queries, vecs, ids) >= 0.9  # tuned on the collection, checked on new queries
-    if kind == "ivfpq":  # re-scored from the exact vectors: the scores are exact inner products
-        np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", fetch(got), queries), rtol=1e-5, atol=1e-5)
+    # exact inner products for every kind: sq8 and ivfpq re-score their candidates from the exact vectors
+    np.testing.assert_allclose(scores, np.einsum("qkd,qd->qk", fetch(got), queries), rtol=1e-5, atol=1e-5)
 
 
 def test_a_lower_recall_target_gives_cheaper_parameters():
