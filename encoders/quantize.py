@@ -7,16 +7,34 @@ imagenet-samples photos; cosine of each int8 vector to its fp32 vector; top-10 n
     settings (per-channel int8 weights, uint8 activations, MinMax)   lite0 cos mean/min top10  lite2 cos mean/min top10
     8-bit weights everywhere (plain ORT defaults)                    0.914 / 0.691  0.669       0.966 / 0.826  0.756
     7-bit weights everywhere (reduce_range)                          0.977 / 0.908  0.824       0.985 / 0.899  0.857
-    chosen: 7-bit base, 8-bit depthwise, pair-safe 1x1, fp32 stem    0.994 / 0.973  0.906       0.995 / 0.967  0.905
+    7-bit base, 8-bit depthwise, pair-safe 1x1, fp32 stem            0.994 / 0.973  0.906       0.995 / 0.967  0.905
     (the exact arithmetic of 8-bit weights everywhere, as VNNI runs it 0.994 / 0.978  0.907       0.995 / 0.978  0.908)
 
 at 1.62x the fp32 speed on lite0 (254 vs 157 img/s) and 1.57x on lite2 (123 vs 79); 8-bit or 7-bit weights
-everywhere run at the same speed (1.66x / 1.65x on lite0): the fp32 stem costs ~2%. 99% of photos are above
-cosine 0.98; not all, but even exact 8-bit weights everywhere leave a worst photo at 0.978: what is left is the
-per-tensor 8-bit activations.
+everywhere run at the same speed (1.66x / 1.65x on lite0). 99% of photos are above cosine 0.98; not all, but even
+exact 8-bit weights everywhere leave a worst photo at 0.978: what is left is the per-tensor 8-bit activations.
 Entropy / Percentile calibration, 128 or 256 photos, a moving-average MinMax, or the head conv in fp32 moved
 nothing by more than 0.001 (Distribution calibration breaks the model: cosine 0.29); u8 weights (u8u8) are
 exact but 8x slower than fp32 on x86 (no fast kernel).
+
+**The stem in int8 too (the default since 2026-12-07).** On a CPU with AVX-512 VNNI (2-core AMD EPYC; ORT's
+per-node profile of lite0, batch 32, 2 threads) the fp32 stem was 28% of the int8 model's time: the conv 6.6 ms,
+ORT's NCHWc-to-NCHW reorder of its output 5.2 ms, the transpose to the int8 kernels' NHWC 2.0 ms and the output's
+quantisation 1.2 ms, of 53 ms; the stem in int8 costs 4.9 ms (48.5 ms in all). The rest: 1x1 convs 73.8 ms in fp32
+-> 18.4 ms in int8 (4.0x), depthwise 45.8 -> 18.9-21.3 ms (2.2x: MLAS's int8 depthwise kernel), so ~2.6x is this
+model's ceiling with ORT there. An fp32 stem also broke "the same vectors on every CPU": its output depends on the
+float kernel a CPU gets (NCHWc blocks of 8 floats on AVX2, 16 on AVX-512), and quantising it turns rounding noise
+into whole steps (ORT's NCHWc layout turned off moved lite0's int8 vectors by up to 7e-3). With every conv in int8
+the model is integer arithmetic from the input's quantisation on (the input's range is the pixel grid itself:
+[-127/128, 1], steps of 1/128), so the vectors are the same with any float kernels (tested). Its cost, the same
+200 photos, before (fp32 stem) -> after:
+
+    lite0 crop 0.994 / 0.973 / 0.919 -> 0.993 / 0.944 / 0.912      lite0 pad 0.982 / 0.918 / 0.835 -> 0.981 / 0.916 / 0.832
+    lite2 crop 0.994 / 0.962 / 0.895 -> 0.990 / 0.912 / 0.862      lite2 pad 0.994 / 0.971 / 0.905 -> 0.990 / 0.954 / 0.878
+
+and on Tiny ImageNet val (`simsearch bench --split val`, lite0): hit@1 20.8 -> 20.7 [19.5-21.7], hit@10 54.5 -> 53.8
+(fp32: 21.2, 54.8), balanced same/different accuracy 77.9 (fp32 78.1). The stem at 7-bit weights instead of
+pair-safe ones: lite0 pad 0.979 / 0.922 / 0.820; at plain 8-bit (not safe without VNNI): 0.982 / 0.918 / 0.828.
 
 Why not plain 8-bit weights: on x86 without VNNI (AVX2, AVX-512 without VNNI) ORT's u8*s8 kernels multiply with
 vpmaddubsw, which adds each pair of adjacent products in int16 *with saturation*: 255 * 127 * 2 overflows, so
@@ -25,12 +43,11 @@ file. A db built on one machine is queried from another, so an int8 file must gi
 its weights must be such that no pair can overflow, whatever the activations. The rules, per conv:
 
 * depthwise: 8-bit weights. Their kernel accumulates in int32 (checked: fused kernels == exact QDQ arithmetic).
-* 1x1 (the bulk of the compute): per output channel, the finest scale at which any two adjacent input channels'
-  same-signed int8 weights sum to at most 128 in magnitude (pair_safe_scales): 255 * 128 fits int16. Most
+* full convs, 1x1 (the bulk of the compute) and k x k (the stem): per output channel, the finest scale at which
+  no two adjacent elements of the reduction axis, in each order ORT's kernels lay it out (reduction_layouts),
+  hold same-signed int8 weights summing past 128 in magnitude (pair_safe_scales): 255 * 128 fits int16. Most
   channels keep ~7.8 bits instead of reduce_range's 7.
-* anything else (k x k full convs, Gemm/MatMul of trained encoders): 7-bit weights (ORT reduce_range).
-* the first conv (the stem, 3 input channels: a small share of the compute) stays fp32: at 7 bits it alone cost
-  0.03 of the worst photo's cosine.
+* anything else (Gemm/MatMul of trained encoders): 7-bit weights (ORT reduce_range).
 
 The int8 kernels are fast (and saturation-free anyway) where int8_fast_here(): there the same file simply runs
 faster still.
@@ -79,8 +96,8 @@ class QuantSettings:
     per_channel: bool = True  # one weight scale per output channel
     reduce_range: bool = True  # 7-bit weights: no int16 saturation in AVX2's u8*s8 kernels (see module docstring)
     depthwise_full_range: bool = True  # with reduce_range: 8-bit weights on depthwise convs (int32 kernels)
-    pointwise_pair_scales: bool = True  # with reduce_range + per_channel: 1x1 convs get pair-safe scales
-    fp32_first_convs: int = 1  # leave the first N convs (graph order) in fp32
+    pair_scales: bool = True  # with reduce_range + per_channel: full convs (1x1 and k x k) get pair-safe scales
+    fp32_first_convs: int = 0  # leave the first N convs (graph order) in fp32
     fp32_last_convs: int = 0  # leave the last N convs (graph order) in fp32
 
     def __post_init__(self):
@@ -107,28 +124,43 @@ def pick_calibration(paths: Sequence[T], settings: QuantSettings = QuantSettings
 PAIR_LIMIT = 128  # |q0| + |q1| for two same-signed adjacent int8 weights: 255 * 128 = 32640 fits int16
 
 
+def reduction_layouts(w: np.ndarray) -> list[np.ndarray]:
+    """The (O, K) orders a conv's (O, I, P) weights (P = kh * kw kernel positions) take along the reduction axis of
+    ORT's int8 kernels: im2col of NCHW (I, P), of NHWC (P, I), and MLAS's symmetric NHWC kernels, which reduce
+    each kernel position's I channels in blocks (I padded to even). For a 1x1 conv all three are the channels."""
+    o, i, p = w.shape
+    nhwc = w.transpose(0, 2, 1)  # (O, P, I)
+    blocks = np.pad(nhwc, ((0, 0), (0, 0), (0, i % 2)))  # (O, P, I rounded up to even)
+    return [w.reshape(o, -1), nhwc.reshape(o, -1), blocks.reshape(o, -1)]
+
+
+def _pair_sums(w: np.ndarray) -> np.ndarray:
+    """(O, K) -> (O, K // 2): |w[2j]| + |w[2j+1]| where the two have the same sign, else 0."""
+    k = w.shape[1] // 2 * 2
+    a, b = w[:, 0:k:2], w[:, 1:k:2]
+    return np.where(np.sign(a) == np.sign(b), np.abs(a) + np.abs(b), 0)
+
+
 def pair_safe_scales(w: np.ndarray) -> np.ndarray:
-    """Per-output-channel scales for the (O, I) weights of a 1x1 conv: the finest at which no two adjacent
-    input channels (2j, 2j+1) quantise to same-signed int8 values summing past PAIR_LIMIT in magnitude.
+    """Per-output-channel scales for the (O, I[, kh, kw]) weights of a full (not depthwise) conv: the finest at
+    which no two adjacent elements (2j, 2j+1) of the reduction axis, in any of the orders ORT's kernels lay it out
+    (reduction_layouts), quantise to same-signed int8 values summing past PAIR_LIMIT in magnitude.
 
     AVX2's u8*s8 kernel (vpmaddubsw) adds such a pair of products in int16 with saturation; with these scales
-    it cannot saturate for any uint8 activation (255 * 128 = 32640 <= 32767), so the result is exact. The pairs
-    are adjacent elements of the reduction axis, which for a 1x1 conv is the input channels in any layout (MLAS
-    packs it in groups of 4); tests/test_quantize.py checks both that and the bound on this machine's kernels.
+    it cannot saturate for any uint8 activation (255 * 128 = 32640 <= 32767), so the result is exact. For a 1x1
+    conv the pairs are adjacent input channels in any layout (MLAS packs them in groups of 4);
+    tests/test_quantize.py checks both that and the bound on this machine's kernels.
     """
-    w = np.asarray(w, dtype=np.float64).reshape(len(w), -1)
-    top = np.abs(w).max(axis=1)
-    if w.shape[1] >= 2:
-        k = w.shape[1] // 2 * 2
-        a, b = w[:, 0:k:2], w[:, 1:k:2]
-        same = np.sign(a) == np.sign(b)
-        top = np.maximum(top, np.where(same, np.abs(a) + np.abs(b), 0).max(axis=1))
+    w = np.asarray(w, dtype=np.float64)
+    layouts = reduction_layouts(w.reshape(*w.shape[:2], -1))
+    top = np.abs(layouts[0]).max(axis=1)
+    for m in layouts:
+        top = np.maximum(top, _pair_sums(m).max(axis=1, initial=0))
     scale = np.where(top > 0, top / (PAIR_LIMIT - 1), 1.0).astype(np.float32)
     # rounding adds at most 1 to a pair sum (<= 127 + 1); check it on the float32 scales ORT will use
-    q = np.clip(np.rint(w / scale[:, None]), -127, 127)
-    if w.shape[1] >= 2:
-        pair = np.abs(q[:, 0:k:2] + q[:, 1:k:2])
-        if pair.size and pair.max() > PAIR_LIMIT:  # pragma: no cover - guaranteed by the bound above
+    for m in layouts:
+        q = np.clip(np.rint(m / scale[:, None]), -127, 127)
+        if _pair_sums(q).max(initial=0) > PAIR_LIMIT:  # pragma: no cover - guaranteed by the bound above
             raise ModelError("internal error: pair-safe weight scales overflow")
     return scale
 
@@ -153,7 +185,7 @@ def _conv_rules(model, settings: QuantSettings) -> tuple[list[str], dict]:
         if settings.depthwise_full_range and group > 1 and w.dims[1] == 1:
             # depthwise kernels accumulate u8*s8 products in int32: no saturation, 8-bit weights are exact
             overrides[n.input[1]] = [{"axis": 0, "reduce_range": False}]
-        elif settings.pointwise_pair_scales and group == 1 and w.dims[2] == w.dims[3] == 1:
+        elif settings.pair_scales and group == 1:
             scales = pair_safe_scales(numpy_helper.to_array(w))
             overrides[n.input[1]] = [
                 {"axis": 0, "scale": float(sc), "zero_point": 0} if i == 0 else {"scale": float(sc), "zero_point": 0}

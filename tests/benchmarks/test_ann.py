@@ -5,6 +5,7 @@ JSON are)."""
 import importlib.util
 import json
 import re
+import time
 
 import numpy as np
 import pytest
@@ -171,6 +172,16 @@ def test_synthetic_blocks_are_seeded_clustered_and_prefix_stable(tmp_path):
     assert 2 < stats["lid_mle"] < 32  # but the data is not trivially low-dimensional
 
 
+def test_anon_peak_sees_an_allocation_the_process_frees_again():
+    sampler = ann.AnonPeak(every=0.005)
+    time.sleep(0.05)
+    floor = sampler.peak
+    block = np.ones(64 << 20, np.uint8)  # 64 MiB, touched
+    time.sleep(0.1)
+    del block
+    assert sampler.stop() >= floor + 60
+
+
 def test_slow_size_runs_only_compressed_kinds_and_its_target_is_checked():
     cfg = ann.AnnConfig(slow=True)
     assert ann._methods(cfg, ann.SLOW_N) == [("simsearch", k) for k in ("auto", "sq8", "ivfpq")]
@@ -178,8 +189,11 @@ def test_slow_size_runs_only_compressed_kinds_and_its_target_is_checked():
     assert ("simsearch", "flat") not in ann._methods(cfg, 1_000_000)
     assert ann._plan(cfg, "auto", ann.SLOW_N, 256).memory_bytes(ann.SLOW_N, 256) <= ann.SLOW_BUDGET
     row = {"data": "synthetic 256-d", "n": ann.SLOW_N, "dim": 256, "method": "simsearch", "role": "tuned"}
-    rows = [{**row, "kind": "auto: sq8", "recall": 0.93, "peak_rss_mb": 6000.0, "qps": 1, "params": {}},
-            {**row, "kind": "ivfpq", "recall": 0.97, "peak_rss_mb": 9000.0, "qps": 1, "params": {}}]
+    # judged on the anonymous memory: VmHWM also counts file pages the kernel can drop
+    rows = [{**row, "kind": "auto: sq8", "recall": 0.93, "peak_rss_mb": 13000.0, "peak_anon_mb": 6000.0, "qps": 1,
+             "params": {}},
+            {**row, "kind": "ivfpq", "recall": 0.97, "peak_rss_mb": 9000.0, "peak_anon_mb": 9000.0, "qps": 1,
+             "params": {}}]
     (t,) = ann.targets({"rows": rows}, cfg)
     assert t["met"] and t["best"] == "auto: sq8" and "10M" in t["name"]
     rows[0]["recall"] = 0.85

@@ -78,10 +78,10 @@ def test_int8_vectors_match_fp32(lite0_int8):
     fp32, int8, x = lite0_int8
     a, b = _embed(fp32, x), _embed(int8, x)
     cos = (a * b).sum(1)
-    # these 40 photos: mean 0.994, min 0.975, top-10 overlap 0.94 (200 held-out photos: 0.994 / 0.973 / 0.906,
-    # 99% of them >= 0.98: the few below are as low with exact 8-bit weights, see encoders/quantize.py)
+    # these 40 photos: min 0.965 (200 held-out photos: mean 0.993, min 0.944, top-10 overlap 0.912; the stem in
+    # int8 cost 0.03 of the worst photo's cosine and nothing measurable in hit@k, see encoders/quantize.py)
     assert cos.mean() >= 0.99, cos.mean()
-    assert cos.min() >= 0.97, np.sort(cos)[:5]
+    assert cos.min() >= 0.955, np.sort(cos)[:5]
     top_a = np.argsort(-(a @ a.T), 1)[:, 1:11]
     top_b = np.argsort(-(b @ b.T), 1)[:, 1:11]
     overlap = np.mean([len(set(p) & set(q)) / 10 for p, q in zip(top_a, top_b)])
@@ -103,13 +103,13 @@ def test_output_is_written_atomically(lite0_int8):
 
 
 def _one_conv_model(path: Path, weights: np.ndarray) -> Path:
-    """fp32 ONNX: x (1, C, 4, 4) -> 1x1 Conv(weights (O, C, 1, 1)) -> y."""
-    o, c = weights.shape[:2]
+    """fp32 ONNX: x (1, C, 4, 4) -> Conv(weights (O, C, k, k), no padding) -> y (1, O, 5 - k, 5 - k)."""
+    o, c, k = weights.shape[:3]
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
         "one_conv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 4, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, o, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, o, 5 - k, 5 - k])],
         [numpy_helper.from_array(weights.astype(np.float32), "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -119,7 +119,8 @@ def _one_conv_model(path: Path, weights: np.ndarray) -> Path:
 
 
 def _fast_and_exact(fp32: Path, out: Path, settings: QuantSettings, worst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    calib = [np.linspace(0, 1, 64 * 16, dtype=np.float32).reshape(1, 64, 4, 4), worst]
+    c = worst.shape[1]
+    calib = [np.linspace(0, 1, c * 16, dtype=np.float32).reshape(1, c, 4, 4), worst]
     quantize_onnx(fp32, out, calib, settings)
     return _session(out).run(None, {"x": worst})[0], _session(out, optimise=False).run(None, {"x": worst})[0]
 
@@ -137,6 +138,8 @@ EVEN_ONES[:, 0::2] = 1
         # adjacent weights of opposite signs keep full 8-bit weights (+-127): would saturate if the kernel
         # paired channels 2 apart (two +127 * 255 products), exact if it pairs adjacent ones as assumed
         (np.tile([1.0, -1.0], 32).reshape(1, 64, 1, 1).repeat(8, 0), EVEN_ONES, 32.0),
+        # a stem: 3x3 over 3 channels (27 products, paired in whichever order the kernel lays them out)
+        (np.ones((8, 3, 3, 3)), np.ones((1, 3, 4, 4), np.float32), 27.0),
     ],
 )
 def test_worst_case_activations_do_not_saturate(tmp_path, monkeypatch, capfd, weights, worst, expected):
@@ -178,6 +181,46 @@ def test_pair_safe_scales_bound_adjacent_pairs():
     assert s[1] <= 5.0 / 127 * 1.000001 or np.abs(w[1, 2:]).max() * 2 > 5.0
 
 
+@pytest.mark.parametrize("shape", [(16, 3, 3, 3), (8, 5, 5, 5), (4, 32, 3, 3)])
+def test_pair_safe_scales_of_a_kxk_conv_bound_the_pairs_of_every_layout(shape):
+    """A k x k conv's reduction axis is (I, kh, kw) in NCHW im2col, (kh, kw, I) in NHWC, and blocks of each kernel
+    position's channels in MLAS's symmetric kernels: no adjacent pair of any of them may pass PAIR_LIMIT, and the
+    scales are still at least as fine as 7-bit weights."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal(shape)
+    w[0] = np.abs(w[0])  # one channel of all-positive weights: every pair of it adds up
+    s = pair_safe_scales(w)
+    o, i = shape[:2]
+    q = np.rint(w / s[:, None, None, None])
+    assert np.abs(q).max() <= 127
+    nhwc = q.transpose(0, 2, 3, 1)
+    layouts = [q.reshape(o, -1), nhwc.reshape(o, -1),
+               np.pad(nhwc, ((0, 0), (0, 0), (0, 0), (0, i % 2))).reshape(o, -1)]
+    for m in layouts:
+        k = m.shape[1] // 2 * 2
+        a, b = m[:, 0:k:2], m[:, 1:k:2]
+        assert np.where(np.sign(a) == np.sign(b), np.abs(a + b), 0).max() <= 128
+    assert (s <= np.abs(w).reshape(o, -1).max(1) / 63 * 1.000001).all()
+
+
+def test_int8_vectors_do_not_depend_on_the_cpus_float_kernels(lite0_int8):
+    """Every conv is int8 (the stem too): from the input's quantisation on the model is integer arithmetic, so the
+    vectors do not change with the float kernels a CPU gets. ORT's NCHWc layout (blocks of 8 floats on AVX2, 16 on
+    AVX-512) stands in for another CPU here: with an fp32 stem, turning it off moved lite0's vectors by 7e-3."""
+    _, int8, x = lite0_int8
+
+    def raw(threads: int, disabled: list[str]) -> np.ndarray:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        s = ort.InferenceSession(str(int8), opts, providers=["CPUExecutionProvider"], disabled_optimizers=disabled)
+        return s.run(None, {s.get_inputs()[0].name: x[:8]})[0]
+
+    ours = raw(2, [])
+    np.testing.assert_array_equal(raw(2, ["NchwcTransformer"]), ours)
+    np.testing.assert_array_equal(raw(1, []), ours)
+
+
 def test_failure_raises_model_error_and_keeps_the_old_file(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not an onnx model")
@@ -202,7 +245,7 @@ def test_no_calibration_images_is_a_model_error(tmp_path):
 def test_tag_is_stable_and_changes_with_every_setting():
     base = QuantSettings()
     # The defaults' tag is in every int8 vector key and cache file name: change it only on purpose.
-    assert base.tag() == "30360007"
+    assert base.tag() == "a4246242"  # 2026-12-07: the stem in int8 (pair-safe k x k scales)
     assert base.tag() == QuantSettings().tag()
     assert len(base.tag()) == 8 and int(base.tag(), 16) >= 0
     changed = {
