@@ -47,6 +47,7 @@ class ExactTopK:
 # not just on average: tuned on the sample's mean alone, 1M clustered vectors got 0.950 at build and 0.946 on new
 # queries (benchmarks/ann.py). With 500 queries the margin is ~0.005-0.01.
 Z = 1.645
+PLATEAU = 0.005  # recall@10 given up, when the target is out of reach, for the cheapest rung near the best
 
 
 def per_query_recall(approx: np.ndarray, exact: np.ndarray, k: int = K) -> np.ndarray:
@@ -67,10 +68,12 @@ def tune(search: Searcher, set_param: Callable[[int], None], ladder: list[int], 
          exact: np.ndarray, target: float) -> tuple[int, float]:
     """The smallest ladder value whose recall@10 reaches `target` with 95% confidence (mean - Z standard errors
     over the queries; then refined by bisection between it and the previous rung), and its mean recall. If none
-    does, the largest rung and its recall.
+    does, the first rung within PLATEAU of the best recall any rung reached, and its recall.
 
     Recall grows with nprobe / efSearch and so does the cost: the smallest value reaching the target
-    is the fastest one that keeps the promise.
+    is the fastest one that keeps the promise. A target out of reach is one compressed codes cap: recall stops
+    growing long before the last rung (10M x 256 as ivfpq: 0.897 at every one of 16,384 lists, a full scan), while
+    each rung costs about twice the one before.
     """
     def recall(value: int) -> tuple[float, bool]:
         set_param(value)
@@ -79,16 +82,19 @@ def tune(search: Searcher, set_param: Callable[[int], None], ladder: list[int], 
         spread = Z * per.std(ddof=1) / np.sqrt(len(per)) if len(per) > 1 else 0.0
         return float(per.mean()), float(per.mean()) - spread >= target
 
-    low, best = None, None
+    low, best, seen = None, None, []
     for value in ladder:
         r, reached = recall(value)
         if reached:
             best = (value, r)
             break
         low = value
+        seen.append((value, r))
     if best is None:
-        value = ladder[-1]
-        return value, recall(value)[0]
+        top = max(r for _, r in seen)
+        value, r = next((v, r) for v, r in seen if r >= top - PLATEAU)
+        set_param(value)
+        return value, r
     lo, (hi, r_hi) = (low or 0), best
     while hi - lo > 1 and hi > 2:  # bisection: recall is monotone in practice
         mid = (lo + hi) // 2

@@ -30,7 +30,16 @@ def test_a_mean_on_the_target_with_spread_is_not_enough():
     assert (value, recall) == (3, 1.0)  # 2 reaches 0.95 only on average; bisection finds 3 between 2 and 4
 
 
-def test_uniform_recall_needs_no_margin_and_an_unreachable_target_gives_the_last_rung():
+def test_uniform_recall_needs_no_margin_and_an_unreachable_target_gives_the_last_rung_still_improving():
     search, set_param = _searcher(lambda v: np.full(Q, min(1.0, v / 10)))
     assert tuning.tune(search, set_param, [1, 2, 4, 8, 16], QUERIES, EXACT, 0.8) == (8, 0.8)
     assert tuning.tune(search, set_param, [1, 2, 4], QUERIES, EXACT, 0.9) == (4, 0.4)
+
+
+def test_an_unreachable_target_on_a_plateau_gives_the_cheapest_rung_near_its_top():
+    """Compressed codes cap the recall: past 8 more lists buy nothing, so 8 is kept, not the full scan (and it is
+    the parameter left set)."""
+    plateau = {1: 0.5, 2: 0.7, 4: 0.8, 8: 0.9, 16: 0.9, 32: 0.9, 64: 0.9}
+    search, set_param = _searcher(lambda v: np.full(Q, plateau[v]))
+    assert tuning.tune(search, set_param, list(plateau), QUERIES, EXACT, 0.95) == (8, pytest.approx(0.9))
+    assert search(QUERIES, 10)[1][0].tolist().count(-1) == 1  # left set to 8: 9 of 10 found
