@@ -302,12 +302,17 @@ def large_db(cfg: LoadConfig, demo: Path) -> Path:
     from simsearch.retrieval.faiss_index import FaissState
 
     root = cfg.work_dir / f"large-{cfg.vectors}-{demo.name}"
+    with Store(demo, readonly=True) as store:
+        name = store.manifest.default_encoder
+        entry = store.manifest.encoders[name]
+    if (root / "manifest.json").is_file():  # kept from an earlier run: reused unless its encoder changed since
+        with Store(root, readonly=True) as store:
+            kept = store.manifest.encoders.get(name)
+        if kept is None or kept.key != entry.key:
+            shutil.rmtree(root)
     if not (root / "manifest.json").is_file():
         shutil.rmtree(root, ignore_errors=True)
         shutil.copytree(demo, root, ignore=shutil.ignore_patterns("thumbnails", "lock"))
-    with Store(root, readonly=True) as store:
-        name = store.manifest.default_encoder
-        entry = store.manifest.encoders[name]
     make_db(root, cfg.vectors, entry.dim, encoder=name, key=entry.key, preprocess=entry.preprocess)
     with Store(root) as store:
         outcome = refresh(store, name)
