@@ -37,7 +37,7 @@ from pathlib import Path
 import lmdb
 import numpy as np
 
-from simsearch.errors import DbCorruptError, DbNotFoundError, SimsearchError
+from simsearch.errors import DbCorruptError, DbNotFoundError, NotFoundError, SimsearchError
 from simsearch.indexer.lmdb_file import check_data_file
 from simsearch.indexer.lock import DbLock
 from simsearch.atomic import lacks_space, no_space, write_atomic
@@ -264,14 +264,17 @@ class Store:
         with self.env.begin() as txn:
             return self._gather(txn, encoder_key, dim, paths, [txn.get(_path_key(p), db=self._items) for p in paths])
 
-    def vectors_of_ids(self, encoder_key: str, ids: list[int], dim: int) -> np.ndarray:
-        """(len(ids), dim) vectors of items by id, removed items (tombstones) included."""
+    def vectors_of_ids(self, encoder_key: str, ids: list[int], dim: int, live: bool = False) -> np.ndarray:
+        """(len(ids), dim) vectors of items by id, in one read transaction: removed items (tombstones) included, or
+        with `live` only the db's items (NotFoundError names another id)."""
         with self.env.begin() as txn:
             paths, records = [], []
             for i in ids:
                 key = _ID.pack(int(i))
                 path = txn.get(key, db=self._ids)
                 raw = self._live_record(txn, int(i), path)
+                if raw is None and live:
+                    raise NotFoundError(f"no item with id {i} in the db")
                 if raw is None and self._removed is not None:
                     raw = txn.get(key, db=self._removed)
                 paths.append(os.fsdecode(path) if path else f"item {i}")

@@ -19,7 +19,7 @@ from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.encoders.registry import get_encoder
 from simsearch.encoders.runtime import OnnxEncoder
 from simsearch.encoders.spec import INT8_SUFFIX
-from simsearch.errors import ImageLoadError, NotFoundError, SimsearchError
+from simsearch.errors import ImageLoadError, SimsearchError
 from simsearch.indexer.images import load_rgb
 from simsearch.indexer.lock import writer_active
 from simsearch.indexer.store import Store
@@ -153,12 +153,8 @@ class Searcher:
     def item_vectors(self, ids: list[int]) -> np.ndarray:
         """(len(ids), dim) stored vectors of the db's items `ids` (no image decoded); NotFoundError names an id the
         db does not hold."""
-        for item_id, path in zip(ids, self.store.paths_of(ids)):
-            record = self.store.get_item(path) if path is not None else None
-            if record is None or record.id != item_id:  # a removed item's path may hold a new item since
-                raise NotFoundError(f"no item with id {item_id} in the db")
         spec = self.encoder.spec
-        return self.store.vectors_of_ids(spec.key, ids, spec.dim)
+        return self.store.vectors_of_ids(spec.key, ids, spec.dim, live=True)
 
     def text_encoder(self):
         """The text tower of this searcher's encoder (encoders.text.TextEncoder), loaded once, on first use;

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from simsearch.errors import DbNotFoundError, SchemaError
+from simsearch.errors import DbNotFoundError, NotFoundError, SchemaError
 from simsearch.indexer.manifest import MANIFEST, SCHEMA_VERSION
 from simsearch.indexer.store import Store
 
@@ -30,7 +30,14 @@ def test_round_trip_and_ids(tmp_path):
         # A tombstone: an index built before the removal may still return id 1, so it stays resolvable
         assert s.paths_of([1]) == ["/b.jpg"] and s.item_count() == 1 and s.get_item("/b.jpg") is None
         np.testing.assert_array_equal(s.vectors_of_ids("enc@1", [1], 4)[0], v + 1)
-        assert s.collect_tombstones() == 1  # no index built: nothing can return it
+        with pytest.raises(NotFoundError, match="no item with id 1 in the db"):  # ... but it is not an item any more
+            s.vectors_of_ids("enc@1", [0, 1], 4, live=True)
+        s.put_items("enc@1", [("/b.jpg", "sha-b", 20, 4, None)])  # the path is back, as a new item (id 2)
+        with pytest.raises(NotFoundError, match="id 1 "):
+            s.vectors_of_ids("enc@1", [1], 4, live=True)
+        np.testing.assert_array_equal(s.vectors_of_ids("enc@1", [2, 0], 4, live=True), [v + 1, v * 2])
+        s.remove_items(["/b.jpg"])
+        assert s.collect_tombstones() == 2  # no index built: nothing can return it
         assert s.paths_of([1]) == [None] and s.has_vector("enc@1", "sha-b")  # vectors are swept in bulk, later
         assert s.sweep_vectors() == 1 and not s.has_vector("enc@1", "sha-b")
 
