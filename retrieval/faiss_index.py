@@ -43,7 +43,8 @@ from simsearch.retrieval import tuning
 from simsearch.retrieval.backend import (REPAIR_HINT, Applied, Backend, Finding, IndexStatus, Job, Progress,
                                          RefreshConfig, encoder_entry)
 from simsearch.retrieval.faiss_gpu import gpu_can_search, to_gpu
-from simsearch.retrieval.index_plan import HNSW_EF_CONSTRUCTION, RESCORE, RESCORED, IndexConfig, IndexPlan
+from simsearch.retrieval.index_plan import (HNSW_EF_CONSTRUCTION, RESCORE, RESCORE_LADDER, RESCORED, IndexConfig,
+                                            IndexPlan)
 from simsearch.retrieval.segments import (Delta, Segment, SegmentError, delete_unreferenced, merge, sorted_contains,
                                           write_segment)
 
@@ -189,16 +190,25 @@ def _tune(index: faiss.Index, plan: IndexPlan, queries: np.ndarray, exact: np.nd
     else:
         name, ladder = "nprobe", [p for p in NPROBE_LADDER if p < plan.nlist] + [plan.nlist]
     params: dict = {}
-
-    def set_param(value: int) -> None:
-        params.clear()
-        params[name] = value
-        if plan.hnsw_m and plan.kind != "hnsw":  # the HNSW coarse quantiser must look at least as far as nprobe
-            params["quantizer_efSearch"] = max(64, 2 * value)
-        apply_params(index, params)
-
     searcher = LoadedIndex(index, Device.cpu, params, fetch, plan.kind)
-    value, recall = tuning.tune(lambda q, k: searcher.search(q, k), set_param, ladder, queries, exact, target)
+    # A compressed index re-scores rescore * k candidates: deeper only while its codes cannot reach the target
+    depths = RESCORE_LADDER if searcher.fetch is not None else (RESCORE,)
+    for depth in depths:
+        def set_param(value: int, depth: int = depth) -> None:
+            params.clear()
+            params[name] = value
+            if plan.hnsw_m and plan.kind != "hnsw":  # the HNSW coarse quantiser must look at least as far as nprobe
+                params["quantizer_efSearch"] = max(64, 2 * value)
+            if depth != RESCORE:
+                params["rescore"] = depth
+            apply_params(index, params)
+            searcher.rescore = depth
+
+        value, recall = tuning.tune(lambda q, k: searcher.search(q, k), set_param, ladder, queries, exact, target)
+        if recall >= target:
+            break
+        log.info("%s: recall@10 %.3f at most with %d candidates per result re-scored; trying more", plan.kind,
+                 recall, depth)
     set_param(value)
     return dict(params), recall
 
@@ -636,6 +646,7 @@ class LoadedIndex:
         self.cpu_index = index
         self.fetch = fetch if kind in RESCORED else None
         self.params = dict(params or {})
+        self.rescore = int(self.params.get("rescore", RESCORE))  # candidates re-scored per result (with fetch)
         apply_params(index, self.params)
         self.marked = marked_count(index)
         self.delta = delta if delta is not None and len(delta.replaced) else None
@@ -682,7 +693,7 @@ class LoadedIndex:
         if k == 0:  # FAISS asserts k > 0
             return np.empty((len(queries), 0), dtype=np.float32), np.empty((len(queries), 0), dtype=np.int64)
         in_base = self.cpu_index.ntotal - self.marked  # replaced ids included: the selector drops them
-        depth = min(k * RESCORE if self.fetch else k, in_base)
+        depth = min(k * self.rescore if self.fetch else k, in_base)
         scores, ids = np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
         if depth > 0:
             scores, ids = self._search_base(queries, depth, in_base)

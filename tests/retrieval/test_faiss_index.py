@@ -257,3 +257,19 @@ def test_publish_replaces_the_old_files_and_readers_follow(tmp_path):
         assert before.search(vecs[:1], 1)[1].tolist() == [[0]]
         assert load_index(store, "x")[0].search(vecs[:1], 1)[1].tolist() != [[0]]
         assert refresh_index(store, "x").action == "unchanged"
+
+
+def test_a_compressed_index_re_scores_deeper_when_its_codes_cannot_reach_the_target():
+    """64-d vectors in 16-byte PQ codes: 40 candidates for 10 results do not hold recall@10 0.99 at any nprobe, so
+    the tuning re-scores more of them (the "rescore" parameter, which a loaded index follows)."""
+    everything = clustered(20_300, 64, 120, spread=0.9)
+    vecs, queries = everything[:20_000], everything[20_000:]
+    ids = np.arange(len(vecs), dtype=np.int64)
+    fetch = lambda i: vecs[i]  # noqa: E731
+    built = build_index(blocks_of(vecs, ids, 4096), 64, len(vecs), IndexConfig(kind="ivfpq", recall=0.99), fetch)
+    assert built.params.get("rescore", 4) > 4 and built.recall >= 0.99
+    deep = LoadedIndex(built.index, params=built.params, fetch=fetch)
+    shallow = LoadedIndex(built.index, params={k: v for k, v in built.params.items() if k != "rescore"}, fetch=fetch)
+    got_deep = recall_at_10(deep.search(queries, 10)[1], queries, vecs, ids)
+    got_shallow = recall_at_10(shallow.search(queries, 10)[1], queries, vecs, ids)
+    assert got_deep >= 0.98 and got_deep > got_shallow, (got_deep, got_shallow)
