@@ -633,8 +633,9 @@ def load_index(store: Store, name: str, device: Device = Device.auto, attempts: 
 class LoadedIndex:
     """A FAISS index ready to search: its tuned parameters set, on the CPU or on the GPU when asked and possible.
 
-    fetch: exact vectors by id; when given and the kind's codes are compressed (RESCORED: sq8, ivfpq), RESCORE * k
-    candidates are fetched and re-scored exactly: every score it returns is an exact inner product.
+    fetch: exact vectors by id; when given and the kind's codes are compressed (RESCORED: sq8, ivfpq), rescore * k
+    candidates (params["rescore"], else RESCORE) are fetched and re-scored exactly: every score it returns is an
+    exact inner product.
     delta: changes over `index` (segments.Delta): its replaced ids are dropped from the index's answers, its live
     vectors searched exactly and merged in; count: the vectors a search can then return (computed when not given).
     """
