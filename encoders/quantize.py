@@ -21,8 +21,8 @@ exact but 8x slower than fp32 on x86 (no fast kernel).
 per-node profile of lite0, batch 32, 2 threads) the fp32 stem was 28% of the int8 model's time: the conv 6.6 ms,
 ORT's NCHWc-to-NCHW reorder of its output 5.2 ms, the transpose to the int8 kernels' NHWC 2.0 ms and the output's
 quantisation 1.2 ms, of 53 ms; the stem in int8 costs 4.9 ms (48.5 ms in all). The rest: 1x1 convs 73.8 ms in fp32
--> 18.4 ms in int8 (4.0x), depthwise 45.8 -> 18.9-21.3 ms (2.2x: MLAS's int8 depthwise kernel), so ~2.6x is this
-model's ceiling with ORT there. An fp32 stem also broke "the same vectors on every CPU": its output depends on the
+-> 18.4 ms in int8 (4.0x), depthwise 45.8 -> 18.9-21.3 ms (2.2x: MLAS's int8 depthwise kernel), so the kernels
+reach 2.6x fp32 at best with ORT there, and a whole run 2.28x (median of 25 alternating runs; 2.17x before). An fp32 stem also broke "the same vectors on every CPU": its output depends on the
 float kernel a CPU gets (NCHWc blocks of 8 floats on AVX2, 16 on AVX-512), and quantising it turns rounding noise
 into whole steps (ORT's NCHWc layout turned off moved lite0's int8 vectors by up to 7e-3). With every conv in int8
 the model is integer arithmetic from the input's quantisation on (the input's range is the pixel grid itself:
