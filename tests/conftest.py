@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
+import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -72,3 +77,37 @@ def class_folder(root: Path, n_classes: int, per_class: int) -> Path:
 def classes(tmp_path_factory) -> Path:
     """8 classes, 12 photos each (for tiny training runs)."""
     return class_folder(tmp_path_factory.mktemp("classes"), 8, 12)
+
+
+@dataclass
+class QueryTally:
+    queries: int = 0
+    failures: int = 0  # a query (or the open before it) raised
+    empty: int = 0  # answered nothing
+    wrong: int = 0  # answered, but not with the photo itself first
+
+
+def query_while(writer: subprocess.Popen, db: Path, encoder, photos: list[Path], rounds: int,
+                timeout_s: float) -> QueryTally:
+    """Until `writer` exits (or timeout_s passes): open the db afresh, as every `simsearch query` does, and search
+    each photo's own vector `rounds` times; what the queries met."""
+    from simsearch.encoders.preprocess import decode_side, to_input
+    from simsearch.indexer.images import load_rgb
+    from simsearch.retrieval.search import Searcher
+
+    spec = encoder.spec
+    vectors = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in photos]))
+    tally = QueryTally()
+    deadline = time.monotonic() + timeout_s
+    while writer.poll() is None and time.monotonic() < deadline:
+        try:
+            with Searcher.open(db, encoder) as searcher:
+                for _ in range(rounds):
+                    for photo, hits in zip(photos, searcher.search_vectors(vectors, 3)):
+                        tally.queries += 1
+                        tally.empty += not hits
+                        tally.wrong += bool(hits) and hits[0].path != str(photo)
+        except Exception as e:  # noqa: BLE001 - any failure of a query is what the callers count
+            tally.failures += 1
+            logging.getLogger("test").error("query failed: %r", e)
+    return tally

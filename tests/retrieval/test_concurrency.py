@@ -17,16 +17,13 @@ import time
 import numpy as np
 import pytest
 
-from simsearch.encoders.preprocess import decode_side, to_input
-from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
 from simsearch.retrieval.check import check_db
 from simsearch.retrieval.backend import refresh
 from simsearch.retrieval.faiss_index import FaissState, load_index
-from simsearch.retrieval.search import Searcher
 
-from ..conftest import copy_samples, sample_paths
+from ..conftest import copy_samples, query_while, sample_paths
 
 _WRITER = """
 import shutil, sys, time
@@ -63,30 +60,17 @@ def test_queries_during_index_runs_always_answer(tmp_path, encoder, caplog):
     with Store(tmp_path / "db", create=True) as store:
         Indexer(encoder, store).run(folder)
         refresh(store, encoder.spec.name)
-    spec = encoder.spec
-    vectors = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in stable]))
 
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "db"), str(folder), str(pool), "6"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    queries = failures = empty = wrong = 0
     caplog.set_level(logging.WARNING, logger="simsearch")
-    deadline = time.monotonic() + 240
-    while writer.poll() is None and time.monotonic() < deadline:
-        try:
-            with Searcher.open(tmp_path / "db", encoder) as searcher:  # what every `simsearch query` does
-                for _ in range(5):
-                    for photo, hits in zip(stable, searcher.search_vectors(vectors, 3)):
-                        queries += 1
-                        empty += not hits
-                        wrong += bool(hits) and hits[0].path != str(photo)
-        except Exception as e:  # noqa: BLE001 - any failure of a query is what this test counts
-            failures += 1
-            logging.getLogger("test").error("query failed: %r", e)
+    t = query_while(writer, tmp_path / "db", encoder, stable, rounds=5, timeout_s=240)
     out, errs = writer.communicate(timeout=60)
     assert writer.returncode == 0 and "cycles done" in out, errs
-    print(f"{queries} queries during 12 index runs: {failures} failed, {empty} empty, {wrong} without their own image first")
-    assert queries > 50  # reads overlapped the writes many times
-    assert (failures, empty, wrong) == (0, 0, 0), [r.getMessage() for r in caplog.records]
+    print(f"{t.queries} queries during 12 index runs: {t.failures} failed, {t.empty} empty, {t.wrong} without their "
+          "own image first")
+    assert t.queries > 50  # reads overlapped the writes many times
+    assert (t.failures, t.empty, t.wrong) == (0, 0, 0), [r.getMessage() for r in caplog.records]
     assert not [r for r in caplog.records if "older than the db" in r.getMessage()]
 
 

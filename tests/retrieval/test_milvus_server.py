@@ -27,9 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from simsearch.cli import app
-from simsearch.encoders.preprocess import decode_side, to_input
 from simsearch.errors import SimsearchError
-from simsearch.indexer.images import load_rgb
 from simsearch.indexer.pipeline import Indexer
 from simsearch.indexer.store import Store
 from simsearch.retrieval.backend import RefreshConfig, refresh
@@ -37,7 +35,7 @@ from simsearch.retrieval.check import check_db
 from simsearch.retrieval.milvus_backend import TOKEN_ENV, MilvusBackend, MilvusState
 from simsearch.retrieval.search import Searcher
 
-from ..conftest import copy_samples
+from ..conftest import copy_samples, query_while
 
 runner = CliRunner()
 NAME, KEY, DIM = "enc-a.v1", "enc-a-key", 32
@@ -473,28 +471,15 @@ def test_processes_share_a_server(milvus_server, tmp_path, encoder, caplog):
     with Store(tmp_path / "db-a", create=True) as store:
         Indexer(encoder, store).run(a_imgs)
         refresh(store, encoder.spec.name, RefreshConfig(uri=milvus_server.uri), backend="milvus")
-    vectors = encoder.embed(np.stack([to_input(load_rgb(p, decode_side(spec)), spec) for p in stable]))
 
     writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(tmp_path / "db-a"), str(a_imgs), str(pool), "3"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     other = subprocess.Popen([sys.executable, "-c", "from simsearch.cli import main; main()", "index", str(b_imgs),
                               "--db", str(tmp_path / "db-b"), "--encoder", spec.name, "--uri", milvus_server.uri],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    queries = failures = empty = wrong = 0
     caplog.set_level(logging.WARNING, logger="simsearch")
-    deadline = time.monotonic() + 300
     try:
-        while writer.poll() is None and time.monotonic() < deadline:
-            try:
-                with Searcher.open(tmp_path / "db-a", encoder) as searcher:  # what every `simsearch query` does
-                    for _ in range(3):
-                        for photo, hits in zip(stable, searcher.search_vectors(vectors, 3)):
-                            queries += 1
-                            empty += not hits
-                            wrong += bool(hits) and hits[0].path != str(photo)
-            except Exception as e:  # noqa: BLE001 - any failure of a query is what this test counts
-                failures += 1
-                logging.getLogger("test").error("query failed: %r", e)
+        t = query_while(writer, tmp_path / "db-a", encoder, stable, rounds=3, timeout_s=300)
         out, err = writer.communicate(timeout=60)
         other_out, other_err = other.communicate(timeout=300)
     finally:
@@ -504,7 +489,7 @@ def test_processes_share_a_server(milvus_server, tmp_path, encoder, caplog):
     assert writer.returncode == 0, err[-3000:]
     assert out.splitlines() == ["updated: 3 added or changed, 0 removed", "updated: 0 added or changed, 3 removed"] * 3
     assert other.returncode == 0, other_err[-3000:]
-    assert queries >= 50 and (failures, empty, wrong) == (0, 0, 0), (queries, failures, empty, wrong)
+    assert t.queries >= 50 and (t.failures, t.empty, t.wrong) == (0, 0, 0), t
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "older than the db" not in r.message]
 
     collections = set()
