@@ -262,7 +262,8 @@ class Store:
     def vectors_of(self, encoder_key: str, paths: list[str], dim: int) -> np.ndarray:
         """(len(paths), dim) float32 vectors of these items, in order; SimsearchError names a missing one."""
         with self.env.begin() as txn:
-            return self._gather(txn, encoder_key, dim, paths, [txn.get(_path_key(p), db=self._items) for p in paths])
+            raws = [txn.get(_path_key(p), db=self._items) for p in paths]
+            return self._gather(txn, encoder_key, dim, paths, [json.loads(r) if r else None for r in raws])
 
     def vectors_of_ids(self, encoder_key: str, ids: list[int], dim: int, live: bool = False) -> np.ndarray:
         """(len(ids), dim) vectors of items by id, in one read transaction: removed items (tombstones) included, or
@@ -272,19 +273,19 @@ class Store:
             for i in ids:
                 key = _ID.pack(int(i))
                 path = txn.get(key, db=self._ids)
-                raw = self._live_record(txn, int(i), path)
-                if raw is None and live:
+                record = self._live_record(txn, int(i), path)
+                if record is None and live:
                     raise NotFoundError(f"no item with id {i} in the db")
-                if raw is None and self._removed is not None:
-                    raw = txn.get(key, db=self._removed)
+                if record is None and self._removed is not None and (raw := txn.get(key, db=self._removed)):
+                    record = json.loads(raw)
                 paths.append(os.fsdecode(path) if path else f"item {i}")
-                records.append(raw)
+                records.append(record)
             return self._gather(txn, encoder_key, dim, paths, records)
 
-    def _gather(self, txn, encoder_key: str, dim: int, names: list[str], records: list[bytes | None]) -> np.ndarray:
+    def _gather(self, txn, encoder_key: str, dim: int, names: list[str], records: list[dict | None]) -> np.ndarray:
         out = np.empty((len(names), dim), dtype=np.float32)
-        for row, (name, raw) in enumerate(zip(names, records)):
-            vec = raw and txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors)
+        for row, (name, record) in enumerate(zip(names, records)):
+            vec = record and txn.get(_vector_key(encoder_key, record["sha256"]), db=self._vectors)
             if not vec:
                 raise SimsearchError(f"{name}: no vector for {encoder_key} in {self.root} (skipped when indexed?)")
             out[row] = np.frombuffer(vec, dtype="<f4")
@@ -335,8 +336,8 @@ class Store:
         found, vecs = [], []
         with self.env.begin() as txn:
             for i in ids:
-                raw = self._live_record(txn, int(i), txn.get(_ID.pack(int(i)), db=self._ids))
-                v = raw and txn.get(_vector_key(encoder_key, json.loads(raw)["sha256"]), db=self._vectors)
+                record = self._live_record(txn, int(i), txn.get(_ID.pack(int(i)), db=self._ids))
+                v = record and txn.get(_vector_key(encoder_key, record["sha256"]), db=self._vectors)
                 if v:
                     found.append(int(i))
                     vecs.append(np.frombuffer(v, dtype="<f4"))
@@ -379,11 +380,12 @@ class Store:
                 item_id = _ID.unpack(k)[0]
                 yield item_id, os.fsdecode(path), self._live_record(txn, item_id, path) is not None
 
-    def _live_record(self, txn, item_id: int, path: bytes | None) -> bytes | None:
-        """The item record of `item_id` if it is live. A removed item's path may hold a new item (another id)
-        while its tombstone lasts: that record is not this id's."""
+    def _live_record(self, txn, item_id: int, path: bytes | None) -> dict | None:
+        """The item record of `item_id`, parsed, if it is live. A removed item's path may hold a new item (another
+        id) while its tombstone lasts: that record is not this id's."""
         raw = path and txn.get(path, db=self._items)
-        return raw if raw and json.loads(raw)["id"] == item_id else None
+        record = json.loads(raw) if raw else None
+        return record if record and record["id"] == item_id else None
 
     # -- writes --------------------------------------------------------------------------------
     def put_items(self, encoder_key: str, items: list[tuple[str, str, int, int, np.ndarray | None]]) -> None:
