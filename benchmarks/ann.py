@@ -44,6 +44,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -134,8 +135,6 @@ class AnonPeak:
     pressure, so they are not memory a machine must have (10M x 256 as sq8: VmHWM 13 GiB for a 2.6 GiB index)."""
 
     def __init__(self, every: float = 0.02):
-        import threading
-
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(every,), daemon=True)
